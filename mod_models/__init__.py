@@ -1,0 +1,47 @@
+"""CNN Mixture-of-Depths: reference blocks and torchvision-style models.
+
+See ``mod_models.functional`` for the method as small ops, ``mod_models.blocks`` for the
+modules, and the builders below for the paper's model zoo.
+"""
+
+from .backend import BACKENDS, default_backend, set_backend
+from .blocks import ChannelRouter, MoDBasicBlock, MoDBlock, MoDBottleneck, MoDInvertedResidual
+from .mobilenetv2 import mobilenet_v2_mod, mobilenet_v2_mod_l
+from .resnet import (
+    resnet18_mod,
+    resnet26_mod,
+    resnet34_mod,
+    resnet42_mod,
+    resnet50_mod,
+    resnet75_mod,
+    resnet86_mod,
+    resnet101_mod,
+    resnet152_mod,
+)
+from .zoo import BASELINE_OF, MOD_BUILDERS, PAPER_SPEEDUP, build_model
+
+__all__ = [
+    "BACKENDS",
+    "BASELINE_OF",
+    "ChannelRouter",
+    "MOD_BUILDERS",
+    "MoDBasicBlock",
+    "MoDBlock",
+    "MoDBottleneck",
+    "MoDInvertedResidual",
+    "PAPER_SPEEDUP",
+    "build_model",
+    "default_backend",
+    "mobilenet_v2_mod",
+    "mobilenet_v2_mod_l",
+    "resnet101_mod",
+    "resnet152_mod",
+    "resnet18_mod",
+    "resnet26_mod",
+    "resnet34_mod",
+    "resnet42_mod",
+    "resnet50_mod",
+    "resnet75_mod",
+    "resnet86_mod",
+    "set_backend",
+]

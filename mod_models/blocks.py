@@ -1,0 +1,273 @@
+"""MoD blocks: route the top-k channels of each sample through a narrow conv block.
+
+Every block computes (SPEC.md section 2)::
+
+    s   = router(x)                      # [B, C] fp32 scores (or random keys)
+    idx = top-k(s)                       # [B, k] stable, descending
+    xs  = x[b, idx[b]]                   # [B, k, H, W]
+    y   = f_k(xs)                        # the reduced conv block
+    out = x; out[b, t[b, j]] = act(x[b, t[b, j]] + s[b, idx[b, j]] * y[b, j])
+
+with ``k = channels // capacity``. The backend switch (``"reference"``,
+``"triton"``, ``"auto"``) picks who computes everything but ``f_k``; it never
+changes parameters or state_dict keys.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import Conv2dNormActivation
+
+from . import functional as MF
+from .backend import check_backend, default_backend, resolve_backend
+
+NormLayer = Optional[Callable[..., nn.Module]]
+
+
+class ChannelRouter(nn.Module):
+    """SE-style channel scorer: ``sigmoid(fc2(relu(fc1(mean_hw(x)))))``, no biases, fp32.
+
+    Args:
+        channels: ``C``, the number of channels scored.
+        reduction: hidden width is ``max(C // reduction, 1)``.
+    """
+
+    def __init__(self, channels: int, reduction: int = MF.ROUTER_REDUCTION) -> None:
+        super().__init__()
+        hidden = MF.router_hidden_channels(channels, reduction)
+        self.fc1 = nn.Linear(channels, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, channels, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [B, C, H, W]`` -> scores ``[B, C]`` float32."""
+        return MF.router_scores(x, self.fc1.weight, self.fc2.weight)
+
+
+class MoDBlock(nn.Module):
+    """Common routing / packing / fusion of all MoD blocks; subclasses define ``f_k``.
+
+    Args:
+        channels: ``C`` of the input and output.
+        capacity: ``c``; the block processes ``k = C // c`` channels per sample.
+        fusion: ``"first_k"`` (default), ``"last_k"`` or ``"original"``.
+        router: ``"learned"`` (SE-style router) or ``"random"`` (k random channels,
+            scores of 1, no router parameters).
+        backend: ``"reference"``, ``"triton"``, ``"auto"``, or ``None`` for
+            ``$MOD_BACKEND`` (default ``"auto"``).
+        inplace: when autograd does not need the input (``torch.no_grad``,
+            ``inference_mode``, nothing requires grad), write the result into the
+            input tensor and touch only the ``k`` target channels. Set ``False`` to
+            keep the input intact (e.g. when an earlier activation is also kept).
+    """
+
+    activation: str = "relu"
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        capacity: int,
+        fusion: str = "first_k",
+        router: str = "learned",
+        backend: Optional[str] = None,
+        inplace: bool = True,
+    ) -> None:
+        super().__init__()
+        self.k = MF.selected_channels(channels, capacity)
+        self.channels = channels
+        self.capacity = capacity
+        self.fusion = MF.check_fusion(fusion)
+        self.router_type = MF.check_router(router)
+        self.router = ChannelRouter(channels) if router == "learned" else None
+        self.backend = default_backend() if backend is None else backend
+        self.inplace = bool(inplace)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = check_backend(name)
+
+    def process(self, xs: Tensor) -> Tensor:
+        """The reduced conv block ``f_k``: ``[B, k, H, W] -> [B, k, H, W]``."""
+        raise NotImplementedError
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Reference routing: ``(idx [B, k] int64, w [B, k] fp32)``."""
+        if self.router is None:
+            idx = MF.select_top_k(MF.random_scores(x), self.k)
+            return idx, torch.ones(idx.shape, device=x.device, dtype=torch.float32)
+        scores = self.router(x)
+        idx = MF.select_top_k(scores, self.k)
+        return idx, scores.gather(1, idx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        MF.check_feature_map(x, self.channels)
+        if resolve_backend(self.backend, x) == "triton":
+            return self._forward_fused(x)
+        idx, w = self.route(x)
+        y = self.process(MF.gather_channels(x, idx))
+        inplace = self.inplace and not MF.autograd_needs(x, y, w)
+        return MF.scale_and_fuse(x, y, w, idx, fusion=self.fusion, activation=self.activation, inplace=inplace)
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        import mod_kernels
+
+        if self.router is None:
+            routed = mod_kernels.route_pack(x, self.k, scores=MF.random_scores(x))
+        else:
+            routed = mod_kernels.route_pack(x, self.k, fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
+        y = self.process(routed.xs)
+        inplace = self.inplace and not MF.autograd_needs(x, y, routed.w)
+        return mod_kernels.scale_fuse(
+            x, y, routed.w, routed.idx, routed.selected_slot,
+            fusion=self.fusion, activation=self.activation, inplace=inplace,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, k={self.k}, capacity={self.capacity}, fusion={self.fusion!r}, "
+            f"router={self.router_type!r}, backend={self.backend!r}"
+        )
+
+
+class MoDBottleneck(MoDBlock):
+    """MoD ResNet Bottleneck: ``f_k`` = 1x1 k->max(k/4, 1), 3x3, 1x1 ->k, each with BN; ReLU after fusion.
+
+    Args:
+        channels: block width ``C`` (``planes * 4`` of the Bottleneck it replaces).
+        dilation: dilation of the 3x3 conv (torchvision's ``replace_stride_with_dilation``).
+        norm_layer: normalisation layer factory (default ``nn.BatchNorm2d``).
+        (Other keywords: see :class:`MoDBlock`.)
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        capacity: int = 64,
+        fusion: str = "first_k",
+        router: str = "learned",
+        backend: Optional[str] = None,
+        norm_layer: NormLayer = None,
+        dilation: int = 1,
+        inplace: bool = True,
+    ) -> None:
+        super().__init__(channels, capacity=capacity, fusion=fusion, router=router, backend=backend, inplace=inplace)
+        norm_layer = norm_layer or nn.BatchNorm2d
+        width = max(self.k // 4, 1)
+        self.conv1 = nn.Conv2d(self.k, width, kernel_size=1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.conv2 = nn.Conv2d(width, width, kernel_size=3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = norm_layer(width)
+        self.conv3 = nn.Conv2d(width, self.k, kernel_size=1, bias=False)
+        self.bn3 = norm_layer(self.k)
+        self.relu = nn.ReLU(inplace=True)
+
+    def process(self, xs: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(xs)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
+
+
+class MoDBasicBlock(MoDBlock):
+    """MoD ResNet BasicBlock: ``f_k`` = 3x3 k->k, BN, ReLU, 3x3 k->k, BN; ReLU after fusion.
+
+    Args: see :class:`MoDBottleneck`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        capacity: int = 64,
+        fusion: str = "first_k",
+        router: str = "learned",
+        backend: Optional[str] = None,
+        norm_layer: NormLayer = None,
+        dilation: int = 1,
+        inplace: bool = True,
+    ) -> None:
+        super().__init__(channels, capacity=capacity, fusion=fusion, router=router, backend=backend, inplace=inplace)
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = nn.Conv2d(self.k, self.k, kernel_size=3, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = norm_layer(self.k)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(self.k, self.k, kernel_size=3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = norm_layer(self.k)
+
+    def process(self, xs: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(xs)))
+        return self.bn2(self.conv2(out))
+
+
+class MoDInvertedResidual(MoDBlock):
+    """MoD MobileNetV2 block: ``f_k`` = 1x1 k->t*k, BN, ReLU6, 3x3 depthwise, BN, ReLU6, 1x1 ->k, BN.
+
+    The fusion is linear (no activation), as in MobileNetV2's residual.
+
+    Args:
+        channels: block width ``C``.
+        expand_ratio: ``t``, the expansion of the reduced block (default 6).
+        (Other keywords: see :class:`MoDBottleneck`.)
+    """
+
+    activation = "none"
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        capacity: int = 16,
+        expand_ratio: int = 6,
+        fusion: str = "first_k",
+        router: str = "learned",
+        backend: Optional[str] = None,
+        norm_layer: NormLayer = None,
+        inplace: bool = True,
+    ) -> None:
+        super().__init__(channels, capacity=capacity, fusion=fusion, router=router, backend=backend, inplace=inplace)
+        if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, int) or expand_ratio < 1:
+            raise ValueError(f"expand_ratio must be an int >= 1, got {expand_ratio!r}")
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.expand_ratio = expand_ratio
+        hidden = self.k * expand_ratio
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(self.k, hidden, kernel_size=1, norm_layer=norm_layer, activation_layer=nn.ReLU6))
+        layers += [
+            Conv2dNormActivation(hidden, hidden, stride=1, groups=hidden, norm_layer=norm_layer, activation_layer=nn.ReLU6),
+            nn.Conv2d(hidden, self.k, 1, 1, 0, bias=False),
+            norm_layer(self.k),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = channels
+
+    def process(self, xs: Tensor) -> Tensor:
+        return self.conv(xs)
+
+
+def init_conv_and_norm(module: nn.Module) -> None:
+    """torchvision's ResNet/MobileNetV2 init: Kaiming-normal (fan_out) convs, norm weight 1 / bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def last_norm(block: MoDBlock) -> nn.Module:
+    """The norm layer that ends ``f_k`` (zeroed by ``zero_init_residual``)."""
+    if isinstance(block, MoDBottleneck):
+        return block.bn3
+    if isinstance(block, MoDBasicBlock):
+        return block.bn2
+    return block.conv[-1]

@@ -1,0 +1,205 @@
+"""The MoD method as small functional reference ops (SPEC.md section 2).
+
+This module is the single source of truth for what a MoD block computes. The
+modules in :mod:`mod_models.blocks`, the tests and the benchmarks import these
+functions; the fused Triton kernels in :mod:`mod_kernels` are checked against
+them.
+
+Shapes: ``x`` is a feature map ``[B, C, H, W]``; ``k = C // capacity`` channels
+are processed per sample; ``idx`` and ``w`` are ``[B, k]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FUSIONS = ("first_k", "last_k", "original")
+ACTIVATIONS = ("relu", "none")
+ROUTERS = ("learned", "random")
+ROUTER_REDUCTION = 16
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def router_hidden_channels(channels: int, reduction: int = ROUTER_REDUCTION) -> int:
+    """Width ``C_h = max(C // r, 1)`` of the router's hidden layer."""
+    return max(channels // reduction, 1)
+
+
+def selected_channels(channels: int, capacity: int) -> int:
+    """``k = C // capacity``, validated: the number of channels a MoD block processes."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
+    if isinstance(channels, bool) or not isinstance(channels, int):
+        raise TypeError(f"channels must be an int, got {type(channels).__name__}")
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    k = channels // capacity
+    if k < 1:
+        raise ValueError(
+            f"k = channels // capacity = {channels} // {capacity} = 0: a MoD block must "
+            f"process at least one channel; use capacity <= {channels}"
+        )
+    return k
+
+
+def check_fusion(fusion: str) -> str:
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+    return fusion
+
+
+def check_activation(activation: str) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return activation
+
+
+def check_router(router: str) -> str:
+    if router not in ROUTERS:
+        raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
+    return router
+
+
+def check_feature_map(x: Tensor, channels: int | None = None, name: str = "x") -> None:
+    """Raise a clear error unless ``x`` is a floating ``[B, C, H, W]`` tensor (with ``C == channels``)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape [B, C, H, W] (rank 4), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} has {x.shape[1]} channels but the block was built for {channels}")
+    if min(x.shape) < 1:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """True when ``x`` is laid out NHWC (and that differs from NCHW)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def fp32_region(device_type: str):
+    """A context that switches autocast off (where autocast exists for this device)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def router_scores(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
+    """SE-style channel scores ``s = sigmoid(W2 relu(W1 mean_hw(x)))`` in fp32.
+
+    Args:
+        x: ``[B, C, H, W]`` feature map, any floating dtype.
+        fc1_weight: ``[C_h, C]`` first router layer (no bias).
+        fc2_weight: ``[C, C_h]`` second router layer (no bias).
+
+    Returns:
+        ``[B, C]`` float32 scores in ``[0, 1]``. Computed in fp32 even under autocast.
+    """
+    with fp32_region(x.device.type):
+        pooled = x.mean(dim=(2, 3), dtype=torch.float32)
+        hidden = F.relu(F.linear(pooled, fc1_weight.float()))
+        return torch.sigmoid(F.linear(hidden, fc2_weight.float()))
+
+
+def random_scores(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``[B, C]`` float32 uniform random keys for the random-routing baseline."""
+    return torch.rand(x.shape[:2], device=x.device, dtype=torch.float32, generator=generator)
+
+
+def select_top_k(scores: Tensor, k: int) -> Tensor:
+    """Indices ``[B, k]`` (int64) of the ``k`` highest scores of each row.
+
+    Slot order is a stable descending sort: higher score first, ties to the lower
+    channel index. NaN ranks above every number (as in :func:`torch.sort`), so
+    every row still gets ``k`` distinct, in-range indices.
+    """
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def gather_channels(x: Tensor, idx: Tensor) -> Tensor:
+    """Pack the selected channels: ``xs[b, j] = x[b, idx[b, j]]``.
+
+    Args:
+        x: ``[B, C, H, W]``, NCHW or channels_last.
+        idx: ``[B, k]`` int64 channel indices.
+
+    Returns:
+        ``[B, k, H, W]`` in the memory format of ``x`` (no extra copy).
+    """
+    batch, _, height, width = x.shape
+    k = idx.shape[1]
+    if is_channels_last(x):
+        nhwc = x.permute(0, 2, 3, 1)
+        packed = nhwc.gather(3, idx[:, None, None, :].expand(batch, height, width, k))
+        return packed.permute(0, 3, 1, 2)
+    return x.gather(1, idx[:, :, None, None].expand(batch, k, height, width))
+
+
+def fusion_targets(idx: Tensor, channels: int, fusion: str) -> Tensor:
+    """Target channel ``t[b, j]`` that slot ``j``'s result is added to, ``[B, k]`` int64."""
+    check_fusion(fusion)
+    k = idx.shape[1]
+    if fusion == "original":
+        return idx
+    start = 0 if fusion == "first_k" else channels - k
+    return torch.arange(start, start + k, device=idx.device).expand_as(idx)
+
+
+def scale_and_fuse(
+    x: Tensor,
+    y: Tensor,
+    w: Tensor,
+    idx: Tensor,
+    *,
+    fusion: str = "first_k",
+    activation: str = "relu",
+    inplace: bool = False,
+) -> Tensor:
+    """``out[b, t[b, j]] = act(x[b, t[b, j]] + w[b, j] * y[b, j])``; every other channel is ``x``.
+
+    Args:
+        x: ``[B, C, H, W]`` block input.
+        y: ``[B, k, H, W]`` output of the reduced conv block (any floating dtype).
+        w: ``[B, k]`` float32 selected scores.
+        idx: ``[B, k]`` int64 selected channels (used by ``fusion="original"``).
+        fusion: ``"first_k"``, ``"last_k"`` or ``"original"``.
+        activation: ``"relu"`` (ResNet blocks) or ``"none"`` (MobileNetV2).
+        inplace: write into ``x`` (only legal when autograd does not need ``x``).
+
+    Returns:
+        ``[B, C, H, W]`` in ``x``'s dtype and memory format; ``x`` itself when ``inplace``.
+    """
+    check_fusion(fusion)
+    check_activation(activation)
+    batch, channels, height, width = x.shape
+    k = idx.shape[1]
+    if fusion == "original":
+        target_index = idx[:, :, None, None].expand(batch, k, height, width)
+        x_target = x.gather(1, target_index)
+    else:
+        start = 0 if fusion == "first_k" else channels - k
+        x_target = x.narrow(1, start, k)
+    fused = x_target.float() + y.float() * w[:, :, None, None]
+    if activation == "relu":
+        fused = torch.relu(fused)
+    fused = fused.to(x.dtype)
+
+    out = x if inplace else x.clone(memory_format=torch.preserve_format)
+    if fusion == "original":
+        out.scatter_(1, target_index, fused)
+    else:
+        out.narrow(1, start, k).copy_(fused)
+    return out
+
+
+def autograd_needs(*tensors: Tensor) -> bool:
+    """True when the current op will be recorded by autograd."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -1,0 +1,105 @@
+"""MoD MobileNetV2 (SPEC.md section 3): inside every ``[t, c, n, s]`` group, blocks 1, 3, ... are MoD.
+
+Everything else is torchvision's ``MobileNetV2``; the standard inverted residuals keep
+their module names (``features.N``), so their weights load from a torchvision checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+from torchvision.models.mobilenetv2 import MobileNetV2
+
+from .blocks import MoDInvertedResidual, init_conv_and_norm
+
+MOBILENET_V2_SETTING = [
+    # t, c, n, s
+    [1, 16, 1, 1],
+    [6, 24, 2, 2],
+    [6, 32, 3, 2],
+    [6, 64, 4, 2],
+    [6, 96, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
+]
+
+MOBILENET_V2_L_SETTING = [
+    # t, c, n, s
+    [1, 16, 1, 1],
+    [6, 32, 2, 2],
+    [6, 64, 3, 2],
+    [6, 96, 4, 2],
+    [6, 128, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
+]
+
+
+def _mobilenet_v2_mod(
+    name: str,
+    setting: list[list[int]],
+    *,
+    weights: None,
+    capacity: int,
+    fusion: str,
+    router: str,
+    backend: Optional[str],
+    inplace: bool,
+    **kwargs: Any,
+) -> MobileNetV2:
+    if weights is not None:
+        raise ValueError(f"{name}: no pretrained weights exist for MoD models; pass weights=None")
+    if "inverted_residual_setting" in kwargs or "block" in kwargs:
+        raise ValueError(f"{name}: inverted_residual_setting and block are fixed by the variant")
+    model = MobileNetV2(inverted_residual_setting=setting, **kwargs)
+    norm_layer = kwargs.get("norm_layer")
+    position = 1  # features[0] is the stem
+    for expand_ratio, _, repeats, _ in setting:
+        for index_in_group in range(repeats):
+            if index_in_group % 2 == 1:
+                standard = model.features[position]
+                mod = MoDInvertedResidual(
+                    standard.out_channels,
+                    capacity=capacity,
+                    expand_ratio=expand_ratio,
+                    fusion=fusion,
+                    router=router,
+                    backend=backend,
+                    norm_layer=norm_layer,
+                    inplace=inplace,
+                )
+                init_conv_and_norm(mod)
+                model.features[position] = mod
+            position += 1
+    return model
+
+
+def _make_builder(name: str, setting: list[list[int]]):
+    def builder(
+        *,
+        weights: None = None,
+        num_classes: int = 1000,
+        capacity: int = 16,
+        fusion: str = "first_k",
+        router: str = "learned",
+        backend: Optional[str] = None,
+        inplace: bool = True,
+        **kwargs: Any,
+    ) -> MobileNetV2:
+        return _mobilenet_v2_mod(
+            name, setting, weights=weights, num_classes=num_classes, capacity=capacity, fusion=fusion,
+            router=router, backend=backend, inplace=inplace, **kwargs,
+        )
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = (
+        f"{name}: torchvision MobileNetV2 with setting (t, c, n, s) {setting}, every second block of a group MoD.\n\n"
+        "Args: as the ResNet builders (capacity defaults to 16); **kwargs go to torchvision's MobileNetV2\n"
+        "(width_mult, round_nearest, norm_layer, dropout).\n"
+    )
+    return builder
+
+
+mobilenet_v2_mod = _make_builder("mobilenet_v2_mod", MOBILENET_V2_SETTING)
+mobilenet_v2_mod_l = _make_builder("mobilenet_v2_mod_l", MOBILENET_V2_L_SETTING)

@@ -1,0 +1,116 @@
+"""MoD ResNets (SPEC.md section 3): torchvision's ResNet with every second block of a stage a MoD block.
+
+Blocks 0, 2, 4, ... of each stage are torchvision's own ``BasicBlock`` / ``Bottleneck``
+(same module names, so a torchvision checkpoint's standard blocks load by name);
+blocks 1, 3, 5, ... are :class:`~mod_models.blocks.MoDBasicBlock` /
+:class:`~mod_models.blocks.MoDBottleneck` with ``capacity`` 64 by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .blocks import MoDBasicBlock, MoDBottleneck, init_conv_and_norm, last_norm
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+# name: (standard block, blocks per stage). The names are the paper's (SPEC.md section 3).
+RESNET_MOD_CONFIGS: dict[str, tuple[type[Union[BasicBlock, Bottleneck]], tuple[int, int, int, int]]] = {
+    "resnet18_mod": (BasicBlock, (2, 2, 2, 2)),
+    "resnet26_mod": (BasicBlock, (2, 2, 3, 4)),
+    "resnet34_mod": (BasicBlock, (3, 4, 6, 3)),
+    "resnet42_mod": (BasicBlock, (3, 3, 6, 6)),
+    "resnet50_mod": (Bottleneck, (3, 4, 6, 3)),
+    "resnet75_mod": (Bottleneck, (3, 4, 14, 3)),
+    "resnet86_mod": (Bottleneck, (3, 4, 18, 3)),
+    "resnet101_mod": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152_mod": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+def _resnet_mod(
+    name: str,
+    *,
+    weights: None,
+    capacity: int,
+    fusion: str,
+    router: str,
+    backend: Optional[str],
+    inplace: bool,
+    **kwargs: Any,
+) -> ResNet:
+    if weights is not None:
+        raise ValueError(f"{name}: no pretrained weights exist for MoD models; pass weights=None")
+    if kwargs.get("groups", 1) != 1 or kwargs.get("width_per_group", 64) != 64:
+        raise ValueError(f"{name}: groups and width_per_group are not supported by MoD blocks (ResNeXt/wide variants)")
+    block, layers = RESNET_MOD_CONFIGS[name]
+    mod_block = MoDBasicBlock if block is BasicBlock else MoDBottleneck
+    model = ResNet(block, list(layers), **kwargs)
+    for stage_name in STAGES:
+        stage = getattr(model, stage_name)
+        for position in range(1, len(stage), 2):
+            standard = stage[position]
+            mod = mod_block(
+                standard.conv1.in_channels,
+                capacity=capacity,
+                fusion=fusion,
+                router=router,
+                backend=backend,
+                norm_layer=model._norm_layer,
+                dilation=standard.conv2.dilation[0],
+                inplace=inplace,
+            )
+            init_conv_and_norm(mod)
+            if kwargs.get("zero_init_residual", False):
+                nn.init.zeros_(last_norm(mod).weight)
+            stage[position] = mod
+    return model
+
+
+def _make_builder(name: str):
+    block, layers = RESNET_MOD_CONFIGS[name]
+
+    def builder(
+        *,
+        weights: None = None,
+        num_classes: int = 1000,
+        capacity: int = 64,
+        fusion: str = "first_k",
+        router: str = "learned",
+        backend: Optional[str] = None,
+        inplace: bool = True,
+        **kwargs: Any,
+    ) -> ResNet:
+        return _resnet_mod(
+            name, weights=weights, num_classes=num_classes, capacity=capacity, fusion=fusion,
+            router=router, backend=backend, inplace=inplace, **kwargs,
+        )
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = (
+        f"{name}: torchvision ResNet with {block.__name__} stages {list(layers)}, every second block MoD.\n\n"
+        "Args:\n"
+        "    weights: must be None (no pretrained MoD weights exist).\n"
+        "    num_classes: classifier outputs.\n"
+        "    capacity: ``c`` of every MoD block (k = C // c).\n"
+        "    fusion: ``'first_k'``, ``'last_k'`` or ``'original'``.\n"
+        "    router: ``'learned'`` or ``'random'``.\n"
+        "    backend: ``'reference'``, ``'triton'``, ``'auto'`` or None for $MOD_BACKEND.\n"
+        "    inplace: MoD blocks may update their input in place when autograd does not need it.\n"
+        "    **kwargs: torchvision ResNet keywords (zero_init_residual, norm_layer, replace_stride_with_dilation).\n"
+    )
+    return builder
+
+
+resnet18_mod = _make_builder("resnet18_mod")
+resnet26_mod = _make_builder("resnet26_mod")
+resnet34_mod = _make_builder("resnet34_mod")
+resnet42_mod = _make_builder("resnet42_mod")
+resnet50_mod = _make_builder("resnet50_mod")
+resnet75_mod = _make_builder("resnet75_mod")
+resnet86_mod = _make_builder("resnet86_mod")
+resnet101_mod = _make_builder("resnet101_mod")
+resnet152_mod = _make_builder("resnet152_mod")
