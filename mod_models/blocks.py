@@ -61,6 +61,11 @@ class MoDBlock(nn.Module):
             ``inference_mode``, nothing requires grad), write the result into the
             input tensor and touch only the ``k`` target channels. Set ``False`` to
             keep the input intact (e.g. when an earlier activation is also kept).
+
+    Attributes:
+        k: channels processed per sample.
+        record_selection: set True to keep each forward's ``[B, k]`` selected channel
+            indices (slot order) in ``last_selection`` (routing analysis, export checks).
     """
 
     activation: str = "relu"
@@ -84,6 +89,9 @@ class MoDBlock(nn.Module):
         self.router = ChannelRouter(channels) if router == "learned" else None
         self.backend = default_backend() if backend is None else backend
         self.inplace = bool(inplace)
+        # Routing analysis: when True, every forward keeps its selection in ``last_selection``.
+        self.record_selection = False
+        self.last_selection: Optional[Tensor] = None
 
     @property
     def backend(self) -> str:
@@ -111,6 +119,7 @@ class MoDBlock(nn.Module):
         if resolve_backend(self.backend, x) == "triton":
             return self._forward_fused(x)
         idx, w = self.route(x)
+        self._record(idx)
         y = self.process(MF.gather_channels(x, idx))
         inplace = self.inplace and not MF.autograd_needs(x, y, w)
         return MF.scale_and_fuse(x, y, w, idx, fusion=self.fusion, activation=self.activation, inplace=inplace)
@@ -122,12 +131,17 @@ class MoDBlock(nn.Module):
             routed = mod_kernels.route_pack(x, self.k, scores=MF.random_scores(x))
         else:
             routed = mod_kernels.route_pack(x, self.k, fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
+        self._record(routed.idx)
         y = self.process(routed.xs)
         inplace = self.inplace and not MF.autograd_needs(x, y, routed.w)
         return mod_kernels.scale_fuse(
             x, y, routed.w, routed.idx, routed.selected_slot,
             fusion=self.fusion, activation=self.activation, inplace=inplace,
         )
+
+    def _record(self, idx: Tensor) -> None:
+        if self.record_selection:
+            self.last_selection = idx.detach()
 
     def extra_repr(self) -> str:
         return (
