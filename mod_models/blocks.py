@@ -121,7 +121,7 @@ class MoDBlock(nn.Module):
         idx, w = self.route(x)
         self._record(idx)
         y = self.process(MF.gather_channels(x, idx))
-        inplace = self.inplace and not MF.autograd_needs(x, y, w)
+        inplace = self._may_write_input(x, y, w)
         return MF.scale_and_fuse(x, y, w, idx, fusion=self.fusion, activation=self.activation, inplace=inplace)
 
     def _forward_fused(self, x: Tensor) -> Tensor:
@@ -133,11 +133,17 @@ class MoDBlock(nn.Module):
             routed = mod_kernels.route_pack(x, self.k, fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
         self._record(routed.idx)
         y = self.process(routed.xs)
-        inplace = self.inplace and not MF.autograd_needs(x, y, routed.w)
+        inplace = self._may_write_input(x, y, routed.w)
         return mod_kernels.scale_fuse(
             x, y, routed.w, routed.idx, routed.selected_slot,
             fusion=self.fusion, activation=self.activation, inplace=inplace,
         )
+
+    def _may_write_input(self, x: Tensor, y: Tensor, w: Tensor) -> bool:
+        """In-place fusion is legal when autograd does not need the input and ``x`` owns its memory
+        densely (an expanded or overlapping view cannot be written element by element)."""
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        return self.inplace and dense and not MF.autograd_needs(x, y, w)
 
     def _record(self, idx: Tensor) -> None:
         if self.record_selection:

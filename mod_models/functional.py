@@ -187,7 +187,8 @@ def scale_and_fuse(
     else:
         start = 0 if fusion == "first_k" else channels - k
         x_target = x.narrow(1, start, k)
-    fused = x_target.float() + y.float() * w[:, :, None, None]
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 input
+    fused = x_target.to(compute_dtype) + y.to(compute_dtype) * w[:, :, None, None].to(compute_dtype)
     if activation == "relu":
         fused = torch.relu(fused)
     fused = fused.to(x.dtype)

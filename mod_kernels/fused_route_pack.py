@@ -1,0 +1,510 @@
+"""Fused route + pack: pool, router MLP, stable top-k and channel gather, with its backward.
+
+Forward, three launches:
+
+1. ``_pool_kernel``: ``pooled[b, c] = mean_hw x[b, c]`` (fp32), grid ``(B, C / BLOCK_C)``.
+2. ``_select_kernel``, one program per sample: router MLP
+   ``scores = sigmoid(W2 relu(W1 pooled))`` in fp32 (or given random keys), a stable
+   descending sort of ``(score, -channel)`` keys, the ``k`` winners' indices and scores, and
+   the inverse map ``selected_slot[b, c]``. It never touches the feature map, so it compiles
+   once per channel count, whatever the dtype or memory format.
+3. ``_pack_kernel``: ``xs[b, j] = x[b, idx[b, j]]``, grid ``(B, k / BLOCK_K, HW / BLOCK_HW)``.
+
+Backward, two launches and two small GEMMs:
+
+1. ``_router_backward_kernel``, one program per sample: ``grad_w`` -> scores -> logits ->
+   hidden -> ``grad_pool = W1^T grad_hidden / (H * W)``; the router weight gradients are
+   ``grad_logits^T hidden`` and ``grad_hidden^T pooled`` (GEMMs over the batch).
+2. ``_unpack_backward_kernel``: one pass writing
+   ``grad_x[b, c] = grad_pool[b, c] + (grad_xs[b, slot] if c is selected at slot else 0)``.
+
+Selection keys: a score's fp32 bits mapped to a signed int that orders like the float (NaN
+canonicalised above +inf, -0.0 folded into +0.0), shifted up 32 bits, with ``C - 1 - c`` in the
+low bits. Keys are distinct, so a descending sort is the stable descending sort of the
+reference: ties go to the lower channel index, NaN ranks first, and every sample gets ``k``
+distinct in-range indices whatever the input holds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import (
+    check_dtype,
+    check_feature_map,
+    check_same_device,
+    check_shape,
+    dense_tiles,
+    empty_like_format,
+    hw_is_flat,
+    is_channels_last,
+    spatial_offset,
+    strides,
+)
+
+INT64_MIN = -(2**63)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pool_kernel(
+    x_ptr,  # [B, C, H, W] input, any float dtype
+    pooled_ptr,  # [B, C] fp32 output, contiguous
+    C, HW, W,  # channels, H * W, width
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    inv_hw,  # 1 / (H * W)
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HW_FLAT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_base = x_ptr + b.to(tl.int64) * stride_xb
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    for hw_start in range(0, HW, BLOCK_HW):
+        hw = hw_start + tl.arange(0, BLOCK_HW)
+        offsets = c[:, None] * stride_xc + spatial_offset(hw, W, stride_xh, stride_xw, HW_FLAT)[None, :]
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        acc += tl.load(x_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(pooled_ptr + b * C + c, tl.sum(acc, axis=1) * inv_hw, mask=c_mask)
+
+
+@triton.jit
+def _score_keys(scores, c, C):
+    """Distinct int64 keys whose descending order is the stable descending order of ``scores``."""
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    ordered = tl.where(scores == 0.0, 0, ordered)
+    ordered = tl.where(scores != scores, 0x7FC00000, ordered)
+    keys = (ordered.to(tl.int64) << 32) | (C - 1 - c).to(tl.int64)
+    return tl.where(c < C, keys, -9223372036854775808)
+
+
+@triton.jit
+def _key_scores(keys):
+    """Inverse of the score part of ``_score_keys`` (NaN stays NaN)."""
+    ordered = (keys >> 32).to(tl.int32)
+    bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["C_H", "K", "stride_fc1_r", "stride_fc2_r", "stride_given_b", "stride_given_c"])
+def _select_kernel(
+    pooled_ptr,  # [B, C] fp32 pooled input (LEARNED)
+    fc1_ptr,  # [C_H, C] router layer 1 (LEARNED)
+    fc2_ptr,  # [C, C_H] router layer 2 (LEARNED)
+    given_scores_ptr,  # [B, C] fp32 keys of the random router (not LEARNED)
+    scores_ptr,  # [B, C] fp32 output: router scores (LEARNED)
+    hidden_ptr,  # [B, C_H] fp32 output: relu(W1 pooled) (LEARNED)
+    idx_ptr,  # [B, K] int64 output: selected channels, slot order
+    w_ptr,  # [B, K] fp32 output: selected scores (1 for the random router)
+    slot_ptr,  # [B, C] int32 output: slot of each channel, -1 if not selected
+    C, C_H, K,
+    stride_fc1_r, stride_fc1_c, stride_fc2_r, stride_fc2_c,
+    stride_given_b, stride_given_c,
+    LEARNED: tl.constexpr, C_POW2: tl.constexpr, BLOCK_CH: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.arange(0, C_POW2)
+    c_mask = c < C
+    if LEARNED:
+        pooled = tl.load(pooled_ptr + b * C + c, mask=c_mask, other=0.0)
+        logits = tl.zeros([C_POW2], dtype=tl.float32)
+        for h_start in range(0, C_H, BLOCK_CH):
+            h = h_start + tl.arange(0, BLOCK_CH)
+            h_mask = h < C_H
+            fc1 = tl.load(
+                fc1_ptr + h[:, None] * stride_fc1_r + c[None, :] * stride_fc1_c,
+                mask=h_mask[:, None] & c_mask[None, :], other=0.0,
+            ).to(tl.float32)
+            hidden = tl.maximum(tl.sum(fc1 * pooled[None, :], axis=1), 0.0)
+            tl.store(hidden_ptr + b * C_H + h, hidden, mask=h_mask)
+            fc2 = tl.load(
+                fc2_ptr + c[:, None] * stride_fc2_r + h[None, :] * stride_fc2_c,
+                mask=c_mask[:, None] & h_mask[None, :], other=0.0,
+            ).to(tl.float32)
+            logits += tl.sum(fc2 * hidden[None, :], axis=1)
+        scores = tl.sigmoid(logits)
+        tl.store(scores_ptr + b * C + c, scores, mask=c_mask)
+    else:
+        scores = tl.load(given_scores_ptr + b * stride_given_b + c * stride_given_c, mask=c_mask, other=0.0)
+
+    ranked = tl.sort(_score_keys(scores, c, C), descending=True)
+    rank = tl.arange(0, C_POW2)
+    channel = (C - 1) - (ranked & 0xFFFFFFFF).to(tl.int32)
+    selected = rank < K
+    tl.store(idx_ptr + b * K + rank, channel.to(tl.int64), mask=selected)
+    if LEARNED:
+        tl.store(w_ptr + b * K + rank, _key_scores(ranked), mask=selected)
+    else:
+        tl.store(w_ptr + b * K + rank, tl.full([C_POW2], 1.0, tl.float32), mask=selected)
+    tl.store(slot_ptr + b * C + channel, tl.where(selected, rank, -1), mask=rank < C)
+
+
+@triton.jit(do_not_specialize=["K"])
+def _pack_kernel(
+    x_ptr,  # [B, C, H, W] input
+    idx_ptr,  # [B, K] int64 selected channels
+    xs_ptr,  # [B, K, H, W] output: xs[b, j] = x[b, idx[b, j]]
+    K, HW, W,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_xsb, stride_xsc, stride_xsh, stride_xsw,
+    BLOCK_K: tl.constexpr, BLOCK_HW: tl.constexpr, HW_FLAT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    j_mask = j < K
+    mask = j_mask[:, None] & (hw < HW)[None, :]
+    channel = tl.load(idx_ptr + b * K + j, mask=j_mask, other=0)
+    src = x_ptr + b.to(tl.int64) * stride_xb + channel[:, None] * stride_xc
+    src += spatial_offset(hw, W, stride_xh, stride_xw, HW_FLAT)[None, :]
+    dst = xs_ptr + b.to(tl.int64) * stride_xsb + j[:, None] * stride_xsc
+    dst += spatial_offset(hw, W, stride_xsh, stride_xsw, HW_FLAT)[None, :]
+    tl.store(dst, tl.load(src, mask=mask), mask=mask)
+
+
+@triton.jit(do_not_specialize=["C_H", "stride_gw_b", "stride_gw_k", "stride_fc1_r", "stride_fc2_r"])
+def _router_backward_kernel(
+    grad_w_ptr,  # [B, K] fp32 gradient of the selected scores
+    slot_ptr,  # [B, C] int32 slot of each channel, -1 if not selected
+    scores_ptr,  # [B, C] fp32 router scores
+    hidden_ptr,  # [B, C_H] fp32 relu(W1 pooled)
+    fc1_ptr,  # [C_H, C]
+    fc2_ptr,  # [C, C_H]
+    grad_logits_ptr,  # [B, C] fp32 output
+    grad_hidden_ptr,  # [B, C_H] fp32 output (pre-ReLU)
+    grad_pool_ptr,  # [B, C] fp32 output: gradient of the pooled input, divided by H * W
+    C, C_H,
+    stride_gw_b, stride_gw_k,
+    stride_fc1_r, stride_fc1_c, stride_fc2_r, stride_fc2_c,
+    inv_hw,
+    C_POW2: tl.constexpr, BLOCK_CH: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.arange(0, C_POW2)
+    c_mask = c < C
+    slot = tl.load(slot_ptr + b * C + c, mask=c_mask, other=-1)
+    is_selected = slot >= 0
+    grad_score = tl.load(grad_w_ptr + b * stride_gw_b + slot * stride_gw_k, mask=is_selected, other=0.0).to(tl.float32)
+    scores = tl.load(scores_ptr + b * C + c, mask=c_mask, other=0.0)
+    grad_logits = grad_score * scores * (1.0 - scores)
+    tl.store(grad_logits_ptr + b * C + c, grad_logits, mask=c_mask)
+    grad_pool = tl.zeros([C_POW2], dtype=tl.float32)
+    for h_start in range(0, C_H, BLOCK_CH):
+        h = h_start + tl.arange(0, BLOCK_CH)
+        h_mask = h < C_H
+        fc2 = tl.load(
+            fc2_ptr + c[:, None] * stride_fc2_r + h[None, :] * stride_fc2_c,
+            mask=c_mask[:, None] & h_mask[None, :], other=0.0,
+        ).to(tl.float32)
+        grad_hidden = tl.sum(fc2 * grad_logits[:, None], axis=0)
+        hidden = tl.load(hidden_ptr + b * C_H + h, mask=h_mask, other=0.0)
+        grad_hidden = tl.where(hidden > 0.0, grad_hidden, 0.0)
+        tl.store(grad_hidden_ptr + b * C_H + h, grad_hidden, mask=h_mask)
+        fc1 = tl.load(
+            fc1_ptr + h[:, None] * stride_fc1_r + c[None, :] * stride_fc1_c,
+            mask=h_mask[:, None] & c_mask[None, :], other=0.0,
+        ).to(tl.float32)
+        grad_pool += tl.sum(fc1 * grad_hidden[:, None], axis=0)
+    tl.store(grad_pool_ptr + b * C + c, grad_pool * inv_hw, mask=c_mask)
+
+
+@triton.jit
+def _unpack_backward_kernel(
+    grad_xs_ptr,  # [B, K, H, W] gradient of the packed channels
+    slot_ptr,  # [B, C] int32 slot of each channel, -1 if not selected
+    grad_pool_ptr,  # [B, C] fp32 gradient through the mean (HAS_POOL)
+    grad_x_ptr,  # [B, C, H, W] output
+    C, HW, W,
+    stride_gb, stride_gc, stride_gh, stride_gw,
+    stride_ob, stride_oc, stride_oh, stride_ow,
+    HAS_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HW_FLAT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_mask = c < C
+    mask = c_mask[:, None] & (hw < HW)[None, :]
+    slot = tl.load(slot_ptr + b * C + c, mask=c_mask, other=-1)
+    from_slot = mask & (slot >= 0)[:, None]
+    grad_in = grad_xs_ptr + b.to(tl.int64) * stride_gb + slot[:, None] * stride_gc
+    grad = tl.load(grad_in + spatial_offset(hw, W, stride_gh, stride_gw, HW_FLAT)[None, :], mask=from_slot, other=0.0)
+    grad = grad.to(tl.float32)
+    if HAS_POOL:
+        grad += tl.load(grad_pool_ptr + b * C + c, mask=c_mask, other=0.0)[:, None]
+    out = grad_x_ptr + b.to(tl.int64) * stride_ob + c[:, None] * stride_oc
+    out += spatial_offset(hw, W, stride_oh, stride_ow, HW_FLAT)[None, :]
+    tl.store(out, grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _router_tiles(channels: int, hidden: int) -> tuple[int, int, int]:
+    """``(C_POW2, BLOCK_CH, num_warps)`` for the per-sample router programs.
+
+    A ``[BLOCK_CH, C_POW2]`` weight tile holds at most 16 fp32 values per thread, so the two
+    weight tiles, the channel vectors and the sort fit in registers without spilling.
+    """
+    c_pow2 = max(16, triton.next_power_of_2(channels))
+    num_warps = 8 if c_pow2 >= 512 else 4
+    block_ch = max(2, min(triton.next_power_of_2(hidden), (16 * 32 * num_warps) // c_pow2))
+    return c_pow2, block_ch, num_warps
+
+
+def _check_k(k: int, channels: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= channels:
+        raise ValueError(f"k must satisfy 1 <= k <= C = {channels}, got {k}")
+
+
+def _check_router_weights(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor) -> None:
+    channels = x.shape[1]
+    for name, weight in (("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() != 2 or not weight.is_floating_point() or weight.dtype == torch.float64:
+            raise TypeError(f"{name} must be a 2-D float32/float16/bfloat16 tensor, got {weight.dtype} {tuple(weight.shape)}")
+    hidden = fc1_weight.shape[0]
+    check_shape(fc1_weight, (hidden, channels), "fc1_weight")
+    check_shape(fc2_weight, (channels, hidden), "fc2_weight")
+    check_same_device(x, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
+
+
+def check_route_pack_inputs(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, k: int) -> None:
+    check_feature_map(x, "x")
+    _check_k(k, x.shape[1])
+    _check_router_weights(x, fc1_weight, fc2_weight)
+
+
+def check_select_pack_inputs(x: Tensor, scores: Tensor, k: int) -> None:
+    check_feature_map(x, "x")
+    _check_k(k, x.shape[1])
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    check_shape(scores, tuple(x.shape[:2]), "scores")
+    check_dtype(scores, torch.float32, "scores")
+    check_same_device(x, scores=scores)
+
+
+def _launch_select_pack(
+    x: Tensor, k: int, pooled: Tensor, fc1: Tensor, fc2: Tensor, given_scores: Tensor,
+    scores: Tensor, hidden: Tensor, learned: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch, channels, height, width = x.shape
+    xs = empty_like_format(x, (batch, k, height, width))
+    idx = torch.empty((batch, k), device=x.device, dtype=torch.int64)
+    w = torch.empty((batch, k), device=x.device, dtype=torch.float32)
+    slot = torch.empty((batch, channels), device=x.device, dtype=torch.int32)
+    c_pow2, block_ch, num_warps = _router_tiles(channels, max(fc1.shape[0], 1))
+    _select_kernel[(batch,)](
+        pooled, fc1, fc2, given_scores, scores, hidden, idx, w, slot,
+        channels, fc1.shape[0], k,
+        fc1.stride(0), fc1.stride(1), fc2.stride(0), fc2.stride(1),
+        given_scores.stride(0), given_scores.stride(1),
+        LEARNED=learned, C_POW2=c_pow2, BLOCK_CH=block_ch, num_warps=num_warps,
+    )
+    block_k, block_hw, num_warps = dense_tiles(k, height * width, is_channels_last(x))
+    grid = (batch, triton.cdiv(k, block_k), triton.cdiv(height * width, block_hw))
+    _pack_kernel[grid](
+        x, idx, xs, k, height * width, width, *strides(x), *strides(xs),
+        BLOCK_K=block_k, BLOCK_HW=block_hw, HW_FLAT=hw_is_flat(x, xs), num_warps=num_warps,
+    )
+    return xs, idx, w, slot
+
+
+def launch_route_pack(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, k: int) -> tuple[Tensor, ...]:
+    """Learned routing and packing (no autograd).
+
+    Args:
+        x: ``[B, C, H, W]`` float32/float16/bfloat16, NCHW or channels_last.
+        fc1_weight: ``[C_h, C]``; fc2_weight: ``[C, C_h]`` router weights.
+        k: channels to select per sample, ``1 <= k <= C``.
+
+    Returns:
+        ``(xs [B, k, H, W], idx [B, k] int64, w [B, k] fp32, selected_slot [B, C] int32,
+        pooled [B, C] fp32, hidden [B, C_h] fp32, scores [B, C] fp32)``.
+    """
+    check_route_pack_inputs(x, fc1_weight, fc2_weight, k)
+    batch, channels, height, width = x.shape
+    pooled = torch.empty((batch, channels), device=x.device, dtype=torch.float32)
+    hidden = torch.empty((batch, fc1_weight.shape[0]), device=x.device, dtype=torch.float32)
+    scores = torch.empty((batch, channels), device=x.device, dtype=torch.float32)
+    block_c, block_hw, num_warps = dense_tiles(channels, height * width, is_channels_last(x))
+    _pool_kernel[(batch, triton.cdiv(channels, block_c))](
+        x, pooled, channels, height * width, width, *strides(x), 1.0 / (height * width),
+        BLOCK_C=block_c, BLOCK_HW=block_hw, HW_FLAT=hw_is_flat(x), num_warps=num_warps,
+    )
+    xs, idx, w, slot = _launch_select_pack(
+        x, k, pooled, fc1_weight, fc2_weight, scores, scores, hidden, learned=True
+    )
+    return xs, idx, w, slot, pooled, hidden, scores
+
+
+def launch_select_pack(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k of given ``scores: [B, C]`` fp32 and packing; ``w`` is all ones (random router)."""
+    check_select_pack_inputs(x, scores, k)
+    unused = scores.new_empty((1, 1))
+    return _launch_select_pack(x, k, unused, unused, unused, scores, unused, unused, learned=False)
+
+
+def launch_router_backward(
+    grad_w: Tensor, selected_slot: Tensor, pooled: Tensor, hidden: Tensor, scores: Tensor,
+    fc1_weight: Tensor, fc2_weight: Tensor, hw: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_pool [B, C] fp32 (already / HW), grad_fc1 [C_h, C], grad_fc2 [C, C_h])``."""
+    batch, channels = scores.shape
+    hidden_channels = hidden.shape[1]
+    grad_logits = torch.empty_like(scores)
+    grad_hidden = torch.empty_like(hidden)
+    grad_pool = torch.empty_like(scores)
+    c_pow2, block_ch, num_warps = _router_tiles(channels, hidden_channels)
+    _router_backward_kernel[(batch,)](
+        grad_w, selected_slot, scores, hidden, fc1_weight, fc2_weight,
+        grad_logits, grad_hidden, grad_pool, channels, hidden_channels,
+        grad_w.stride(0), grad_w.stride(1),
+        fc1_weight.stride(0), fc1_weight.stride(1), fc2_weight.stride(0), fc2_weight.stride(1),
+        1.0 / hw, C_POW2=c_pow2, BLOCK_CH=block_ch, num_warps=num_warps,
+    )
+    grad_fc1 = (grad_hidden.t() @ pooled).to(fc1_weight.dtype)
+    grad_fc2 = (grad_logits.t() @ hidden).to(fc2_weight.dtype)
+    return grad_pool, grad_fc1, grad_fc2
+
+
+def launch_unpack_backward(
+    grad_xs: Tensor, selected_slot: Tensor, grad_pool: Optional[Tensor], channels_last: bool
+) -> Tensor:
+    """``grad_x [B, C, H, W]``: scatter ``grad_xs`` home and add ``grad_pool`` (if given)."""
+    batch, _, height, width = grad_xs.shape
+    channels = selected_slot.shape[1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grad_x = torch.empty((batch, channels, height, width), device=grad_xs.device, dtype=grad_xs.dtype)
+    grad_x = grad_x.contiguous(memory_format=fmt)
+    block_c, block_hw, num_warps = dense_tiles(channels, height * width, channels_last)
+    grid = (batch, triton.cdiv(channels, block_c), triton.cdiv(height * width, block_hw))
+    _unpack_backward_kernel[grid](
+        grad_xs, selected_slot, grad_pool if grad_pool is not None else selected_slot, grad_x,
+        channels, height * width, width, *strides(grad_xs), *strides(grad_x),
+        HAS_POOL=grad_pool is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        HW_FLAT=hw_is_flat(grad_xs, grad_x), num_warps=num_warps,
+    )
+    return grad_x
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops and autograd
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mod_kernels::route_pack", mutates_args=())
+def route_pack_op(
+    x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch_route_pack(x, fc1_weight, fc2_weight, k)
+
+
+@route_pack_op.register_fake
+def _(x, fc1_weight, fc2_weight, k):
+    batch, channels, height, width = x.shape
+    f32 = dict(device=x.device, dtype=torch.float32)
+    return (
+        empty_like_format(x, (batch, k, height, width)),
+        x.new_empty((batch, k), dtype=torch.int64),
+        x.new_empty((batch, k), dtype=torch.float32),
+        x.new_empty((batch, channels), dtype=torch.int32),
+        torch.empty((batch, channels), **f32),
+        torch.empty((batch, fc1_weight.shape[0]), **f32),
+        torch.empty((batch, channels), **f32),
+    )
+
+
+@torch.library.custom_op("mod_kernels::select_pack", mutates_args=())
+def select_pack_op(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return launch_select_pack(x, scores, k)
+
+
+@select_pack_op.register_fake
+def _(x, scores, k):
+    batch, channels, height, width = x.shape
+    return (
+        empty_like_format(x, (batch, k, height, width)),
+        x.new_empty((batch, k), dtype=torch.int64),
+        x.new_empty((batch, k), dtype=torch.float32),
+        x.new_empty((batch, channels), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("mod_kernels::router_backward", mutates_args=())
+def router_backward_op(
+    grad_w: Tensor, selected_slot: Tensor, pooled: Tensor, hidden: Tensor, scores: Tensor,
+    fc1_weight: Tensor, fc2_weight: Tensor, hw: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return launch_router_backward(grad_w, selected_slot, pooled, hidden, scores, fc1_weight, fc2_weight, hw)
+
+
+@router_backward_op.register_fake
+def _(grad_w, selected_slot, pooled, hidden, scores, fc1_weight, fc2_weight, hw):
+    return torch.empty_like(scores), torch.empty_like(fc1_weight), torch.empty_like(fc2_weight)
+
+
+@torch.library.custom_op("mod_kernels::unpack_backward", mutates_args=())
+def unpack_backward_op(grad_xs: Tensor, selected_slot: Tensor, grad_pool: Optional[Tensor], channels_last: bool) -> Tensor:
+    return launch_unpack_backward(grad_xs, selected_slot, grad_pool, channels_last)
+
+
+@unpack_backward_op.register_fake
+def _(grad_xs, selected_slot, grad_pool, channels_last):
+    batch, _, height, width = grad_xs.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shape = (batch, selected_slot.shape[1], height, width)
+    return grad_xs.new_empty(shape).contiguous(memory_format=fmt)
+
+
+def _route_pack_setup_context(ctx, inputs, output):
+    x, fc1_weight, fc2_weight, _ = inputs
+    _, _, _, slot, pooled, hidden, scores = output
+    ctx.save_for_backward(slot, pooled, hidden, scores, fc1_weight, fc2_weight)
+    ctx.channels_last = is_channels_last(x)
+    ctx.hw = x.shape[2] * x.shape[3]
+    ctx.mark_non_differentiable(pooled, hidden, scores)
+
+
+def _route_pack_backward(ctx, grad_xs, grad_idx, grad_w, grad_slot, grad_pooled, grad_hidden, grad_scores):
+    slot, pooled, hidden, scores, fc1_weight, fc2_weight = ctx.saved_tensors
+    needs_x, needs_fc1, needs_fc2, _ = ctx.needs_input_grad
+    grad_pool, grad_fc1, grad_fc2 = router_backward_op(
+        grad_w, slot, pooled, hidden, scores, fc1_weight, fc2_weight, ctx.hw
+    )
+    grad_x = unpack_backward_op(grad_xs, slot, grad_pool, ctx.channels_last) if needs_x else None
+    return grad_x, grad_fc1 if needs_fc1 else None, grad_fc2 if needs_fc2 else None, None
+
+
+route_pack_op.register_autograd(_route_pack_backward, setup_context=_route_pack_setup_context)
+
+
+def _select_pack_setup_context(ctx, inputs, output):
+    x, _, _ = inputs
+    _, _, w, slot = output
+    ctx.save_for_backward(slot)
+    ctx.channels_last = is_channels_last(x)
+    ctx.mark_non_differentiable(w)
+
+
+def _select_pack_backward(ctx, grad_xs, grad_idx, grad_w, grad_slot):
+    (slot,) = ctx.saved_tensors
+    return unpack_backward_op(grad_xs, slot, None, ctx.channels_last), None, None
+
+
+select_pack_op.register_autograd(_select_pack_backward, setup_context=_select_pack_setup_context)

@@ -1,0 +1,232 @@
+"""Test helpers: one tensor comparison that says where and how much, and a naive MoD reference.
+
+The naive reference below is written from SPEC.md section 2 with per-sample, per-slot Python
+loops and row/scalar torch ops, deliberately *not* reusing :mod:`mod_models.functional`, so
+the tests compare the library against an independent statement of the method. It is slow and
+only meant for small shapes. Every function is differentiable (plain torch ops, no in-place
+writes into its inputs), so gradients can be compared too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "assert_close",
+    "naive_router_scores",
+    "naive_top_k",
+    "naive_gather",
+    "naive_targets",
+    "naive_fuse",
+    "naive_mod_forward",
+]
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, atol: float, rtol: float, name: str) -> None:
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise, explaining any failure.
+
+    Shapes must be equal (no broadcasting). Values are compared in float64 on the CPU, so the two
+    tensors may differ in dtype and device. NaN matches NaN at the same position; an infinity
+    matches only the same infinity.
+
+    Args:
+        actual: the tensor under test.
+        expected: the reference tensor, same shape.
+        atol: absolute tolerance.
+        rtol: tolerance relative to ``|expected|``.
+        name: what is compared; starts the failure message.
+
+    Raises:
+        AssertionError: naming the number of mismatches, the largest absolute and relative
+            difference, and the index and values of the worst element.
+    """
+    if not isinstance(actual, Tensor) or not isinstance(expected, Tensor):
+        raise TypeError(
+            f"{name}: assert_close compares tensors, got {type(actual).__name__} and {type(expected).__name__}"
+        )
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected shape {tuple(expected.shape)}")
+    if actual.is_complex() or expected.is_complex():
+        raise TypeError(f"{name}: complex tensors are not supported")
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    if a.numel() == 0:
+        return
+
+    both_nan = torch.isnan(a) & torch.isnan(e)
+    same_inf = torch.isinf(a) & torch.isinf(e) & (a == e)
+    diff = (a - e).abs()
+    allowed = atol + rtol * e.abs()
+    ok = (torch.isfinite(a) & torch.isfinite(e) & (diff <= allowed)) | both_nan | same_inf
+    mismatched = ~ok
+    count = int(mismatched.sum())
+    if count == 0:
+        return
+
+    # Worst element: the largest excess over the allowed difference; NaN/inf disagreements first.
+    excess = torch.where(mismatched, diff - allowed, torch.full_like(diff, -math.inf))
+    excess = torch.where(mismatched & torch.isnan(excess), torch.full_like(diff, math.inf), excess)
+    flat = int(torch.argmax(excess))
+    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+    finite = mismatched & torch.isfinite(diff)
+    max_abs = float(diff[finite].max()) if bool(finite.any()) else math.nan
+    rel = diff / e.abs().clamp_min(1e-30)
+    max_rel = float(rel[finite].max()) if bool(finite.any()) else math.nan
+    raise AssertionError(
+        f"{name}: {count} of {a.numel()} elements differ beyond atol={atol:g}, rtol={rtol:g} "
+        f"(actual {actual.dtype}, expected {expected.dtype}, shape {tuple(a.shape)}).\n"
+        f"  max abs diff {max_abs:.6g}, max rel diff {max_rel:.6g} among mismatches\n"
+        f"  worst at index {worst}: actual {a[worst].item()!r}, expected {e[worst].item()!r}, "
+        f"diff {diff[worst].item():.6g}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Naive reference of the MoD routing / packing / fusion (SPEC.md section 2).
+# ----------------------------------------------------------------------------------------------
+
+
+def naive_router_scores(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
+    """``s[b] = sigmoid(W2 @ relu(W1 @ mean_hw(x[b])))`` one sample at a time, in float64.
+
+    Args:
+        x: ``[B, C, H, W]``.
+        fc1_weight: ``[C_h, C]``.
+        fc2_weight: ``[C, C_h]``.
+
+    Returns:
+        ``[B, C]`` float64 scores.
+    """
+    batch, channels = x.shape[:2]
+    w1 = fc1_weight.double()
+    w2 = fc2_weight.double()
+    rows = []
+    for b in range(batch):
+        pooled = torch.stack([x[b, c].double().sum() / x[b, c].numel() for c in range(channels)])
+        hidden = torch.stack([torch.clamp(torch.dot(w1[h], pooled), min=0.0) for h in range(w1.shape[0])])
+        logits = torch.stack([torch.dot(w2[c], hidden) for c in range(channels)])
+        rows.append(1.0 / (1.0 + torch.exp(-logits)))
+    return torch.stack(rows)
+
+
+def naive_top_k(scores: Tensor, k: int) -> Tensor:
+    """``[B, k]`` int64: per row, channels by descending score, ties to the lower index.
+
+    NaN ranks above every number (then by channel index); ``+inf`` above finite values.
+    """
+    out = []
+    for row in scores.detach().to("cpu", torch.float64).tolist():
+
+        def key(c: int, row=row):
+            value = row[c]
+            if math.isnan(value):
+                return (0, 0.0, c)
+            return (1, -value, c)
+
+        out.append(sorted(range(len(row)), key=key)[:k])
+    return torch.tensor(out, dtype=torch.int64, device=scores.device)
+
+
+def naive_gather(x: Tensor, idx: Tensor) -> Tensor:
+    """``xs[b, j] = x[b, idx[b, j]]`` -> ``[B, k, H, W]`` (NCHW-contiguous), slot by slot."""
+    batch, k = idx.shape
+    return torch.stack(
+        [torch.stack([x[b, int(idx[b, j])] for j in range(k)]) for b in range(batch)]
+    )
+
+
+def naive_targets(idx: Tensor, channels: int, fusion: str) -> list[list[int]]:
+    """Target channel of every slot: ``j`` (first_k), ``C - k + j`` (last_k) or ``idx[b, j]`` (original)."""
+    batch, k = idx.shape
+    if fusion == "first_k":
+        return [[j for j in range(k)] for _ in range(batch)]
+    if fusion == "last_k":
+        return [[channels - k + j for j in range(k)] for _ in range(batch)]
+    if fusion == "original":
+        return [[int(idx[b, j]) for j in range(k)] for b in range(batch)]
+    raise ValueError(f"naive_targets: unknown fusion {fusion!r}")
+
+
+def naive_fuse(
+    x: Tensor,
+    y: Tensor,
+    w: Tensor,
+    idx: Tensor,
+    *,
+    fusion: str,
+    activation: str,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """``out[b, t] = act(x[b, t] + w[b, j] * y[b, j])`` for each slot's target ``t``; other channels ``x``.
+
+    Target channels are computed in ``compute_dtype`` and rounded once to ``x.dtype``; every
+    other channel is ``x[b, c]`` itself.
+
+    Args:
+        x: ``[B, C, H, W]``.
+        y: ``[B, k, H, W]``.
+        w: ``[B, k]``.
+        idx: ``[B, k]`` selected channels.
+        fusion: ``"first_k"``, ``"last_k"`` or ``"original"``.
+        activation: ``"relu"`` or ``"none"``.
+
+    Returns:
+        ``[B, C, H, W]`` in ``x.dtype`` (NCHW-contiguous).
+    """
+    batch, channels = x.shape[:2]
+    k = idx.shape[1]
+    targets = naive_targets(idx, channels, fusion)
+    samples = []
+    for b in range(batch):
+        slot_of = {targets[b][j]: j for j in range(k)}
+        if len(slot_of) != k:
+            raise AssertionError(f"naive_fuse: targets of sample {b} are not distinct: {targets[b]}")
+        planes = []
+        for c in range(channels):
+            if c not in slot_of:
+                planes.append(x[b, c])
+                continue
+            j = slot_of[c]
+            value = x[b, c].to(compute_dtype) + w[b, j].to(compute_dtype) * y[b, j].to(compute_dtype)
+            if activation == "relu":
+                value = torch.clamp(value, min=0.0)
+            elif activation != "none":
+                raise ValueError(f"naive_fuse: unknown activation {activation!r}")
+            planes.append(value.to(x.dtype))
+        samples.append(torch.stack(planes))
+    return torch.stack(samples)
+
+
+def naive_mod_forward(
+    x: Tensor,
+    scores: Tensor,
+    k: int,
+    process: Callable[[Tensor], Tensor],
+    *,
+    fusion: str,
+    activation: str,
+    idx: Optional[Tensor] = None,
+    unit_scores: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole non-conv path of a MoD block around a given ``f_k``.
+
+    ``idx = top-k(scores)`` (or the given ``idx``), ``w = scores[b, idx[b, j]]`` (or 1 when
+    ``unit_scores``), ``y = process(xs)``, then the fusion.
+
+    Returns:
+        ``(out [B, C, H, W], idx [B, k], w [B, k])``.
+    """
+    if idx is None:
+        idx = naive_top_k(scores, k)
+    batch = x.shape[0]
+    if unit_scores:
+        w = torch.ones(batch, k, dtype=torch.float64, device=x.device)
+    else:
+        w = torch.stack([torch.stack([scores[b, int(idx[b, j])] for j in range(k)]) for b in range(batch)])
+    y = process(naive_gather(x, idx))
+    out = naive_fuse(x, y, w, idx, fusion=fusion, activation=activation)
+    return out, idx, w
