@@ -1,0 +1,24 @@
+"""Benchmarks of CNN Mixture-of-Depths: whole models and the fused kernels, on the machine at hand.
+
+``python -m bench`` runs the default plan for the device it finds (CPU: the model table at
+batch 1; GPU: kernel microbenchmarks and the model table) and writes JSON, Markdown and a
+PNG under ``bench/results/``. ``python -m bench.gpu`` is the budgeted GPU script (tests
+included). The modules, from the bottom up:
+
+* :mod:`bench.env`       -- device, versions, date: the metadata stamped on every record.
+* :mod:`bench.timing`    -- latency samples (CUDA events, ``triton.testing.do_bench``, ``perf_counter``),
+  medians with spread, CUDA-graph capture, copy bandwidth, time budgets.
+* :mod:`bench.agreement` -- output comparison and the tolerances a speedup is conditional on.
+* :mod:`bench.traffic`   -- the bytes each fused op must move (for GB/s).
+* :mod:`bench.floors`    -- the identity floor and the static-selection floor of a MoD model.
+* :mod:`bench.providers` -- who runs a model: reference / triton backend, eager / torch.compile.
+* :mod:`bench.models`    -- the model table (paper's Tables 1-2 shape).
+* :mod:`bench.kernels`   -- route+pack, scale+fuse, their backwards and the whole MoD block.
+* :mod:`bench.report`    -- tables (console, Markdown), JSON, target checks;
+  ``python -m bench.report FILE.json`` renders a result file again.
+* :mod:`bench.plot`      -- the speedup PNG.
+* :mod:`bench.cli`       -- ``python -m bench``; :mod:`bench.gpu` (``bash bench/gpu.sh``) -- the
+  budgeted GPU run: kernels, models and the GPU tests in one call.
+"""
+
+RESULTS_SCHEMA = 1

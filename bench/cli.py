@@ -1,0 +1,334 @@
+"""``python -m bench``: the benchmark on the machine at hand.
+
+Defaults by device:
+
+* CPU: the model table (reference backend, batch 1, 224x224, fp32 NCHW, one thread and all
+  threads), every MoD variant with its torchvision baseline and both floors. Kernel
+  microbenchmarks are GPU work; on CPU they run only as a smoke test (``--kernels``/``--quick``).
+* CUDA: kernel microbenchmarks (resnet50_mod / resnet75_mod stage shapes, B = 64, 256, 1,
+  bf16 and fp32, channels_last and NCHW) and the model table (batch 64 and batch 1 with CUDA
+  graphs, bf16 and fp32 channels_last; reference and triton, eager and compiled).
+
+Results: ``<out-dir>/<device>.json`` (every record, with device, versions, dtype, batch,
+memory format, threads and date), ``<device>.md`` and ``<device>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .env import enable_triton_interpreter_without_cuda
+
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+KEY_MODELS = ("resnet75_mod", "resnet50_mod")  # the targets' models: compiled first when time is short
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description="MoD benchmarks on the machine at hand.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--kernels", action="store_true", help="kernel microbenchmarks only")
+    what.add_argument("--models-only", action="store_true", help="model table only")
+    p.add_argument("--models", nargs="+", default=None, help="MoD variants (default: all)")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="MoD model providers: reference, reference+compile, triton, triton+compile "
+                        "(default: CPU reference; CUDA all four)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="add the torch.compile providers (default on CUDA only)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="model batch sizes (CPU 1; CUDA 64 1)")
+    p.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="model dtypes (CPU fp32; CUDA bf16 fp32)")
+    p.add_argument("--memory-format", nargs="+", default=None, choices=["nchw", "channels_last"],
+                   help="model memory formats (CPU nchw; CUDA channels_last)")
+    p.add_argument("--resolution", type=int, default=None, help="input height and width (224)")
+    p.add_argument("--threads", nargs="+", default=None,
+                   help="CPU thread counts, integers or 'all' (default: 1 all)")
+    p.add_argument("--floors", nargs="*", default=None, choices=["identity", "static"],
+                   help="floors to measure (default both; none: pass the flag alone)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="time batch 1 on CUDA without CUDA graphs")
+    p.add_argument("--rounds", type=int, default=None, help="CPU: interleaved rounds per model family (5)")
+    p.add_argument("--kernel-batches", nargs="+", type=int, default=None, help="kernel batch sizes (CUDA 64 256 1)")
+    p.add_argument("--kernel-dtypes", nargs="+", default=None, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--kernel-formats", nargs="+", default=None, choices=["nchw", "channels_last"])
+    p.add_argument("--kernel-model", default="resnet50_mod", help="model whose MoD stage shapes are benchmarked")
+    p.add_argument("--kernel-ops", nargs="+", default=None, help="subset of the kernel ops")
+    p.add_argument("--budget", type=_budget, default="default",
+                   help="seconds, or 'none'; cases that no longer fit are recorded as skipped "
+                        "(default: none on CPU, 1200 on CUDA)")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: tiny shapes, seconds")
+    p.add_argument("--dry-run", action="store_true",
+                   help="exercise the GPU plan's code paths with tiny shapes on any device (no results to keep)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    p.add_argument("--name", default=None, help="file stem (default: the device, plus -quick / -dry-run)")
+    p.add_argument("--part", default=None, help="write only <out-dir>/part-<PART>.json (used by bench.gpu)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _budget(text: str):
+    if text in ("default", "none"):
+        return text
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the budget must be positive seconds, or 'none'")
+    return value
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _threads(values: list[str] | None, default_all: int) -> list[int]:
+    out = []
+    for v in values or ["1", "all"]:
+        n = default_all if v == "all" else int(v)
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Before anything imports Triton: its own @jit helpers (tl.sort, reductions) must be created
+    # in interpreter mode too, or interpreted kernels cannot call them.
+    enable_triton_interpreter_without_cuda()
+
+    import torch
+
+    from .kernels import OPS
+
+    unknown_ops = sorted(set(args.kernel_ops or ()) - set(OPS))
+    if unknown_ops:
+        parser.error(f"unknown kernel op(s) {unknown_ops}; expected some of {list(OPS)}")
+
+    from . import kernels as K
+    from . import models as M
+    from . import plot as P
+    from . import report as R
+    from .env import collect_env, device_slug, resolve_device, stamp
+    from .providers import MOD_PROVIDERS, parse_providers
+    from .timing import Budget, copy_bandwidth
+
+    all_threads = torch.get_num_threads()
+    device = resolve_device(args.device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+    small = args.quick or args.dry_run
+    if args.budget == "default":
+        args.budget = 1200.0 if on_cuda and not small else None
+    elif args.budget == "none":
+        args.budget = None
+    budget = Budget(args.budget)
+    started = time.monotonic()
+    env = collect_env(device)
+    meta: dict = {
+        "env": env, "command": " ".join(["python -m bench", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
+        "mode": "dry-run" if args.dry_run else "quick" if args.quick else "full",
+        "load_average": [list(os.getloadavg())] if hasattr(os, "getloadavg") else None,
+        "notes": [], "sections": {},
+    }
+    if args.dry_run:
+        meta["notes"].append("DRY RUN: tiny shapes to exercise the code paths; the numbers mean nothing.")
+    elif args.quick:
+        meta["notes"].append("QUICK (smoke) run: tiny shapes; the numbers mean little.")
+    sections = ["kernels"] if args.kernels else ["models"] if args.models_only else (
+        ["kernels", "models"] if on_cuda or small else ["models"])
+    if not on_cuda and "kernels" not in sections and not args.models_only:
+        note = ("kernel microbenchmarks skipped: they time GPU kernels (no CUDA device here); "
+                "`python -m bench --kernels` runs a CPU smoke version")
+        log(note)
+        meta["notes"].append(note)
+    compile_default = (on_cuda and not args.quick) or args.dry_run
+    use_compile = compile_default if args.compile is None else args.compile
+    records: list[dict] = []
+    stem = args.name or device_slug(device) + ("-dry-run" if args.dry_run else "-quick" if args.quick else "")
+    out_dir: Path = args.out_dir
+    part_path = out_dir / f"part-{args.part}.json" if args.part else None
+    last_save = [time.monotonic()]
+
+    def save(force: bool = False) -> None:
+        if part_path is None or (not force and time.monotonic() - last_save[0] < 10):
+            return
+        meta["load_average"] = (meta["load_average"] or [])[:1] + [list(os.getloadavg())]
+        R.write(records, meta, out_dir, part_path.stem)
+        (out_dir / f"{part_path.stem}.md").unlink(missing_ok=True)
+        last_save[0] = time.monotonic()
+
+    log(f"bench: {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
+        f"sections {sections} | budget {args.budget or 'none'} s")
+
+    # ------------------------------------------------------------------------------ kernels
+    if "kernels" in sections:
+        section_start = time.monotonic()
+        copy = copy_bandwidth(device, quick=small)
+        meta["copy_bandwidth"] = copy
+        log(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['what']})")
+        records.append(stamp({"section": "copy", "dtype": "fp32", "batch": None, "memory_format": None,
+                              **{k: v for k, v in copy.items() if k != "timing"}, **copy["timing"]}, env))
+        ops = tuple(args.kernel_ops or K.OPS)
+        if small:
+            shapes = [K.KernelShape(2, 128, 8, 8, 64, d, f) for d in (args.kernel_dtypes or ["fp32"])
+                      for f in (args.kernel_formats or ["nchw"])]
+            providers = ["reference"]
+            if on_cuda or args.dry_run:
+                providers.append("triton")
+            else:
+                meta["notes"].append("kernels, CPU quick run: triton provider not run (Triton on CPU is its "
+                                     "interpreter, a correctness tool; --dry-run exercises it)")
+            tasks = K.simple_plan(shapes, tuple(providers), ops)
+            if use_compile or args.dry_run:
+                tasks += [K.KernelTask(s, op, ("reference+compile",), 1) for s in shapes[:1]
+                          for op in ("route_fuse.fwd",) if op in ops]
+        else:
+            stages = K.stage_shapes(args.kernel_model, args.resolution or 224)
+            if on_cuda:
+                tasks = K.gpu_plan(
+                    stages, batches=tuple(args.kernel_batches or (64, 256, 1)),
+                    dtypes=tuple(args.kernel_dtypes or ("bf16", "fp32")),
+                    formats=tuple(args.kernel_formats or ("channels_last", "nchw")), ops=ops, compile=use_compile,
+                )
+            else:
+                shapes = [K.KernelShape(b, c, h, w, cap, d, f) for b in (args.kernel_batches or [1])
+                          for d in (args.kernel_dtypes or ["fp32"]) for f in (args.kernel_formats or ["nchw"])
+                          for c, h, w, cap in stages]
+                tasks = K.simple_plan(shapes, ("reference",) + (("reference+compile",) if use_compile else ()), ops)
+                meta["notes"].append("kernels on CPU: perf_counter smoke timing of the reference; triton not timed "
+                                     "(interpreter only)")
+        log(f"kernels: {len(tasks)} task(s)")
+        timer = K.KernelTimer(rep_ms=5 if small else 20, warmup_ms=2 if small else 5, graph_rep_ms=5 if small else 10,
+                              cpu_reps=3 if small else 5, cpu_warmup_ms=50.0 if small else 200.0)
+        # CPU smoke: one thread (the first --threads value), so a busy machine's descheduled
+        # OpenMP worker does not turn microsecond ops into scheduler ticks.
+        kernel_threads = None if on_cuda else _threads(args.threads or ["1"], all_threads)[0]
+        first = len(records)
+
+        def keep(so_far: list[dict]) -> None:
+            records[first:] = so_far
+            save()
+
+        with M.thread_setting(kernel_threads):
+            kernel_records = K.run_tasks(tasks, device=device, env=env, copy_gbps=copy["gbps"], budget=budget,
+                                         timer=timer, seed=args.seed, log=log, on_task=keep)
+        records[first:] = kernel_records
+        meta["sections"]["kernels"] = time.monotonic() - section_start
+        log(f"kernels: {time.monotonic() - section_start:.0f} s")
+        save(force=True)
+
+    # ------------------------------------------------------------------------------- models
+    if "models" in sections:
+        section_start = time.monotonic()
+        names = args.models or (["resnet18_mod"] if small else list(M.MOD_BUILDERS))
+        resolution = args.resolution or (32 if args.dry_run else 64 if args.quick else 224)
+        floors = tuple(args.floors) if args.floors is not None else ("identity", "static")
+        if args.providers:
+            providers = parse_providers(args.providers)
+        elif on_cuda or args.dry_run:
+            providers = [MOD_PROVIDERS["reference"], MOD_PROVIDERS["triton"]]
+        else:
+            providers = [MOD_PROVIDERS["reference"]]
+            meta["notes"].append("models on CPU: triton providers not run (Triton on CPU is its interpreter, "
+                                 "a correctness tool, not a fast path)")
+        eager = [p for p in providers if not p.compiled]
+        compiled = [p for p in providers if p.compiled]
+        if use_compile and not args.providers:
+            compiled = [MOD_PROVIDERS["reference+compile"]]
+            if on_cuda or args.dry_run:
+                compiled.insert(0, MOD_PROVIDERS["triton+compile"])
+        if on_cuda:
+            batches = args.batch_sizes or ([2, 1] if small else [64, 1])
+            dtypes = args.dtype or (["bf16"] if small else ["bf16", "fp32"])
+            formats = args.memory_format or ["channels_last"]
+            threads: list = [None]
+        else:
+            batches = args.batch_sizes or [1]
+            dtypes = args.dtype or ["fp32"]
+            formats = args.memory_format or ["nchw"]
+            threads = _threads(args.threads, all_threads) if not small else _threads(args.threads or ["1"], all_threads)
+        configs = M.default_configs(
+            device.type, batch_sizes=batches, dtypes=dtypes, memory_formats=formats, resolution=resolution,
+            threads=threads, cuda_graph_max_batch=0 if args.no_cuda_graphs else 8,
+        )
+        timer = M.TimerSettings(
+            cpu_rounds=args.rounds or (2 if small else 5), cpu_samples_per_round=2 if small else 3,
+            cpu_warmup=1 if small else 2, cuda_reps=5 if small else 15, cuda_warmup=2 if small else 3,
+            compile_estimate_s=60.0,
+        )
+        cache = M.ModelCache(args.seed)
+        first_dtype = [c for c in configs if c.dtype == configs[0].dtype]
+        other_configs = [c for c in configs if c.dtype != configs[0].dtype]
+        key_models = [m for m in KEY_MODELS if m in names] or names[:1]
+        # Priority order (a budget cuts the tail): eager at the first dtype; compiled key models at
+        # the first config; eager at the other dtypes; compiled key models at the other first-dtype
+        # configs; compiled everything else.
+        phases: list[tuple[list, list, list, tuple]] = [(first_dtype, eager, names, floors)]
+        if compiled:
+            phases.append((first_dtype[:1], compiled, key_models, ("identity",)))
+        phases.append((other_configs, eager, names, floors))
+        if compiled:
+            phases.append((first_dtype[1:], compiled, key_models, ("identity",)))
+            rest = [m for m in names if m not in key_models]
+            phases.append((first_dtype, compiled, rest, ("identity",)))
+            phases.append((other_configs, compiled, names, ("identity",)))
+        for phase_configs, phase_providers, phase_names, phase_floors in phases:
+            if not phase_configs or not phase_providers or not phase_names:
+                continue
+            first = len(records)
+
+            def keep_models(so_far: list[dict], first: int = first) -> None:
+                records[first:] = so_far
+                save()
+
+            records[first:] = M.run_models(phase_names, phase_configs, phase_providers, env=env, cache=cache,
+                                           budget=budget, timer=timer, floors=phase_floors, seed=args.seed, log=log,
+                                           on_family=keep_models)
+            save()
+        meta["sections"]["models"] = time.monotonic() - section_start
+        log(f"models: {time.monotonic() - section_start:.0f} s")
+
+    if meta["load_average"] is not None:
+        meta["load_average"] = meta["load_average"][:1] + [list(os.getloadavg())]
+    if part_path is None:
+        meta["sections"]["total"] = time.monotonic() - started
+    if part_path is not None:
+        save(force=True)
+        log(f"wrote {part_path}")
+        return 0
+    paths = R.write(records, meta, out_dir, stem)
+    if not args.no_plot:
+        png = P.plot(records, out_dir / f"{stem}.png", title=f"{env['device']} ({meta['mode']})")
+        if png:
+            paths["png"] = png
+    print_summary(records, meta)
+    for path in paths.values():
+        log(f"wrote {path}")
+    return 0
+
+
+def print_summary(records: list[dict], meta: dict) -> None:
+    from . import report as R
+
+    print()
+    target_rows = R.targets(records)
+    if target_rows:
+        print(R.table(["target", "status", "measured"], [[t["target"], t["status"], t["measured"]] for t in target_rows]))
+        print()
+    for title, body in R.model_tables(records):
+        print(f"## {title}\n{body}\n")
+    chain = [r for r in records if r.get("section") == "kernel" and r.get("op", "").startswith("route_fuse")]
+    for title, body in R.kernel_tables(chain):
+        print(f"## kernels (route+pack+fuse only; all ops in the .md), {title}\n{body}\n")
+    print("; ".join(f"{k} {v:.0f} s" for k, v in meta.get("sections", {}).items()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

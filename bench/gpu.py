@@ -1,0 +1,186 @@
+"""``python -m bench.gpu``: the whole GPU check in one budgeted call (default 330 s on one H100/H200).
+
+Sections, each a child process with its own time budget (a crash or a hung kernel in one
+cannot take the others down; each child saves its records every few seconds, so a child
+killed at its deadline still leaves what it measured):
+
+1. kernels  ``python -m bench --kernels``      (default 90 s)  copy bandwidth, then the kernel
+   microbenchmarks in priority order (B=64 eager reference + triton, torch.compile of the
+   route+fuse chain, B=256 and B=1, more compiles) until the budget is spent;
+2. models   ``python -m bench --models-only``  (default 125 s) batch 64 and batch 1 (CUDA
+   graphs), bf16 then fp32, channels_last: eager reference and triton for every variant,
+   baseline and floors, then torch.compile for resnet75_mod / resnet50_mod, then the rest;
+3. tests    ``python -m pytest -q -m "not slow" tests/test_kernel*.py``  (default 50 s; the
+   tests that need the GPU; ``--tests tests`` runs the whole suite but tests/test_bench.py,
+   the CPU smoke test of this package).
+
+Everything lands in ``--out-dir`` (default ``$OUT``, else ``bench/results``):
+``<device>.json``, ``<device>.md``, ``<device>.png``, ``pytest.log`` (and ``gpu.log`` when run
+through ``bench/gpu.sh``): at most 5 files. Cases the budget did not reach are recorded as
+skipped. ``--dry-run`` runs the same sections with tiny shapes (on the CPU too) to check the
+script before a lease; its files are named ``*-dry-run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
+    default_out = os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results")
+    p.add_argument("--out-dir", type=Path, default=Path(default_out))
+    p.add_argument("--budget", type=float, default=330.0,
+                   help="total seconds for all sections, child start-ups included (each ~25 s)")
+    p.add_argument("--kernel-budget", type=float, default=90.0)
+    p.add_argument("--model-budget", type=float, default=125.0)
+    p.add_argument("--test-budget", type=float, default=50.0)
+    p.add_argument("--sections", nargs="+", default=["kernels", "models", "tests"],
+                   choices=["kernels", "models", "tests"], help="in the order given")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, any device: check the script")
+    p.add_argument("--bench-args", default="", help="extra arguments for both benchmark children, one string")
+    p.add_argument("--tests", nargs="+", default=None,
+                   help="pytest targets (default: the kernel test files tests/test_kernel*.py, the tests that "
+                        "need the GPU; 'tests' for the whole suite)")
+    return p
+
+
+def _run(cmd: list[str], timeout: float, log_path: Path | None = None) -> tuple[int, float, str]:
+    """Run a child with a hard timeout (its whole process group is killed at the limit).
+
+    Its output is echoed (or written to ``log_path``). Returns (exit code, 124 if killed;
+    seconds; its last 40 lines).
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    log("$ " + " ".join(cmd) + f"   (timeout {timeout:.0f} s)")
+    start = time.monotonic()
+    tail: list[str] = []
+    killed = threading.Event()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+
+    def kill() -> None:
+        killed.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
+    try:
+        with open(log_path, "w") if log_path else contextlib.nullcontext() as sink:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if sink is not None:
+                    sink.write(line)
+                else:
+                    print(line, end="", flush=True)
+                tail = (tail + [line.rstrip("\n")])[-40:]
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    if killed.is_set():
+        log(f"  killed at its {timeout:.0f} s limit")
+        return 124, time.monotonic() - start, "\n".join(tail)
+    return proc.returncode, time.monotonic() - start, "\n".join(tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    out_dir: Path = args.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("part-*.json"):
+        stale.unlink()
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        smi = "nvidia-smi not available"
+    log(f"bench.gpu: {time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {smi} | budget {args.budget:.0f} s"
+        f" | sections {args.sections}{' | DRY RUN' if args.dry_run else ''}")
+
+    extra = args.bench_args.split() + (["--dry-run"] if args.dry_run else [])
+    section_budgets = {"kernels": args.kernel_budget, "models": args.model_budget, "tests": args.test_budget}
+    elapsed: dict[str, float] = {}
+    tests_info: dict = {}
+    startup_s = 25.0  # a child's interpreter start, imports and CUDA init, outside its own budget
+    for position, section in enumerate(args.sections):
+        later = sum(section_budgets[s] + (startup_s if s != "tests" else 10) for s in args.sections[position + 1:])
+        left = args.budget - (time.monotonic() - started)
+        own = min(section_budgets[section], left - later - (startup_s if section != "tests" else 10))
+        if own < 10:
+            log(f"[{section}] skipped: {left:.0f} s left of the budget")
+            elapsed[section] = 0.0
+            continue
+        log(f"\n[{section}] budget {own:.0f} s (total left {left:.0f} s)")
+        if section in ("kernels", "models"):
+            flag = "--kernels" if section == "kernels" else "--models-only"
+            cmd = [sys.executable, "-m", "bench", flag, "--part", section, "--out-dir", str(out_dir),
+                   "--budget", f"{own:.0f}", "--no-plot", *extra]
+            code, seconds, _ = _run(cmd, timeout=own + startup_s + 30)
+        else:
+            targets = args.tests or sorted(str(p.relative_to(REPO_ROOT)) for p in REPO_ROOT.glob("tests/test_kernel*.py"))
+            cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", *(targets or ["tests"]),
+                   "--ignore=tests/test_bench.py", "-p", "no:cacheprovider"] + (["--collect-only"] if args.dry_run else [])
+            code, seconds, tail = _run(cmd, timeout=own, log_path=out_dir / "pytest.log")
+            summary = [line for line in tail.splitlines() if re.search(r"\b(passed|failed|error|skipped|tests? collected)\b", line)]
+            tests_info = {"command": "python " + shlex.join(cmd[1:]), "exit_code": code, "seconds": round(seconds, 1),
+                          "summary": summary[-1] if summary else ("killed at the time limit" if code == 124 else tail[-200:])}
+            log(tail if code != 0 else (summary[-1] if summary else tail[-500:]))
+        elapsed[section] = seconds
+        log(f"[{section}] exit {code}, {seconds:.0f} s (total {time.monotonic() - started:.0f} s)")
+
+    # Merge the parts into one result set named by the device.
+    from . import report as R
+    from .cli import print_summary
+
+    parts = sorted(out_dir.glob("part-*.json"))
+    if not parts:
+        log("no benchmark results were written")
+        return 1
+    records, meta = R.load(parts)
+    meta["command"] = "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta.setdefault("sections", {}).update({f"{k} (wall)": v for k, v in elapsed.items()})
+    meta["sections"]["gpu script total"] = time.monotonic() - started
+    if tests_info:
+        meta["tests"] = tests_info
+        meta.setdefault("notes", []).append(f"tests: `{tests_info['command']}` -> exit {tests_info['exit_code']}, "
+                                             f"{tests_info['summary']}")
+    device = meta.get("env", {}).get("device", "device")
+    stem = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ("-dry-run" if args.dry_run else "")
+    if meta.get("env", {}).get("device_type") == "cpu" and not args.dry_run:
+        stem = "cpu-" + stem
+    paths = R.write(records, meta, out_dir, stem)
+    from .plot import plot
+
+    png = plot(records, out_dir / f"{stem}.png", title=f"{device} (bench.gpu)")
+    for part in parts:
+        part.unlink()
+    print_summary(records, meta)
+    for path in [*paths.values(), png]:
+        if path:
+            log(f"wrote {path}")
+    log(f"bench.gpu: done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

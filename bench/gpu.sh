@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU check in one call: kernel microbenchmarks, the model table and the GPU tests, in a
+# 330 s budget on one H100/H200. Results (JSON, Markdown, PNG, pytest.log, gpu.log) go to the
+# folder given as first argument, else $OUT, else bench/results. Further arguments go to
+# `python -m bench.gpu` (e.g. --dry-run, --budget 300, --sections kernels models).
+#
+#   bash bench/gpu.sh "$OUT"              # on the device machine
+#   bash bench/gpu.sh /tmp/dry --dry-run  # rehearsal with tiny shapes, any machine
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out_dir="${1:-${OUT:-bench/results}}"
+shift || true
+mkdir -p "$out_dir"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -m bench.gpu --out-dir "$out_dir" "$@" 2>&1 | tee "$out_dir/gpu.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,413 @@
+"""The model table: every MoD variant beside its torchvision baseline and its floors.
+
+For one :class:`ModelConfig` (device, batch, dtype, memory format, resolution, CUDA graphs,
+threads) and one baseline family (e.g. resnet50 with resnet50_mod, resnet75_mod,
+resnet86_mod), :func:`bench_family` builds every network once (seeded, eval mode), runs each
+provider once to compile/warm it and check its output, then times it:
+
+* CPU: all cases of the family round-robin (:func:`bench.timing.time_cpu_interleaved`);
+* CUDA: one case after the other with CUDA events; with ``cuda_graph`` the call is first
+  recorded into a CUDA graph and the replay is timed.
+
+Every MoD provider's output is compared with the eager reference backend's output of the
+same model (same state_dict, same input); the report prints a speedup only for providers
+that agreed. A provider that raises is recorded as unavailable, with the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mod_models import BASELINE_OF, MOD_BUILDERS, build_model
+from mod_models.blocks import MoDBlock
+from mod_models.facts import count_macs, count_params
+
+from . import agreement
+from .env import stamp
+from .floors import FLOORS
+from .providers import PLAIN_PROVIDERS, REFERENCE, ModelProvider, error_text, graph_break_count
+from .timing import Budget, Timing, capture_cuda_graph, time_cpu_interleaved, time_cuda_events
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One column group of the model table."""
+
+    device: str
+    batch: int
+    dtype: str = "fp32"
+    memory_format: str = "nchw"
+    resolution: int = 224
+    cuda_graph: bool = False
+    threads: int | None = None
+
+    def label(self) -> str:
+        parts = [self.device, f"batch {self.batch}", self.dtype, self.memory_format, f"{self.resolution}px"]
+        if self.cuda_graph:
+            parts.append("CUDA graph")
+        if self.threads is not None:
+            parts.append(f"{self.threads} thread{'s' if self.threads != 1 else ''}")
+        return ", ".join(parts)
+
+    def fields(self) -> dict:
+        return {
+            "batch": self.batch, "dtype": self.dtype, "memory_format": self.memory_format,
+            "resolution": self.resolution, "cuda_graph": self.cuda_graph, "threads": self.threads,
+        }
+
+
+@dataclass(frozen=True)
+class TimerSettings:
+    cpu_rounds: int = 5
+    cpu_samples_per_round: int = 3
+    cpu_warmup: int = 2
+    cuda_warmup: int = 3
+    cuda_reps: int = 15
+    cuda_max_ms: float = 600.0
+    compile_estimate_s: float = 60.0  # assumed cost of a whole-model compile before one was measured
+
+
+def families(names: list[str]) -> dict[str, list[str]]:
+    """MoD variants grouped by their torchvision baseline, in the order given."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if name not in MOD_BUILDERS:
+            raise ValueError(f"unknown MoD model {name!r}; expected some of {list(MOD_BUILDERS)}")
+        groups.setdefault(BASELINE_OF[name], []).append(name)
+    return groups
+
+
+class ModelCache:
+    """Builds each network once on the CPU in fp32 (seeded by name) and hands out copies."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._models: dict[tuple[str, str], nn.Module] = {}
+        self._facts: dict[tuple[str, str, int], dict] = {}
+
+    def get(self, name: str, role: str = "model") -> nn.Module:
+        """``role`` is ``"model"`` (the network ``name``) or ``"floor_identity"`` / ``"floor_static"`` of MoD model ``name``."""
+        key = (name, role)
+        if key not in self._models:
+            if role == "model":
+                torch.manual_seed(self.seed + zlib.crc32(name.encode()))
+                model = build_model(name, backend="reference") if name in MOD_BUILDERS else build_model(name)
+            else:
+                model = FLOORS[role.removeprefix("floor_")](self.get(name))
+            self._models[key] = model.eval()
+        return self._models[key]
+
+    def facts(self, name: str, role: str, resolution: int) -> dict:
+        """Parameters (M) and GMACs at ``resolution`` (convs and linears, as :mod:`mod_models.facts`)."""
+        key = (name, role, resolution)
+        if key not in self._facts:
+            model = self.get(name, role)
+            params = count_params(model)
+            macs = count_macs(copy.deepcopy(model), resolution)
+            self._facts[key] = {"params_m": params / 1e6, "gmacs": macs / 1e9}
+        return self._facts[key]
+
+    def materialize(self, name: str, role: str, config: ModelConfig) -> nn.Module:
+        """A fresh copy on the config's device, dtype and memory format."""
+        model = copy.deepcopy(self.get(name, role))
+        model = model.to(device=config.device, dtype=DTYPES[config.dtype])
+        if config.memory_format == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        return model.eval()
+
+
+def make_input(config: ModelConfig, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(config.batch, 3, config.resolution, config.resolution, generator=generator)
+    x = x.to(device=config.device, dtype=DTYPES[config.dtype])
+    return x.contiguous(memory_format=MEMORY_FORMATS[config.memory_format])
+
+
+@contextlib.contextmanager
+def thread_setting(threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _selections(model: nn.Module) -> list[Tensor]:
+    return [m.last_selection for m in model.modules() if isinstance(m, MoDBlock)]
+
+
+def _set_record_selection(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, MoDBlock):
+            m.record_selection = on
+            if not on:
+                m.last_selection = None
+
+
+def _selection_agreement(ours: list[Tensor], reference: list[Tensor]) -> float | None:
+    """Fraction of (block, sample) selections identical to the reference's (slot order included)."""
+    if not ours or len(ours) != len(reference) or any(t is None for t in ours + reference):
+        return None
+    same = total = 0
+    for a, b in zip(ours, reference):
+        rows = (a.cpu() == b.cpu()).all(dim=1)
+        same += int(rows.sum())
+        total += rows.numel()
+    return same / total
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Case:
+    """One network x provider of a family: its record, and the callable to time once probed."""
+
+    def __init__(self, record: dict, run: Callable[[], object] | None = None) -> None:
+        self.record = record
+        self.run = run
+
+
+def bench_family(
+    baseline: str,
+    mod_names: list[str],
+    config: ModelConfig,
+    providers: list[ModelProvider],
+    *,
+    cache: ModelCache,
+    env: dict,
+    budget: Budget | None = None,
+    timer: TimerSettings = TimerSettings(),
+    floors: tuple[str, ...] = ("identity", "static"),
+    include_baseline: bool = True,
+    seed: int = 0,
+    log: Log = print,
+) -> list[dict]:
+    """Measure one baseline family under one config; returns one record per (network, provider)."""
+    budget = budget or Budget(None)
+    device = torch.device(config.device)
+    on_cuda = device.type == "cuda"
+    if config.cuda_graph and not on_cuda:
+        raise ValueError("CUDA graphs need a CUDA device")
+    x = make_input(config, seed)
+    modes = sorted({p.compiled for p in providers})
+    compile_cost = [timer.compile_estimate_s]
+
+    def run_case(name: str, role: str, provider: ModelProvider, *, of_model: str | None = None,
+                 keep_reference: bool = False, reference_output: Tensor | None = None,
+                 reference_selection: list | None = None) -> _Case:
+        # Parameters and MACs of the MoD models and baselines (the table's columns); floors skip the count.
+        facts = cache.facts(name, "model", config.resolution) if not of_model else {"params_m": None, "gmacs": None}
+        record = stamp({
+            "section": "model", "model": name, "role": role, "of_model": of_model,
+            "baseline": None if role == "baseline" else BASELINE_OF[of_model or name],
+            "provider": provider.name, "mode": provider.mode, "compiled": provider.compiled,
+            **config.fields(), **facts, "status": "ok", "reason": "",
+            # Triton on the CPU is its interpreter: a correctness tool whose times are not speeds.
+            "interpreter": provider.backend == "triton" and not on_cuda,
+        }, env)
+        shown = f"{role.removeprefix('floor_')} floor of {of_model}" if of_model else name
+        label = f"{shown} | {provider.name}"
+        cost = compile_cost[0] if provider.compiled else 2.0
+        if not budget.allows(cost):
+            record.update(status="skipped", reason="time budget", budget_left_s=round(max(budget.left(), 0.0), 1),
+                          estimated_cost_s=round(cost, 1))
+            log(f"  skip  {label}: {record['reason']}")
+            return _Case(record)
+        source = (of_model, role) if of_model else (name, "model")
+        track_selection = (keep_reference or reference_selection is not None) and not provider.compiled
+        try:
+            model = cache.materialize(*source, config)
+            fn = provider.prepare(model)
+            breaks_before = graph_break_count() if provider.compiled else 0
+            if track_selection:
+                _set_record_selection(model, True)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = fn(x)
+            if on_cuda:
+                torch.cuda.synchronize()
+            first_call_s = time.perf_counter() - start
+            if provider.compiled:
+                record["compile_s"] = round(first_call_s, 2)
+                record["graph_breaks"] = graph_break_count() - breaks_before
+                compile_cost[0] = max(first_call_s * 1.2, 5.0)
+            selection = _selections(model) if track_selection else None
+            if track_selection:
+                _set_record_selection(model, False)
+            if reference_selection is not None and selection is not None:
+                record["selection_agreement"] = _selection_agreement(selection, reference_selection)
+        except Exception as error:  # noqa: BLE001 - a provider that raises is reported, never faked
+            record.update(status="unavailable", reason=error_text(error))
+            log(f"  n/a   {label}: {record['reason']}")
+            _free(device)
+            return _Case(record)
+
+        run: Callable[[], object] = lambda: fn(x)
+        if config.cuda_graph:
+            try:
+                with torch.inference_mode():
+                    replay, static_out = capture_cuda_graph(run)
+                    replay()
+                torch.cuda.synchronize()
+                out, run = static_out, replay
+            except Exception as error:  # noqa: BLE001
+                record.update(status="error", reason="CUDA graph capture failed: " + error_text(error))
+                log(f"  error {label}: {record['reason']}")
+                _free(device)
+                return _Case(record)
+        if keep_reference:
+            record["agreement"] = {"ok": True, "rel_err": 0.0, "tolerance": 0.0, "detail": "the reference itself"}
+            record["_output"], record["_selection"] = out.detach().float().clone(), selection
+        elif role == "mod":
+            if reference_output is None:
+                record["agreement"] = {"ok": False, "rel_err": None, "tolerance": None, "detail": "no reference output"}
+            else:
+                tolerance = agreement.model_tolerance(DTYPES[config.dtype])
+                record["agreement"] = agreement.compare(out.float(), reference_output, tolerance).as_dict()
+        if not on_cuda:
+            return _Case(record, run)
+        try:
+            with torch.inference_mode():
+                timing = time_cuda_events(run, warmup=timer.cuda_warmup, reps=timer.cuda_reps, max_ms=timer.cuda_max_ms,
+                                          min_reps=min(6, timer.cuda_reps))
+            _put_timing(record, timing, "CUDA graph replay, " if config.cuda_graph else "")
+            log(f"  {timing.median_ms:9.3f} ms [{timing.p20_ms:.3f}, {timing.p80_ms:.3f}]  {label}")
+        except Exception as error:  # noqa: BLE001
+            record.update(status="error", reason=error_text(error))
+            log(f"  error {label}: {record['reason']}")
+        fn = run = model = None  # release the model (and its graph) before the next case
+        if provider.compiled:
+            torch._dynamo.reset()
+        _free(device)
+        return _Case(record)
+
+    cases: list[_Case] = []
+    with thread_setting(config.threads):
+        log(f" family {baseline}: {config.label()}")
+        if include_baseline:
+            for compiled in modes:
+                cases.append(run_case(baseline, "baseline", PLAIN_PROVIDERS[compiled]))
+        for name in mod_names:
+            reference_output = reference_selection = None
+            for provider in sorted(providers, key=lambda p: p.name != REFERENCE.name):
+                if provider.name == REFERENCE.name:
+                    case = run_case(name, "mod", provider, keep_reference=True)
+                    reference_output = case.record.pop("_output", None)
+                    reference_selection = case.record.pop("_selection", None)
+                else:
+                    if reference_output is None:
+                        reference_output, reference_selection = _reference_output(cache, name, config, x, log)
+                    case = run_case(name, "mod", provider, reference_output=reference_output,
+                                    reference_selection=reference_selection)
+                cases.append(case)
+            for floor in floors:
+                for compiled in modes:
+                    cases.append(run_case(name, f"floor_{floor}", PLAIN_PROVIDERS[compiled], of_model=name))
+
+        pending = {i: c.run for i, c in enumerate(cases) if c.run is not None}
+        if pending:
+            log(f"  timing {len(pending)} case(s): {timer.cpu_rounds} interleaved rounds x {timer.cpu_samples_per_round} samples")
+            with torch.inference_mode():
+                timings = time_cpu_interleaved(
+                    pending, rounds=timer.cpu_rounds, samples_per_round=timer.cpu_samples_per_round,
+                    warmup=timer.cpu_warmup, budget=budget,
+                )
+            for i, timing in timings.items():
+                r = cases[i].record
+                _put_timing(r, timing, "")
+                shown = f"{r['role'].removeprefix('floor_')} floor of {r['of_model']}" if r["of_model"] else r["model"]
+                log(f"  {timing.median_ms:9.3f} ms [{timing.p20_ms:.3f}, {timing.p80_ms:.3f}]  {shown} | {r['provider']}")
+    for case in cases:
+        case.run = None
+    _free(device)
+    return [case.record for case in cases]
+
+
+def _reference_output(cache: ModelCache, name: str, config: ModelConfig, x: Tensor,
+                      log: Log) -> tuple[Tensor | None, list | None]:
+    """Untimed eager reference output (and selections) of ``name``, for providers compared without a timed reference."""
+    try:
+        model = cache.materialize(name, "model", config)
+        REFERENCE.prepare(model)
+        _set_record_selection(model, True)
+        with torch.inference_mode():
+            out = model(x).float().clone()
+        return out, _selections(model)
+    except Exception as error:  # noqa: BLE001
+        log(f"  reference output of {name} failed: {error_text(error)}")
+        return None, None
+
+
+def _put_timing(record: dict, timing: Timing, method_prefix: str) -> None:
+    record.update(
+        median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, n=timing.n,
+        method=method_prefix + timing.method,
+    )
+
+
+def default_configs(device: str, *, batch_sizes: list[int], dtypes: list[str], memory_formats: list[str],
+                    resolution: int, threads: list[int | None], cuda_graph_max_batch: int = 8) -> list[ModelConfig]:
+    """Configs in priority order: on CUDA batch sizes up to ``cuda_graph_max_batch`` use CUDA graphs."""
+    configs = []
+    for dtype in dtypes:
+        for batch in batch_sizes:
+            for memory_format in memory_formats:
+                for n_threads in threads if device == "cpu" else [None]:
+                    configs.append(ModelConfig(
+                        device=device, batch=batch, dtype=dtype, memory_format=memory_format, resolution=resolution,
+                        cuda_graph=device == "cuda" and batch <= cuda_graph_max_batch, threads=n_threads,
+                    ))
+    return configs
+
+
+def run_models(
+    names: list[str],
+    configs: list[ModelConfig],
+    providers: list[ModelProvider],
+    *,
+    env: dict,
+    cache: ModelCache | None = None,
+    budget: Budget | None = None,
+    timer: TimerSettings = TimerSettings(),
+    floors: tuple[str, ...] = ("identity", "static"),
+    seed: int = 0,
+    log: Log = print,
+    on_family: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every family of ``names`` under every config (configs in the order given).
+
+    ``on_family(records)`` is called after every family with the records so far (periodic saving).
+    """
+    cache = cache or ModelCache(seed)
+    records: list[dict] = []
+    groups = families(names)
+    for config in configs:
+        log(f"models: {config.label()}; providers {[p.name for p in providers]}")
+        for baseline, mod_names in groups.items():
+            records += bench_family(
+                baseline, mod_names, config, providers, cache=cache, env=env, budget=budget, timer=timer,
+                floors=floors, seed=seed, log=log,
+            )
+            if on_family is not None:
+                on_family(records)
+    return records

@@ -1,0 +1,103 @@
+"""Who runs a model: the providers of the model table.
+
+A provider turns a model (already on its device, dtype and memory format) into a callable
+``x -> logits``. MoD models have four: the pure PyTorch ``reference`` backend and the fused
+``triton`` backend, each eager or under ``torch.compile``. Networks without MoD blocks (the
+torchvision baselines and the floors) run ``eager`` or ``compile``; a MoD provider is compared
+with the baseline and floors of its own mode.
+
+A provider that cannot run raises :class:`Unavailable` (or whatever the backend raises, which
+the benchmark reports as unavailable); nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mod_models import set_backend
+from mod_models.blocks import MoDBlock
+
+
+class Unavailable(RuntimeError):
+    """A provider cannot run here (the reason is reported in place of a number)."""
+
+
+def error_text(error: BaseException) -> str:
+    """First line of ``Type: message`` (at most 300 characters), for a record's ``reason``."""
+    text = f"{type(error).__name__}: {error}".strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def has_mod_blocks(model: nn.Module) -> bool:
+    return any(isinstance(m, MoDBlock) for m in model.modules())
+
+
+def configure_dynamo() -> None:
+    """Let every compiled case compile (no silent fall back to eager at a recompile limit)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 4096),
+                        ("accumulated_cache_size_limit", 4096), ("fail_on_recompile_limit_hit", True)):
+        try:
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, value)
+        except (AttributeError, TypeError):  # pragma: no cover - depends on the torch version
+            pass
+
+
+def graph_break_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
+@dataclass(frozen=True)
+class ModelProvider:
+    """How a model runs.
+
+    Attributes:
+        name: label in the tables (``"reference"``, ``"triton+compile"``, ``"eager"``, ...).
+        backend: MoD backend to set (``None`` for networks without MoD blocks).
+        compiled: wrap the model in ``torch.compile`` (static shapes).
+    """
+
+    name: str
+    backend: str | None = None
+    compiled: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "compile" if self.compiled else "eager"
+
+    def prepare(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        """The callable to time; ``model`` is owned by this provider from now on."""
+        if self.backend is not None:
+            if not has_mod_blocks(model):
+                raise ValueError(f"provider {self.name!r} sets a MoD backend, but the model has no MoD blocks")
+            set_backend(model, self.backend)
+        if self.compiled:
+            configure_dynamo()
+            return torch.compile(model, dynamic=False)
+        return model
+
+
+REFERENCE = ModelProvider("reference", backend="reference")
+REFERENCE_COMPILED = ModelProvider("reference+compile", backend="reference", compiled=True)
+TRITON = ModelProvider("triton", backend="triton")
+TRITON_COMPILED = ModelProvider("triton+compile", backend="triton", compiled=True)
+MOD_PROVIDERS = {p.name: p for p in (REFERENCE, REFERENCE_COMPILED, TRITON, TRITON_COMPILED)}
+
+EAGER = ModelProvider("eager")
+COMPILED = ModelProvider("compile", compiled=True)
+PLAIN_PROVIDERS = {False: EAGER, True: COMPILED}
+
+
+def parse_providers(names: list[str]) -> list[ModelProvider]:
+    unknown = [n for n in names if n not in MOD_PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {unknown}; expected some of {list(MOD_PROVIDERS)}")
+    return [MOD_PROVIDERS[n] for n in names]

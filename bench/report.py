@@ -1,0 +1,545 @@
+"""Tables and files: Markdown for people, JSON for machines, the issue's targets checked.
+
+Everything shown is derived from the measured records; a ratio is printed only where both of
+its times were measured and, for two implementations of the same MoD model or op, their
+outputs agreed. The paper's ratios (SPEC.md section 5) are quoted beside, labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mod_models import PAPER_SPEEDUP
+
+from . import RESULTS_SCHEMA
+
+OUTPUTS_DIFFER = "outputs differ"
+
+MODEL_LEGEND = """\
+- **latency**: median [p20, p80] in ms over all samples (see `method` in the JSON).
+- **speedup**: torchvision baseline time / MoD time, both in the same mode (eager with eager,
+  compiled with compiled). It is a *timing* ratio: the two networks compute different
+  functions, so there is nothing to compare between their outputs. A provider other than the
+  eager reference gets any ratio only if its logits matched the eager reference backend's on
+  the same input with the same state_dict (relative L2 within the model tolerance);
+  otherwise the row says "outputs differ".
+- **paper**: baseline/MoD ratio reported by the paper (SPEC.md section 5) on its CPU or GPU.
+- **ceiling**: baseline time / identity-floor time, the best ratio any MoD implementation could
+  reach on this machine (the floor has no MoD cost at all); a paper ratio above it cannot be
+  reproduced here, whatever the kernels.
+- **overhead**: MoD overhead over the identity floor, `(t_model - t_identity) / t_identity`,
+  where the identity floor is the same network with every MoD block replaced by `nn.Identity`
+  (no MoD implementation can be faster). Split with the same denominator into
+  **f_k** `(t_static - t_identity) / t_identity` (the reduced convolutions, run on a fixed
+  selection by the static floor) and **routing** `(t_model - t_static) / t_identity`
+  (router, top-k, pack, scale, fuse: what a fused kernel can remove).
+- **vs ref**: eager reference time / this provider's time, same model (outputs agreed)."""
+
+KERNEL_LEGEND = """\
+- times: median [p20, p80] ms; GB/s: bytes the op must move (bench/traffic.py) / median time;
+  % copy: that as a fraction of the device-to-device copy bandwidth measured in the same run.
+- fused/eager, fused/compile: reference time / triton time, printed only when the triton
+  outputs (and gradients) matched the eager reference on the same inputs."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    if value >= 100:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    if value >= 0.01:
+        return f"{value:.3f}"
+    return f"{value:.4f}"
+
+
+def fmt_latency(record: dict | None) -> str:
+    if record is None:
+        return "-"
+    if record.get("status") != "ok" or record.get("median_ms") is None:
+        return status_text(record)
+    return f"{fmt_ms(record['median_ms'])} [{fmt_ms(record['p20_ms'])}, {fmt_ms(record['p80_ms'])}]"
+
+
+def status_text(record: dict) -> str:
+    status = record.get("status", "?")
+    reason = (record.get("reason") or "").replace("|", "/")
+    if len(reason) > 70:
+        reason = reason[:67] + "..."
+    return f"{status}: {reason}" if reason else status
+
+
+def ok(record: dict | None) -> bool:
+    return bool(record) and record.get("status") == "ok" and record.get("median_ms") is not None
+
+
+def agreed(record: dict | None) -> bool:
+    return ok(record) and bool((record.get("agreement") or {}).get("ok"))
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.2f}x"
+
+
+def fmt_pct(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:+.1f}%"
+
+
+def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" * len(header)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- model tables
+
+
+CONFIG_KEYS = ("device_type", "batch", "dtype", "memory_format", "resolution", "cuda_graph", "threads")
+
+
+def config_key(record: dict) -> tuple:
+    return tuple(record.get(k) for k in CONFIG_KEYS)
+
+
+def config_title(key: tuple) -> str:
+    device_type, batch, dtype, memory_format, resolution, cuda_graph, threads = key
+    parts = [device_type.upper() if device_type else "?", f"batch {batch}", dtype, memory_format, f"{resolution}x{resolution}"]
+    if cuda_graph:
+        parts.append("CUDA graphs")
+    if threads is not None:
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    return ", ".join(str(p) for p in parts)
+
+
+def short_config(key: tuple) -> str:
+    """``b64 bf16 channels_last`` / ``b1 bf16 graph``: a config in a few words (targets' lists)."""
+    device_type, batch, dtype, memory_format, _, cuda_graph, threads = key
+    text = f"b{batch} {dtype} {memory_format}" + (" graph" if cuda_graph else "")
+    return text + (f" {threads}t" if device_type == "cpu" and threads is not None else "")
+
+
+def model_derived(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Per config: one derived row per MoD (model, provider) with speedups and overheads."""
+    by_config: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("section") == "model":
+            by_config.setdefault(config_key(r), []).append(r)
+    derived: dict[tuple, list[dict]] = {}
+    for key, rs in by_config.items():
+        baselines = {(r["model"], r["mode"]): r for r in rs if r["role"] == "baseline"}
+        floors = {(r["of_model"], r["role"], r["mode"]): r for r in rs if r["role"].startswith("floor_")}
+        references = {r["model"]: r for r in rs if r["role"] == "mod" and r["provider"] == "reference"}
+        rows = []
+        for r in rs:
+            if r["role"] != "mod":
+                continue
+            base = baselines.get((r["baseline"], r["mode"]))
+            identity = floors.get((r["model"], "floor_identity", r["mode"]))
+            static = floors.get((r["model"], "floor_static", r["mode"]))
+            usable = agreed(r) and not r.get("interpreter")
+            t = r.get("median_ms")
+            row = {
+                "record": r, "baseline_record": base, "identity": identity, "static": static,
+                "agreed": usable, "speedup": None, "overhead": None, "overhead_fk": None,
+                "overhead_routing": None, "vs_reference": None,
+                # The best ratio any MoD implementation could reach here: baseline / identity floor.
+                "ceiling": base["median_ms"] / identity["median_ms"] if ok(base) and ok(identity) else None,
+            }
+            if usable and ok(base):
+                row["speedup"] = base["median_ms"] / t
+            if usable and ok(identity):
+                t0 = identity["median_ms"]
+                row["overhead"] = (t - t0) / t0
+                if ok(static):
+                    row["overhead_fk"] = (static["median_ms"] - t0) / t0
+                    row["overhead_routing"] = (t - static["median_ms"]) / t0
+            ref = references.get(r["model"])
+            if usable and ok(ref):
+                row["vs_reference"] = ref["median_ms"] / t
+            rows.append(row)
+        derived[key] = rows
+    return derived
+
+
+def paper_ratio(model: str, device_type: str | None) -> float | None:
+    pair = PAPER_SPEEDUP.get(model)
+    if pair is None:
+        return None
+    return pair[1] if device_type == "cuda" else pair[0]
+
+
+def model_tables(records: list[dict]) -> list[tuple[str, str]]:
+    out = []
+    for key, rows in model_derived(records).items():
+        device_type = key[0]
+        body = []
+        for row in rows:
+            r = row["record"]
+            base = row["baseline_record"]
+            failed_agreement = ok(r) and not agreed(r)
+            if failed_agreement:
+                speed = OUTPUTS_DIFFER
+            elif r.get("interpreter") and ok(r):
+                speed = "interpreter, not a speed"
+            else:
+                speed = fmt_ratio(row["speedup"])
+            paper = paper_ratio(r["model"], device_type)
+            body.append([
+                r["model"], _num(r.get("params_m")), _num(r.get("gmacs")), r["provider"], fmt_latency(r),
+                f"{r['baseline']} {fmt_latency(base)}" if base else r["baseline"] or "-",
+                speed, "-" if paper is None else f"{paper:.2f}x", fmt_ratio(row["ceiling"]),
+                fmt_latency(row["identity"]), fmt_latency(row["static"]),
+                OUTPUTS_DIFFER if failed_agreement else fmt_pct(row["overhead"]),
+                fmt_pct(row["overhead_fk"]), fmt_pct(row["overhead_routing"]),
+                OUTPUTS_DIFFER if failed_agreement else fmt_ratio(row["vs_reference"]),
+            ])
+        header = ["model", "params (M)", "GMACs", "provider", "latency ms", "baseline, ms", "speedup", "paper",
+                  "ceiling", "identity floor ms", "static floor ms", "overhead", "f_k", "routing", "vs ref"]
+        out.append((config_title(key), table(header, body, "lrrllllrrllrrrr")))
+    return out
+
+
+# ------------------------------------------------------------------------------ kernel tables
+
+
+def kernel_tables(records: list[dict]) -> list[tuple[str, str]]:
+    kernel = [r for r in records if r.get("section") == "kernel"]
+    groups: dict[tuple, dict[str, dict]] = {}
+    order: list[tuple] = []
+    for r in kernel:
+        if r.get("status") == "skipped":  # cases the time budget did not reach: counted under "Not measured"
+            continue
+        key = (r["dtype"], r["memory_format"], r["batch"], r["op"], r["channels"], r["height"], r["width"])
+        if key not in groups:
+            groups[key] = {}
+            order.append(key)
+        groups[key][r["provider"]] = r
+    tables: dict[tuple, list[list[str]]] = {}
+    for key in sorted(order, key=lambda k: (k[0], k[1], k[2], _op_rank(k[3]), -k[4])):
+        dtype, memory_format, batch, op, c, h, w = key
+        providers = groups[key]
+        ref, comp, fused = providers.get("reference"), providers.get("reference+compile"), providers.get("triton")
+        any_record = ref or comp or fused
+        nbytes = any_record.get("bytes")
+        fused_ok = agreed(fused) and not fused.get("interpreter")
+        vs_eager = ref["median_ms"] / fused["median_ms"] if fused_ok and ok(ref) else None
+        vs_compile = comp["median_ms"] / fused["median_ms"] if fused_ok and agreed(comp) else None
+        differ = ok(fused) and not agreed(fused)
+        row = [
+            op, f"{batch}x{c}x{h}x{w} (k={any_record.get('k')})",
+            "-" if nbytes is None else f"{nbytes / 1e6:.2f}",
+            fmt_latency(ref), _compile_cell(comp),
+            fmt_latency(fused) + (" (Triton interpreter)" if fused and fused.get("interpreter") and ok(fused) else ""),
+            _gbps(ref), "-" if fused and fused.get("interpreter") else _gbps(fused),
+            f"{100 * fused['copy_fraction']:.0f}%" if fused_ok and fused.get("copy_fraction") else "-",
+            OUTPUTS_DIFFER if differ else fmt_ratio(vs_eager),
+            OUTPUTS_DIFFER if differ else fmt_ratio(vs_compile),
+        ]
+        tables.setdefault((dtype, memory_format), []).append(row)
+    header = ["op", "B x C x H x W", "MB moved", "reference ms", "reference+compile ms", "triton ms",
+              "reference GB/s", "triton GB/s", "triton % copy", "fused/eager", "fused/compile"]
+    return [(f"{d}, {f}", table(header, rows, "llrlllrrrrr")) for (d, f), rows in tables.items()]
+
+
+def _gbps(record: dict | None) -> str:
+    if not ok(record) or not record.get("gbps"):
+        return "-"
+    value = record["gbps"]
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
+def _compile_cell(record: dict | None) -> str:
+    if record is None:
+        return "-"
+    text = fmt_latency(record)
+    if ok(record) and not agreed(record):
+        text += " (" + OUTPUTS_DIFFER + ")"
+    return text
+
+
+def _op_rank(op: str) -> int:
+    from .kernels import OPS
+
+    return OPS.index(op) if op in OPS else len(OPS)
+
+
+# ------------------------------------------------------------------------------------ targets
+
+
+def _target(name: str, values: list[tuple[str, float]], threshold: float, *, higher_is_better: bool = True,
+            unit: str = "x", without: int = 0) -> dict:
+    """Check ``values`` (label, measured) against ``threshold``; the worst one decides.
+
+    ``without`` counts the cases of this target that have no value (unavailable, skipped or
+    outputs differ); they are named in the text, not hidden.
+    """
+    lacking = f"; {without} case(s) without a value (unavailable, skipped or outputs differ)" if without else ""
+    if not values:
+        return {"target": name, "status": "not measured", "measured": "no case measured" + lacking, "worst": None}
+    worst_label, worst = (min if higher_is_better else max)(values, key=lambda v: v[1])
+    met = worst >= threshold if higher_is_better else worst <= threshold
+    show = (lambda v: f"{v:.2f}x") if unit == "x" else (lambda v: f"{100 * v:.1f}%")
+    if met:
+        status = "met"
+    elif unit == "%":
+        status = f"missed by {100 * abs(worst - threshold):.1f} points"
+    elif worst > 0:
+        status = f"missed by {(threshold / worst if higher_is_better else worst / threshold):.2f}x"
+    else:
+        status = "missed"
+    below = [f"{label} {show(v)}" for label, v in values if (v < threshold if higher_is_better else v > threshold)]
+    return {
+        "target": name, "status": status, "worst": worst,
+        "measured": f"worst {show(worst)} ({worst_label}) over {len(values)} case(s)"
+                    + (f"; short: {', '.join(below[:6])}{' ...' if len(below) > 6 else ''}" if below else "")
+                    + lacking,
+    }
+
+
+def targets(records: list[dict]) -> list[dict]:
+    """The issue's targets, each checked on what was measured (or marked not measured)."""
+    out: list[dict] = []
+    kernel = [r for r in records if r.get("section") == "kernel" and not r.get("interpreter")]
+    on_gpu = any(r.get("device_type") == "cuda" for r in records)
+    if on_gpu:
+        out += _kernel_targets(kernel)
+    out += _model_targets(records, on_gpu)
+    return out
+
+
+def _kernel_targets(kernel: list[dict]) -> list[dict]:
+    index = {(r["op"], r["batch"], r["channels"], r["height"], r["width"], r["dtype"], r["memory_format"],
+              r["provider"]): r for r in kernel}
+
+    def ratios(op: str, other: str, batch: int = 64) -> tuple[list[tuple[str, float]], int]:
+        values, without = [], 0
+        for key, fused in index.items():
+            if key[0] != op or key[1] != batch or key[7] != "triton":
+                continue
+            base = index.get(key[:7] + (other,))
+            if agreed(fused) and agreed(base):
+                values.append((f"{key[2]}x{key[3]}x{key[4]} {key[5]} {key[6]}", base["median_ms"] / fused["median_ms"]))
+            else:
+                without += 1
+        return values, without
+
+    fractions = [
+        (f"{r['op']} {r['channels']}x{r['height']}x{r['width']} {r['dtype']} {r['memory_format']}", r["copy_fraction"])
+        for r in kernel
+        if r["provider"] == "triton" and r["batch"] == 64 and agreed(r) and r.get("copy_fraction")
+        and r["op"] in ("route_pack.fwd", "route_pack.bwd", "scale_fuse.fwd", "scale_fuse.bwd")
+    ]
+    def check(name: str, op: str, other: str, threshold: float) -> dict:
+        values, without = ratios(op, other)
+        return _target(name, values, threshold, without=without)
+
+    return [
+        check("GPU route+pack+fuse forward, B=64: fused >= 3x eager reference", "route_fuse.fwd", "reference", 3.0),
+        check("GPU route+pack+fuse forward+backward, B=64: fused >= 2x eager reference",
+              "route_fuse.fwdbwd", "reference", 2.0),
+        check("GPU route+pack+fuse forward, B=64: fused >= 1.3x torch.compile(reference)",
+              "route_fuse.fwd", "reference+compile", 1.3),
+        check("GPU route+pack+fuse forward+backward, B=64: fused >= 1.3x torch.compile(reference)",
+              "route_fuse.fwdbwd", "reference+compile", 1.3),
+        _target("GPU fused kernels (route+pack, scale+fuse, fwd and bwd), B=64: >= 70% of copy bandwidth",
+                fractions, 0.70, unit="%"),
+    ]
+
+
+def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
+    out = []
+    derived = model_derived(records)
+    if on_gpu:
+        overheads, r75, r75_graph, paper_short = [], [], [], []
+        fused_without = 0
+        for key, rows in derived.items():
+            if key[0] != "cuda":
+                continue
+            title = short_config(key)
+            for row in rows:
+                r = row["record"]
+                if not r["provider"].startswith("triton"):
+                    continue
+                if row["speedup"] is None:
+                    fused_without += 1
+                if row["overhead"] is not None:
+                    overheads.append((f"{r['model']} {r['provider']} ({title})", row["overhead"]))
+                if row["speedup"] is not None:
+                    paper = paper_ratio(r["model"], "cuda")
+                    if paper is not None:
+                        reachable = f", floor allows {row['ceiling'] / paper:.2f}x" if row["ceiling"] else ""
+                        paper_short.append((f"{r['model']} {r['provider']} ({title}{reachable})", row["speedup"] / paper))
+                    if r["model"] == "resnet75_mod" and r["baseline"] == "resnet50":
+                        if key[1] == 64 and key[2] == "bf16" and key[3] == "channels_last":
+                            r75.append((f"{r['provider']} ({title})", row["speedup"]))
+                        if key[1] == 1 and key[5]:
+                            r75_graph.append((f"{r['provider']} ({title})", row["speedup"]))
+        out += [
+            _target("GPU models, fused backend: MoD overhead over the identity floor <= 5%", overheads, 0.05,
+                    higher_is_better=False, unit="%", without=fused_without),
+            _target("GPU resnet75_mod vs resnet50, batch 64 bf16 channels_last (fused, best mode): >= 1.20x",
+                    [max(r75, key=lambda v: v[1])] if r75 else [], 1.20),
+            _target("GPU resnet75_mod vs resnet50, batch 1 CUDA graphs (fused, best mode): >= 1.20x",
+                    [max(r75_graph, key=lambda v: v[1])] if r75_graph else [], 1.20),
+            _target("GPU every variant (fused) at or above the paper's GPU ratio (measured / paper)", paper_short, 1.0,
+                    without=fused_without),
+        ]
+    cpu_overheads, cpu_paper = [], []
+    for key, rows in derived.items():
+        if key[0] != "cpu" or key[1] != 1 or key[6] != 1:
+            continue
+        for row in rows:
+            r = row["record"]
+            if r["provider"] != "reference":
+                continue
+            if row["overhead"] is not None:
+                cpu_overheads.append((r["model"], row["overhead"]))
+            paper = paper_ratio(r["model"], "cpu")
+            if row["speedup"] is not None and paper is not None:
+                reachable = f" (floor allows {row['ceiling'] / paper:.2f}x)" if row["ceiling"] else ""
+                cpu_paper.append((r["model"] + reachable, row["speedup"] / paper))
+    if cpu_overheads or not on_gpu:
+        out += [
+            _target("CPU reference, 1 thread, batch 1: MoD overhead over the identity floor <= 5%", cpu_overheads,
+                    0.05, higher_is_better=False, unit="%"),
+            _target("CPU reference, 1 thread, batch 1: measured ratio / paper's CPU ratio (>= 1 matches the paper)",
+                    cpu_paper, 1.0),
+        ]
+    return out
+
+
+# ------------------------------------------------------------------------------------ documents
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    env = meta.get("env", {})
+    lines = [f"# MoD benchmark: {env.get('device', '?')}", ""]
+    lines.append(
+        f"Measured {env.get('date', '?')} on **{env.get('device', '?')}**; torch {env.get('torch')}, "
+        f"torchvision {env.get('torchvision')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"
+        + (f" (driver {env.get('cuda_driver')})" if env.get("cuda_driver") else "")
+        + f", cuDNN {env.get('cudnn')}, Python {env.get('python')}, commit {env.get('git_commit')}."
+    )
+    if meta.get("command"):
+        lines.append(f"Command: `{meta['command']}`.")
+    if meta.get("load_average"):
+        loads = " / ".join(", ".join(f"{v:.2f}" for v in triple) for triple in meta["load_average"])
+        lines.append(f"Load average (1, 5, 15 min) at start / end: {loads}.")
+        peak, cpus = max(triple[0] for triple in meta["load_average"]), env.get("cpu_count") or 1
+        if env.get("device_type") == "cpu" and peak > 0.5 * cpus:
+            lines.append(f"- **The machine was busy** (1-minute load average up to {peak:.1f} on {cpus} logical CPUs, "
+                         "other processes included): CPU timings are noisy, multi-threaded ones most; the [p20, p80] "
+                         "spread shows how much.")
+    for note in meta.get("notes", []):
+        lines.append(f"- {note}")
+    copy = meta.get("copy_bandwidth")
+    if copy:
+        lines.append(f"Copy bandwidth ({copy['what']}): **{copy['gbps']:.0f} GB/s**.")
+    if meta.get("sections"):
+        lines.append("Sections: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["sections"].items()) + ".")
+    lines.append("")
+
+    target_rows = targets(records)
+    if target_rows:
+        lines += ["## Targets (issue 4)", "", table(["target", "status", "measured"],
+                  [[t["target"], t["status"], t["measured"]] for t in target_rows]), ""]
+
+    models = model_tables(records)
+    if models:
+        lines += ["## Models", "", MODEL_LEGEND, ""]
+        for title, body in models:
+            lines += [f"### {title}", "", body, ""]
+    kernels = kernel_tables(records)
+    if kernels:
+        lines += ["## Kernel microbenchmarks", "", KERNEL_LEGEND, ""]
+        for title, body in kernels:
+            lines += [f"### {title}", "", body, ""]
+
+    problems = [r for r in records if r.get("status") not in ("ok", None)]
+    if problems:
+        lines += ["## Not measured", ""]
+        reasons: dict[str, int] = {}
+        for r in problems:
+            reasons[status_text(r)] = reasons.get(status_text(r), 0) + 1
+        lines += [f"- {count} case(s): {reason}" for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(records: list[dict], meta: dict, out_dir: Path, stem: str) -> dict[str, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    payload = {"schema": RESULTS_SCHEMA, "meta": meta, "targets": targets(records), "records": records}
+    json_path.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
+    md_path.write_text(markdown(records, meta))
+    return {"json": json_path, "md": md_path}
+
+
+def load(paths: Iterable[Path]) -> tuple[list[dict], dict]:
+    """Records and merged meta of several result JSON files (e.g. the parts of a GPU run)."""
+    records: list[dict] = []
+    meta: dict[str, Any] = {}
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        records += payload.get("records", [])
+        part = payload.get("meta", {})
+        for key, value in part.items():
+            if key == "sections":
+                meta.setdefault("sections", {}).update(value)
+            elif key == "notes":
+                meta.setdefault("notes", []).extend(v for v in value if v not in meta.get("notes", []))
+            else:
+                meta.setdefault(key, value)
+    return records, meta
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become None, tuples lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report FILE.json [...]``: merge result files and render JSON, Markdown and PNG again."""
+    import argparse
+
+    from .plot import plot
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: the first file's folder")
+    parser.add_argument("--name", default=None, help="file stem (default: the first file's)")
+    args = parser.parse_args(argv)
+    records, meta = load(args.files)
+    out_dir = args.out_dir or args.files[0].parent
+    stem = args.name or args.files[0].stem
+    for path in write(records, meta, out_dir, stem).values():
+        print(f"wrote {path}")
+    png = plot(records, out_dir / f"{stem}.png", title=f"{meta.get('env', {}).get('device', '')} ({meta.get('mode', '')})")
+    if png:
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

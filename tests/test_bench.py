@@ -1,0 +1,182 @@
+"""The benchmark package: a CPU smoke run, speedups only where outputs agree, the byte formulas.
+
+``python -m bench --quick`` must stay fast (seconds) and write JSON and Markdown whose every
+record names the device, versions, dtype, batch, memory format, threads and date.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import kernels as K
+from bench import report as R
+from bench import traffic as T
+from bench.env import collect_env
+from bench.floors import StaticSelectionBlock, identity_floor, static_floor
+from bench.models import ModelConfig, TimerSettings, run_models
+from bench.providers import REFERENCE, ModelProvider
+from bench.timing import percentile
+from mod_models import build_model
+from mod_models.blocks import MoDBlock
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECORD_KEYS = ("device", "torch", "triton", "cuda", "dtype", "batch", "memory_format", "threads", "date")
+NON_NULL_KEYS = ("device", "torch", "dtype", "date", "threads")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("bench_quick")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("MOD_BACKEND", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out-dir", str(out_dir), "--name", "smoke"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out_dir
+
+
+def test_quick_run_writes_json_and_markdown_with_metadata(quick_run: Path) -> None:
+    payload = json.loads((quick_run / "smoke.json").read_text())
+    records = payload["records"]
+    sections = {r["section"] for r in records}
+    assert {"copy", "kernel", "model"} <= sections
+    for record in records:
+        missing = [k for k in RECORD_KEYS if k not in record]
+        assert not missing, f"{record.get('section')} record lacks {missing}"
+        empty = [k for k in NON_NULL_KEYS if record[k] is None]
+        assert not empty, f"{record.get('section')} record has no {empty}"
+    models = [r for r in records if r["section"] == "model" and r["status"] == "ok"]
+    assert {r["role"] for r in models} == {"baseline", "mod", "floor_identity", "floor_static"}
+    for r in models:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["n"] >= 2
+    kernels = [r for r in records if r["section"] == "kernel" and r["status"] == "ok"]
+    assert kernels and all(r["agreement"]["ok"] for r in kernels if r["provider"] == "reference")
+    for r in kernels:
+        if r.get("gbps") is not None:
+            assert math.isclose(r["gbps"], r["bytes"] / (r["median_ms"] * 1e-3) / 1e9, rel_tol=1e-9)
+    markdown = (quick_run / "smoke.md").read_text()
+    assert "# MoD benchmark" in markdown and "| resnet18_mod |" in markdown and "identity floor" in markdown
+    assert payload["meta"]["env"]["device"] in markdown
+
+
+def _disagreeing(model: torch.nn.Module):
+    return lambda x: model(x) * 1.5
+
+
+class DisagreeingProvider(ModelProvider):
+    """The reference backend with its logits scaled: a provider whose outputs differ."""
+
+    def prepare(self, model):
+        return _disagreeing(REFERENCE.prepare(model))
+
+
+def test_model_speedup_only_where_outputs_agree() -> None:
+    bad = DisagreeingProvider("bad-provider", backend="reference")
+    records = run_models(
+        ["resnet18_mod"], [ModelConfig("cpu", batch=1, resolution=32, threads=1)], [REFERENCE, bad],
+        env=collect_env(torch.device("cpu")), timer=TimerSettings(cpu_rounds=1, cpu_samples_per_round=2, cpu_warmup=1),
+        floors=("identity",), log=lambda message: None,
+    )
+    by_provider = {r["provider"]: r for r in records if r["role"] == "mod"}
+    assert by_provider["reference"]["agreement"]["ok"]
+    assert not by_provider["bad-provider"]["agreement"]["ok"]
+    assert by_provider["bad-provider"]["median_ms"] > 0  # timed, but its ratios are withheld
+    rows = {row["record"]["provider"]: row for rows in R.model_derived(records).values() for row in rows}
+    assert rows["reference"]["speedup"] is not None and rows["reference"]["overhead"] is not None
+    assert rows["bad-provider"]["speedup"] is None and rows["bad-provider"]["overhead"] is None
+    (_, body), = R.model_tables(records)
+    bad_line = next(line for line in body.splitlines() if "bad-provider" in line)
+    assert R.OUTPUTS_DIFFER in bad_line and "x |" not in bad_line.split("bad-provider")[1].split("|")[3]
+
+
+def test_kernel_speedup_only_where_outputs_agree(monkeypatch) -> None:
+    def wrong_route_pack(x, fc1, fc2, k):  # packs the right channels of the wrong samples
+        xs, idx, w, _ = K.reference_route_pack(x, fc1, fc2, k)
+        return xs.flip(0), idx, w, K.slots_of(idx, x.shape[1])
+
+    def plain_scale_fuse(x, y, w, idx, slot, inplace):
+        return K.reference_scale_fuse(x, y, w, idx, slot, inplace)
+
+    monkeypatch.setattr(K, "triton_route_pack", wrong_route_pack)
+    monkeypatch.setattr(K, "triton_scale_fuse", plain_scale_fuse)
+    shape = K.KernelShape(2, 128, 4, 4, 64, "fp32", "nchw")
+    records = K.run_tasks(K.simple_plan([shape], ("reference", "triton"), ("route_fuse.fwd", "scale_fuse.fwd")),
+                          device=torch.device("cpu"), env=collect_env(torch.device("cpu")), copy_gbps=10.0,
+                          log=lambda message: None)
+    status = {(r["op"], r["provider"]): r for r in records}
+    assert not status[("route_fuse.fwd", "triton")]["agreement"]["ok"]
+    assert status[("scale_fuse.fwd", "triton")]["agreement"]["ok"]
+    for record in records:  # pretend they were measured on a GPU: only the agreeing op gets a ratio
+        record["interpreter"] = False
+    (_, body), = R.kernel_tables(records)
+    route_line = next(line for line in body.splitlines() if line.startswith("| route_fuse.fwd"))
+    fuse_line = next(line for line in body.splitlines() if line.startswith("| scale_fuse.fwd"))
+    assert route_line.count(R.OUTPUTS_DIFFER) == 2
+    assert R.OUTPUTS_DIFFER not in fuse_line and fuse_line.rstrip(" |").endswith("-")  # no compile run
+    assert fuse_line.split("|")[10].strip().endswith("x")
+
+
+def test_byte_formulas_match_hand_counts() -> None:
+    # resnet50_mod stage 1 at batch 64 in bf16: C=256, 56x56, k=4, C_h=16, 2-byte elements and weights.
+    s = T.FeatureShape.of(64, 256, 56, 56, capacity=64, dtype=torch.bfloat16)
+    assert (s.k, s.router_hidden, s.element_bytes, s.weight_bytes) == (4, 16, 2, 2)
+    plane = 64 * 56 * 56 * 2  # one channel of the whole batch: 401,408 bytes
+    assert T.route_pack_forward(s) == plane * 264 + 16_384 + 3_072 + 65_536 == 106_056_704
+    assert T.route_pack_backward(s) == plane * 260 + 32_768 + 1_024 + 131_072 == 104_530_944
+    assert T.scale_fuse_forward(s, inplace=True) == plane * 12 + 1_024 == 4_817_920
+    assert T.scale_fuse_forward(s, inplace=False) == plane * 516 + 1_024 == 207_127_552
+    assert T.scale_fuse_forward(s, inplace=True, fusion="original") == 4_817_920 + 2_048
+    assert T.scale_fuse_backward(s) == plane * 524 + 2_048 == 210_339_840
+    assert T.scale_fuse_backward(s, activation="none") == plane * 520 + 2_048 == 208_734_208
+    assert T.route_fuse_forward(s) == 106_056_704 + 4_817_920 == 110_874_624
+    assert T.route_fuse_forward_backward(s) == 106_056_704 + 207_127_552 + 210_339_840 + 104_530_944 == 628_055_040
+    assert T.op_bytes("block.fwd", s) is None
+    # Stage 4 at batch 1 in fp32: C=2048, 7x7, k=32, C_h=128; the router weights outweigh the map.
+    s4 = T.FeatureShape.of(1, 2048, 7, 7, capacity=64, dtype=torch.float32)
+    assert T.route_pack_forward(s4) == 4 * 49 * 2112 + 2 * 4 * 2048 * 128 + 12 * 32 + 4 * 2048 == 2_519_680
+
+
+def test_floors_replace_every_mod_block() -> None:
+    model = build_model("resnet18_mod", backend="reference").eval()
+    n_mod = sum(isinstance(m, MoDBlock) for m in model.modules())
+    identity, static = identity_floor(model), static_floor(model)
+    assert not any(isinstance(m, MoDBlock) for m in identity.modules())
+    assert sum(isinstance(m, StaticSelectionBlock) for m in static.modules()) == n_mod
+    assert sum(isinstance(m, MoDBlock) for m in model.modules()) == n_mod  # the original is untouched
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert static(x).shape == identity(x).shape == model(x).shape == (2, 1000)
+
+
+def test_overhead_definition_on_given_times() -> None:
+    def record(role, model, ms, provider="eager", of_model=None, baseline=None):
+        return {"section": "model", "device_type": "cpu", "batch": 1, "dtype": "fp32", "memory_format": "nchw",
+                "resolution": 224, "cuda_graph": False, "threads": 1, "role": role, "model": model, "of_model": of_model,
+                "baseline": baseline, "provider": provider, "mode": "eager", "status": "ok", "median_ms": ms,
+                "p20_ms": ms, "p80_ms": ms, "agreement": {"ok": True} if role == "mod" else None}
+
+    records = [
+        record("baseline", "resnet50", 150.0),
+        record("mod", "resnet50_mod", 110.0, "reference", baseline="resnet50"),
+        record("floor_identity", "resnet50_mod", 100.0, of_model="resnet50_mod", baseline="resnet50"),
+        record("floor_static", "resnet50_mod", 104.0, of_model="resnet50_mod", baseline="resnet50"),
+    ]
+    (row,), = R.model_derived(records).values()
+    assert row["speedup"] == pytest.approx(150 / 110)
+    assert row["overhead"] == pytest.approx(0.10)
+    assert row["overhead_fk"] == pytest.approx(0.04) and row["overhead_routing"] == pytest.approx(0.06)
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
