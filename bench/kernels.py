@@ -150,6 +150,22 @@ def triton_scale_fuse(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, slot: Tensor
     return mod_kernels.scale_fuse(x, y, w, idx, slot, fusion=FUSION, activation=ACTIVATION, inplace=inplace)
 
 
+def reference_route_fuse(x: Tensor, fc1: Tensor, fc2: Tensor, k: int, y: Tensor | None, inplace: bool):
+    """The MoD block minus its convolutions (``y = xs`` when not given): ``(out, xs)``."""
+    xs, idx, w, _ = reference_route_pack(x, fc1, fc2, k)
+    y = xs if y is None else y
+    return MF.scale_and_fuse(x, y, w, idx, fusion=FUSION, activation=ACTIVATION, inplace=inplace), xs
+
+
+def triton_route_fuse(x: Tensor, fc1: Tensor, fc2: Tensor, k: int, y: Tensor | None, inplace: bool):
+    """The fused path the MoD blocks run: route_pack + fuse_routed (single-pass input backward)."""
+    import mod_kernels
+
+    routed = mod_kernels.route_pack(x, k, fc1_weight=fc1, fc2_weight=fc2, fusion=FUSION)
+    y = routed.xs if y is None else y
+    return mod_kernels.fuse_routed(routed, y, activation=ACTIVATION, inplace=inplace), routed.xs
+
+
 def slots_of(idx: Tensor, channels: int) -> Tensor:
     """``selected_slot [B, C]`` int32 of a selection ``idx [B, k]``: slot of each channel, -1 if unselected."""
     slot = torch.full((idx.shape[0], channels), -1, dtype=torch.int32, device=idx.device)
@@ -234,6 +250,7 @@ def prepare(op: str, provider: str, inputs: Inputs, k: int) -> Prepared:
     triton = provider == "triton"
     route_pack_impl = triton_route_pack if triton else reference_route_pack
     scale_fuse_impl = triton_scale_fuse if triton else reference_scale_fuse
+    route_fuse_impl = triton_route_fuse if triton else reference_route_fuse
     i = inputs
 
     if op == "route_pack.fwd":
@@ -262,8 +279,7 @@ def prepare(op: str, provider: str, inputs: Inputs, k: int) -> Prepared:
 
     if op == "route_fuse.fwd":
         def chain(x, fc1, fc2, y):
-            xs, idx, w, slot = route_pack_impl(x, fc1, fc2, k)
-            return scale_fuse_impl(x, y, w, idx, slot, True), xs
+            return route_fuse_impl(x, fc1, fc2, k, y, True)
 
         fn = wrap(chain)
         buffer = i.x.clone(memory_format=torch.preserve_format)
@@ -272,8 +288,7 @@ def prepare(op: str, provider: str, inputs: Inputs, k: int) -> Prepared:
 
     if op == "route_fuse.fwdbwd":
         def chain_train(x, fc1, fc2):
-            xs, idx, w, slot = route_pack_impl(x, fc1, fc2, k)
-            return scale_fuse_impl(x, xs, w, idx, slot, False)
+            return route_fuse_impl(x, fc1, fc2, k, None, False)[0]
 
         fn = wrap(chain_train)
         leaves = (_leaf(i.x), _leaf(i.fc1), _leaf(i.fc2))

@@ -21,10 +21,17 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from ._utils import INTERPRETER, check_device_supported
-from .fused_route_pack import check_route_pack_inputs, check_select_pack_inputs, route_pack_op, select_pack_op
-from .fused_scale_fuse import ACTIVATIONS, FUSIONS, check_fuse_inputs, scale_fuse_inplace_op, scale_fuse_op
+from .fused_route_pack import RoutePackFunction, check_route_pack_inputs, check_select_pack_inputs
+from .fused_scale_fuse import (
+    ACTIVATIONS,
+    FUSIONS,
+    ScaleFuseRoutedFunction,
+    check_fuse_inputs,
+    scale_fuse_inplace_op,
+    scale_fuse_op,
+)
 
-__all__ = ["INTERPRETER", "RoutedChannels", "check_device_supported", "route_pack", "scale_fuse"]
+__all__ = ["INTERPRETER", "RoutedChannels", "check_device_supported", "fuse_routed", "route_pack", "scale_fuse"]
 
 
 class RoutedChannels(NamedTuple):
@@ -35,12 +42,19 @@ class RoutedChannels(NamedTuple):
         idx: ``[B, k]`` int64 selected channels, slot order (descending score, ties to lower index).
         w: ``[B, k]`` float32 selected scores (ones for the random router).
         selected_slot: ``[B, C]`` int32 slot of each channel, -1 where not selected.
+        x_pass: ``x`` itself (a view), for :func:`fuse_routed` only.
+        target_carrier: the fusion targets' input (a view of ``x``, or ``xs`` for ``"original"``),
+            for :func:`fuse_routed` only.
+        fusion: the fusion target this routing was made for.
     """
 
     xs: Tensor
     idx: Tensor
     w: Tensor
     selected_slot: Tensor
+    x_pass: Tensor
+    target_carrier: Tensor
+    fusion: str
 
 
 def route_pack(
@@ -50,6 +64,7 @@ def route_pack(
     fc1_weight: Optional[Tensor] = None,
     fc2_weight: Optional[Tensor] = None,
     scores: Optional[Tensor] = None,
+    fusion: str = "first_k",
 ) -> RoutedChannels:
     """Select and pack the top-``k`` channels of each sample.
 
@@ -60,23 +75,59 @@ def route_pack(
     Args:
         x: ``[B, C, H, W]`` float32/float16/bfloat16, NCHW or channels_last.
         k: channels per sample, ``1 <= k <= C``.
+        fusion: the fusion target :func:`fuse_routed` will add into (``"first_k"``, ``"last_k"``,
+            ``"original"``).
 
     Returns:
-        :class:`RoutedChannels`. Differentiable w.r.t. ``x`` (through ``xs`` and, for the learned
-        router, the pooling) and the router weights (through ``w``).
+        :class:`RoutedChannels`. Differentiable w.r.t. ``x`` (through ``xs``, the pooling of the
+        learned router and, via :func:`fuse_routed`, the residual) and the router weights (through
+        ``w``). Its backward writes the gradient of ``x`` in one pass over the fusion's output
+        gradient.
     """
     check_device_supported(x.device)
     learned = fc1_weight is not None or fc2_weight is not None
     if learned == (scores is not None) or (learned and (fc1_weight is None or fc2_weight is None)):
         raise ValueError("route_pack needs either both fc1_weight and fc2_weight, or scores")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
     # Checked here, before dispatch: a tensor on another device would otherwise pick another kernel.
     if learned:
         check_route_pack_inputs(x, fc1_weight, fc2_weight, k)
-        xs, idx, w, slot, *_ = route_pack_op(x, fc1_weight, fc2_weight, k)
     else:
         check_select_pack_inputs(x, scores, k)
-        xs, idx, w, slot = select_pack_op(x, scores, k)
-    return RoutedChannels(xs, idx, w, slot)
+    x_pass, target_carrier, xs, w, idx, slot = RoutePackFunction.apply(x, fc1_weight, fc2_weight, scores, k, fusion)
+    if fusion == "original":
+        target_carrier = xs
+    return RoutedChannels(xs, idx, w, slot, x_pass, target_carrier, fusion)
+
+
+def fuse_routed(routed: RoutedChannels, y: Tensor, *, activation: str = "relu", inplace: bool = False) -> Tensor:
+    """The MoD residual for a :func:`route_pack` result: ``scale_fuse`` with ``routed``'s fusion,
+    whose backward only reads the k target channels and leaves the dense input gradient to the
+    routing's single pass.
+
+    Args:
+        routed: the routing of the block input ``x``.
+        y: ``[B, k, H, W]`` reduced-block output.
+        activation: ``"relu"`` or ``"none"``.
+        inplace: write into ``x`` (only when autograd does not need it) and return it.
+
+    Returns:
+        ``[B, C, H, W]`` in ``x``'s dtype and memory format.
+    """
+    if not isinstance(routed, RoutedChannels):
+        raise TypeError(f"routed must be the RoutedChannels that route_pack returned, got {type(routed).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    x_pass = routed.x_pass
+    check_fuse_inputs(x_pass, y, routed.w, routed.idx, routed.selected_slot, routed.fusion, inplace)
+    relu = activation == "relu"
+    if inplace:
+        scale_fuse_inplace_op(x_pass, y, routed.w, routed.idx, routed.selected_slot, routed.fusion, relu)
+        return x_pass
+    return ScaleFuseRoutedFunction.apply(
+        x_pass, routed.target_carrier, y, routed.w, routed.idx, routed.selected_slot, routed.fusion, relu
+    )
 
 
 def scale_fuse(

@@ -111,9 +111,7 @@ def model_block_shapes(names: tuple[str, ...], resolution: int) -> list[tuple]:
 
 def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool) -> None:
     """Call every launcher a MoD block of ``shape`` uses, for every fusion and both routers."""
-    from .fused_route_pack import (
-        launch_route_pack, launch_router_backward, launch_select_pack, launch_unpack_backward,
-    )
+    from .fused_route_pack import launch_input_backward, launch_route_pack, launch_router_backward, launch_select_pack
     from .fused_scale_fuse import (
         launch_fuse_backward_input, launch_fuse_backward_slots, launch_fuse_copy, launch_fuse_inplace,
     )
@@ -131,15 +129,19 @@ def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool
     launch_route_pack(x, fc1, fc2, k)
     launch_select_pack(x, pooled, k)
     launch_router_backward(w, slot, pooled, torch.zeros(1, hidden), pooled, fc1, fc2, height * width)
-    launch_unpack_backward(y, slot, pooled, channels_last)
-    launch_unpack_backward(y, slot, None, channels_last)
+    shape = list(x.shape)
     relu = activation == "relu"
     for fusion in ("first_k", "last_k", "original"):
         launch_fuse_copy(x, y, w, idx, slot, fusion, relu)
         launch_fuse_inplace(x, y, w, idx, slot, fusion, relu)
-        launch_fuse_backward_slots(x, x, y, w, idx, fusion, relu)
+        launch_fuse_backward_slots(x, x, y, w, idx, fusion, relu, dtype)  # MoD blocks (paired backward)
+        launch_fuse_backward_slots(x, x, y, w, idx, fusion, relu)  # standalone scale_fuse
         if relu:
             launch_fuse_backward_input(x, x, slot, k, fusion)
+        target = None if fusion == "original" else y
+        launch_input_backward(x, target, y, slot, pooled, shape, dtype, channels_last, fusion)  # learned
+        launch_input_backward(x, target, y, slot, None, shape, dtype, channels_last, fusion)  # random router
+    launch_input_backward(None, None, y, slot, pooled, shape, dtype, channels_last, "first_k")  # route_pack alone
 
 
 def record_model_launches(

@@ -10,13 +10,14 @@ Forward, three launches:
    once per channel count, whatever the dtype or memory format.
 3. ``_pack_kernel``: ``xs[b, j] = x[b, idx[b, j]]``, grid ``(B, k / BLOCK_K, HW / BLOCK_HW)``.
 
-Backward, two launches and two small GEMMs:
+Backward (:class:`RoutePackFunction`), two launches and two small GEMMs:
 
 1. ``_router_backward_kernel``, one program per sample: ``grad_w`` -> scores -> logits ->
    hidden -> ``grad_pool = W1^T grad_hidden / (H * W)``; the router weight gradients are
    ``grad_logits^T hidden`` and ``grad_hidden^T pooled`` (GEMMs over the batch).
-2. ``_unpack_backward_kernel``: one pass writing
-   ``grad_x[b, c] = grad_pool[b, c] + (grad_xs[b, slot] if c is selected at slot else 0)``.
+2. ``_input_backward_kernel``: the one pass over the block's output gradient that writes
+   ``grad_x = (grad_out off the fusion targets | the targets' own gradient on them)
+   + grad_pool + scatter(grad_xs)``.
 
 Selection keys: a score's fp32 bits mapped to a signed int that orders like the float (NaN
 canonicalised above +inf, -0.0 folded into +0.0), shifted up 32 bits, with ``C - 1 - c`` in the
@@ -218,30 +219,59 @@ def _router_backward_kernel(
     tl.store(grad_pool_ptr + b * C + c, grad_pool * inv_hw, mask=c_mask)
 
 
-@triton.jit
-def _unpack_backward_kernel(
-    grad_xs_ptr,  # [B, K, H, W] gradient of the packed channels
+@triton.jit(do_not_specialize=["K", "target_start"])
+def _input_backward_kernel(
+    grad_pass_ptr,  # [B, C, H, W] gradient of x_pass, i.e. of the fusion output (HAS_PASS)
+    grad_target_ptr,  # [B, K, H, W] gradient of the fused target channels (HAS_PASS, affine targets)
+    grad_xs_ptr,  # [B, K, H, W] gradient of the packed channels (HAS_XS)
     slot_ptr,  # [B, C] int32 slot of each channel, -1 if not selected
-    grad_pool_ptr,  # [B, C] fp32 gradient through the mean (HAS_POOL)
+    grad_pool_ptr,  # [B, C] fp32 gradient through the mean, already / (H * W) (HAS_POOL)
     grad_x_ptr,  # [B, C, H, W] output
-    C, HW, W,
-    stride_gb, stride_gc, stride_gh, stride_gw,
+    C, K, HW, W, target_start,  # target_start: first target channel of affine fusions
+    stride_pb, stride_pc, stride_ph, stride_pw,
+    stride_tb, stride_tc, stride_th, stride_tw,
+    stride_sb, stride_sc, stride_sh, stride_sw,
     stride_ob, stride_oc, stride_oh, stride_ow,
-    HAS_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HW_FLAT: tl.constexpr,
+    HAS_PASS: tl.constexpr, GATHER_TARGETS: tl.constexpr, HAS_XS: tl.constexpr, HAS_POOL: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HW_FLAT: tl.constexpr,
 ):
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     mask = c_mask[:, None] & (hw < HW)[None, :]
+    b64 = b.to(tl.int64)
     slot = tl.load(slot_ptr + b * C + c, mask=c_mask, other=-1)
-    from_slot = mask & (slot >= 0)[:, None]
-    grad_in = grad_xs_ptr + b.to(tl.int64) * stride_gb + slot[:, None] * stride_gc
-    grad = tl.load(grad_in + spatial_offset(hw, W, stride_gh, stride_gw, HW_FLAT)[None, :], mask=from_slot, other=0.0)
-    grad = grad.to(tl.float32)
+    is_selected = (slot >= 0)[:, None]
+    grad = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    if HAS_XS:
+        grad_xs = tl.load(
+            grad_xs_ptr + b64 * stride_sb + slot[:, None] * stride_sc
+            + spatial_offset(hw, W, stride_sh, stride_sw, HW_FLAT)[None, :],
+            mask=mask & is_selected, other=0.0,
+        )
+        grad += grad_xs.to(tl.float32)
     if HAS_POOL:
         grad += tl.load(grad_pool_ptr + b * C + c, mask=c_mask, other=0.0)[:, None]
-    out = grad_x_ptr + b.to(tl.int64) * stride_ob + c[:, None] * stride_oc
+    if HAS_PASS:
+        grad_pass = tl.load(
+            grad_pass_ptr + b64 * stride_pb + c[:, None] * stride_pc
+            + spatial_offset(hw, W, stride_ph, stride_pw, HW_FLAT)[None, :],
+            mask=mask, other=0.0,
+        ).to(tl.float32)
+        if GATHER_TARGETS:
+            # The targets are the selected channels; their fused gradient arrived inside grad_xs.
+            grad += tl.where(is_selected, 0.0, grad_pass)
+        else:
+            target_slot = c - target_start
+            is_target = ((target_slot >= 0) & (target_slot < K))[:, None]
+            grad_target = tl.load(
+                grad_target_ptr + b64 * stride_tb + target_slot[:, None] * stride_tc
+                + spatial_offset(hw, W, stride_th, stride_tw, HW_FLAT)[None, :],
+                mask=mask & is_target, other=0.0,
+            ).to(tl.float32)
+            grad += tl.where(is_target, grad_target, grad_pass)
+    out = grad_x_ptr + b64 * stride_ob + c[:, None] * stride_oc
     out += spatial_offset(hw, W, stride_oh, stride_ow, HW_FLAT)[None, :]
     tl.store(out, grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
@@ -383,22 +413,37 @@ def launch_router_backward(
     return grad_pool, grad_fc1, grad_fc2
 
 
-def launch_unpack_backward(
-    grad_xs: Tensor, selected_slot: Tensor, grad_pool: Optional[Tensor], channels_last: bool
+def launch_input_backward(
+    grad_pass: Optional[Tensor], grad_target: Optional[Tensor], grad_xs: Optional[Tensor],
+    selected_slot: Tensor, grad_pool: Optional[Tensor], shape: list[int], dtype: torch.dtype,
+    channels_last: bool, fusion: str,
 ) -> Tensor:
-    """``grad_x [B, C, H, W]``: scatter ``grad_xs`` home and add ``grad_pool`` (if given)."""
-    batch, _, height, width = grad_xs.shape
-    channels = selected_slot.shape[1]
+    """``grad_x`` of a MoD block's input in one pass (``[B, C, H, W]``, ``dtype``, x's format):
+
+    ``grad_pass`` (the fusion output's gradient) on channels that are not fusion targets, the
+    targets' own gradient ``grad_target`` on affine targets (``"original"``: it arrives inside
+    ``grad_xs``), plus ``grad_xs`` scattered home and ``grad_pool`` broadcast over H x W. Any
+    term may be None.
+    """
+    batch, channels, height, width = shape
+    k = grad_xs.shape[1] if grad_xs is not None else (grad_target.shape[1] if grad_target is not None else 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grad_x = torch.empty((batch, channels, height, width), device=grad_xs.device, dtype=grad_xs.dtype)
-    grad_x = grad_x.contiguous(memory_format=fmt)
+    grad_x = torch.empty(shape, device=selected_slot.device, dtype=dtype).contiguous(memory_format=fmt)
+    gather_targets = fusion == "original"
+    has_target = grad_pass is not None and not gather_targets
+    if has_target and grad_target is None:
+        raise ValueError("affine fusions need the target gradient beside the pass-through gradient")
+    placeholder = grad_x  # never read: its constexpr switch is off
+    tensors = [t if t is not None else placeholder for t in (grad_pass, grad_target, grad_xs)]
     block_c, block_hw, num_warps = dense_tiles(channels, height * width, channels_last)
     grid = (batch, triton.cdiv(channels, block_c), triton.cdiv(height * width, block_hw))
-    _unpack_backward_kernel[grid](
-        grad_xs, selected_slot, grad_pool if grad_pool is not None else selected_slot, grad_x,
-        channels, height * width, width, *strides(grad_xs), *strides(grad_x),
+    _input_backward_kernel[grid](
+        *tensors, selected_slot, grad_pool if grad_pool is not None else selected_slot, grad_x,
+        channels, k, height * width, width, channels - k if fusion == "last_k" else 0,
+        *strides(tensors[0]), *strides(tensors[1]), *strides(tensors[2]), *strides(grad_x),
+        HAS_PASS=grad_pass is not None, GATHER_TARGETS=gather_targets, HAS_XS=grad_xs is not None,
         HAS_POOL=grad_pool is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
-        HW_FLAT=hw_is_flat(grad_xs, grad_x), num_warps=num_warps,
+        HW_FLAT=hw_is_flat(*tensors, grad_x), num_warps=num_warps,
     )
     return grad_x
 
@@ -459,52 +504,83 @@ def _(grad_w, selected_slot, pooled, hidden, scores, fc1_weight, fc2_weight, hw)
     return torch.empty_like(scores), torch.empty_like(fc1_weight), torch.empty_like(fc2_weight)
 
 
-@torch.library.custom_op("mod_kernels::unpack_backward", mutates_args=())
-def unpack_backward_op(grad_xs: Tensor, selected_slot: Tensor, grad_pool: Optional[Tensor], channels_last: bool) -> Tensor:
-    return launch_unpack_backward(grad_xs, selected_slot, grad_pool, channels_last)
-
-
-@unpack_backward_op.register_fake
-def _(grad_xs, selected_slot, grad_pool, channels_last):
-    batch, _, height, width = grad_xs.shape
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    shape = (batch, selected_slot.shape[1], height, width)
-    return grad_xs.new_empty(shape).contiguous(memory_format=fmt)
-
-
-def _route_pack_setup_context(ctx, inputs, output):
-    x, fc1_weight, fc2_weight, _ = inputs
-    _, _, _, slot, pooled, hidden, scores = output
-    ctx.save_for_backward(slot, pooled, hidden, scores, fc1_weight, fc2_weight)
-    ctx.channels_last = is_channels_last(x)
-    ctx.hw = x.shape[2] * x.shape[3]
-    ctx.mark_non_differentiable(pooled, hidden, scores)
-
-
-def _route_pack_backward(ctx, grad_xs, grad_idx, grad_w, grad_slot, grad_pooled, grad_hidden, grad_scores):
-    slot, pooled, hidden, scores, fc1_weight, fc2_weight = ctx.saved_tensors
-    needs_x, needs_fc1, needs_fc2, _ = ctx.needs_input_grad
-    grad_pool, grad_fc1, grad_fc2 = router_backward_op(
-        grad_w, slot, pooled, hidden, scores, fc1_weight, fc2_weight, ctx.hw
+@torch.library.custom_op("mod_kernels::input_backward", mutates_args=())
+def input_backward_op(
+    grad_pass: Optional[Tensor], grad_target: Optional[Tensor], grad_xs: Optional[Tensor], selected_slot: Tensor,
+    grad_pool: Optional[Tensor], shape: list[int], dtype: torch.dtype, channels_last: bool, fusion: str,
+) -> Tensor:
+    return launch_input_backward(
+        grad_pass, grad_target, grad_xs, selected_slot, grad_pool, shape, dtype, channels_last, fusion
     )
-    grad_x = unpack_backward_op(grad_xs, slot, grad_pool, ctx.channels_last) if needs_x else None
-    return grad_x, grad_fc1 if needs_fc1 else None, grad_fc2 if needs_fc2 else None, None
 
 
-route_pack_op.register_autograd(_route_pack_backward, setup_context=_route_pack_setup_context)
+@input_backward_op.register_fake
+def _(grad_pass, grad_target, grad_xs, selected_slot, grad_pool, shape, dtype, channels_last, fusion):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, device=selected_slot.device, dtype=dtype).contiguous(memory_format=fmt)
 
 
-def _select_pack_setup_context(ctx, inputs, output):
-    x, _, _ = inputs
-    _, _, w, slot = output
-    ctx.save_for_backward(slot)
-    ctx.channels_last = is_channels_last(x)
-    ctx.mark_non_differentiable(w)
+class RoutePackFunction(torch.autograd.Function):
+    """Routing and packing of a MoD block, paired with :class:`ScaleFuseRoutedFunction`.
 
+    Forward returns ``(x_pass, target_carrier, xs, w, idx, selected_slot)``. ``x_pass`` is ``x``
+    itself (a view) and ``target_carrier`` is ``x``'s k target channels (a view; an unused
+    placeholder for ``"original"``, whose targets are ``xs``): the fusion consumes both, so that
+    the backward of this function receives the fusion's output gradient and the targets'
+    gradient and writes the input gradient in ONE pass
+    (``grad_x = grad_out off the targets | grad_targets on them + grad_pool / HW + scatter(grad_xs)``)
+    instead of summing three full-size tensors. The contract: ``x_pass``'s gradient is the
+    fusion output's gradient, whose target channels this backward replaces by the targets' own
+    gradient. ``mod_kernels.route_pack`` / ``fuse_routed`` keep the pair together.
+    """
 
-def _select_pack_backward(ctx, grad_xs, grad_idx, grad_w, grad_slot):
-    (slot,) = ctx.saved_tensors
-    return unpack_backward_op(grad_xs, slot, None, ctx.channels_last), None, None
+    @staticmethod
+    def forward(ctx, x, fc1_weight, fc2_weight, scores, k, fusion):
+        ctx.set_materialize_grads(False)
+        ctx.learned = scores is None
+        if ctx.learned:
+            xs, idx, w, slot, pooled, hidden, router_scores = route_pack_op(x, fc1_weight, fc2_weight, k)
+            ctx.save_for_backward(slot, pooled, hidden, router_scores, fc1_weight, fc2_weight)
+        else:
+            xs, idx, w, slot = select_pack_op(x, scores, k)
+            ctx.save_for_backward(slot)
+            ctx.mark_non_differentiable(w)
+        if fusion == "original":
+            target_carrier = x.new_empty(0)
+            ctx.mark_non_differentiable(target_carrier)
+        else:
+            target_carrier = x.narrow(1, x.shape[1] - k if fusion == "last_k" else 0, k)
+        ctx.mark_non_differentiable(idx, slot)
+        ctx.fusion = fusion
+        ctx.k = k
+        ctx.shape = list(x.shape)
+        ctx.dtype = x.dtype
+        ctx.channels_last = is_channels_last(x)
+        return x.view_as(x), target_carrier, xs, w, idx, slot
 
-
-select_pack_op.register_autograd(_select_pack_backward, setup_context=_select_pack_setup_context)
+    @staticmethod
+    def backward(ctx, grad_pass, grad_target, grad_xs, grad_w, grad_idx, grad_slot):
+        grad_pool = grad_fc1 = grad_fc2 = None
+        if ctx.learned:
+            slot, pooled, hidden, router_scores, fc1_weight, fc2_weight = ctx.saved_tensors
+            if grad_w is not None:
+                grad_pool, grad_fc1, grad_fc2 = router_backward_op(
+                    grad_w, slot, pooled, hidden, router_scores, fc1_weight, fc2_weight, ctx.shape[2] * ctx.shape[3]
+                )
+        else:
+            (slot,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fusion == "original":
+                grad_target = None
+            elif grad_pass is None and grad_target is not None:
+                grad_pass = torch.zeros(ctx.shape, dtype=grad_target.dtype, device=grad_target.device)
+            elif grad_pass is not None and grad_target is None:
+                batch, _, height, width = ctx.shape
+                k = grad_xs.shape[1] if grad_xs is not None else ctx.k
+                grad_target = grad_pass.new_zeros((batch, k, height, width))
+            grad_x = input_backward_op(
+                grad_pass, grad_target, grad_xs, slot, grad_pool, ctx.shape, ctx.dtype, ctx.channels_last, ctx.fusion
+            )
+        needs_fc1, needs_fc2 = ctx.needs_input_grad[1:3]
+        return grad_x, grad_fc1 if needs_fc1 else None, grad_fc2 if needs_fc2 else None, None, None, None

@@ -14,13 +14,22 @@ Forward kernels:
 
 Backward kernels:
 
-* ``_fuse_backward_slots_kernel``: ``grad_y[b, j] = g[b, t] * act'(out[b, t]) * w[b, j]`` and
-  ``grad_w[b, j] = sum_hw g[b, t] * act'(out[b, t]) * y[b, j]`` (reads the k target channels only).
-* ``_fuse_backward_input_kernel`` (ReLU only): ``grad_x = g`` with the target channels masked by
-  ``out > 0``. Without an activation ``grad_x`` is ``g`` itself and nothing runs.
+* ``_fuse_backward_slots_kernel``: ``grad_y[b, j] = g[b, t] * act'(out[b, t]) * w[b, j]``,
+  ``grad_w[b, j] = sum_hw g[b, t] * act'(out[b, t]) * y[b, j]`` and (for the MoD blocks' paired
+  path) the targets' own gradient ``g[b, t] * act'``; it reads the k target channels only.
+* ``_fuse_backward_input_kernel`` (standalone :func:`scale_fuse` with ReLU): ``grad_x = g`` with
+  the target channels masked by ``out > 0``. Without an activation ``grad_x`` is ``g`` itself.
+
+Two autograd paths share these kernels. The standalone op ``mod_kernels::scale_fuse`` has a
+self-contained backward (the dense ``grad_x`` above). :class:`ScaleFuseRoutedFunction`, used by
+the MoD blocks through :func:`mod_kernels.fuse_routed`, leaves the dense input gradient to the
+routing's single pass (:class:`~mod_kernels.fused_route_pack.RoutePackFunction`), so a block's
+backward touches the full feature map exactly twice: read ``g``, write ``grad_x``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -143,13 +152,14 @@ def _fuse_backward_slots_kernel(
     idx_ptr,  # [B, K] int64 (GATHER_TARGETS: fusion "original")
     grad_y_ptr,  # [B, K, H, W] output
     grad_w_ptr,  # [B, K] fp32 output, contiguous
+    grad_target_ptr,  # [B, K, H, W] output: gradient of the target channels' input (WRITE_TARGET_GRAD)
     C, K, HW, W, target_start,  # target_start: first target channel (first_k: 0, last_k: C - K)
     stride_gb, stride_gc, stride_gh, stride_gw,
     stride_ob, stride_oc, stride_oh, stride_ow,
     stride_yb, stride_yc, stride_yh, stride_yw,
     stride_dyb, stride_dyc, stride_dyh, stride_dyw,
     stride_wb, stride_wk,
-    GATHER_TARGETS: tl.constexpr, RELU: tl.constexpr,
+    GATHER_TARGETS: tl.constexpr, RELU: tl.constexpr, WRITE_TARGET_GRAD: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_HW: tl.constexpr, HW_FLAT: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -183,6 +193,11 @@ def _fuse_backward_slots_kernel(
         grad_y_at = grad_y_ptr + b64 * stride_dyb + j[:, None] * stride_dyc
         grad_y_at += spatial_offset(hw, W, stride_dyh, stride_dyw, HW_FLAT)[None, :]
         tl.store(grad_y_at, (grad * scale[:, None]).to(grad_y_ptr.dtype.element_ty), mask=mask)
+        if WRITE_TARGET_GRAD:
+            # grad_target has y's shape and memory format, so it shares y's strides.
+            grad_target_at = grad_target_ptr + b64 * stride_dyb + j[:, None] * stride_dyc
+            grad_target_at += spatial_offset(hw, W, stride_dyh, stride_dyw, HW_FLAT)[None, :]
+            tl.store(grad_target_at, grad.to(grad_target_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_w_ptr + b * K + j, tl.sum(acc, axis=1), mask=j_mask)
 
 
@@ -298,21 +313,28 @@ def launch_fuse_copy(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot
 
 
 def launch_fuse_backward_slots(
-    grad_out: Tensor, out: Tensor, y: Tensor, w: Tensor, idx: Tensor, fusion: str, relu: bool
-) -> tuple[Tensor, Tensor]:
-    """``(grad_y [B, k, H, W] in y's dtype/format, grad_w [B, k] fp32)``."""
+    grad_out: Tensor, out: Tensor, y: Tensor, w: Tensor, idx: Tensor, fusion: str, relu: bool,
+    target_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(grad_y [B, k, H, W] in y's dtype/format, grad_w [B, k] fp32, grad_target)``.
+
+    ``grad_target = grad_out[t] * act'(out[t])``, the gradient of the target channels' input, is
+    written (in ``target_dtype``, y's memory format) only when ``target_dtype`` is given.
+    """
     batch, channels, height, width = grad_out.shape
     k = y.shape[1]
     grad_y = empty_like_format(y, tuple(y.shape))
     grad_w = torch.empty((batch, k), device=y.device, dtype=torch.float32)
+    grad_target = None if target_dtype is None else empty_like_format(y, tuple(y.shape), dtype=target_dtype)
     block_k, block_hw, num_warps = dense_tiles(k, height * width, is_channels_last(y))
     _fuse_backward_slots_kernel[(batch, triton.cdiv(k, block_k))](
-        grad_out, out, y, w, idx, grad_y, grad_w, channels, k, height * width, width, _target_start(fusion, channels, k),
+        grad_out, out, y, w, idx, grad_y, grad_w, grad_target if grad_target is not None else grad_y,
+        channels, k, height * width, width, _target_start(fusion, channels, k),
         *strides(grad_out), *strides(out), *strides(y), *strides(grad_y), w.stride(0), w.stride(1),
-        GATHER_TARGETS=fusion == "original", RELU=relu, BLOCK_K=block_k, BLOCK_HW=block_hw,
-        HW_FLAT=hw_is_flat(grad_out, out, y, grad_y), num_warps=num_warps,
+        GATHER_TARGETS=fusion == "original", RELU=relu, WRITE_TARGET_GRAD=grad_target is not None,
+        BLOCK_K=block_k, BLOCK_HW=block_hw, HW_FLAT=hw_is_flat(grad_out, out, y, grad_y), num_warps=num_warps,
     )
-    return grad_y, grad_w
+    return grad_y, grad_w, grad_target
 
 
 def launch_fuse_backward_input(grad_out: Tensor, out: Tensor, selected_slot: Tensor, k: int, fusion: str) -> Tensor:
@@ -359,14 +381,17 @@ def _(x, y, w, idx, selected_slot, fusion, relu):
 
 @torch.library.custom_op("mod_kernels::scale_fuse_backward_slots", mutates_args=())
 def scale_fuse_backward_slots_op(
-    grad_out: Tensor, out: Tensor, y: Tensor, w: Tensor, idx: Tensor, fusion: str, relu: bool
-) -> tuple[Tensor, Tensor]:
-    return launch_fuse_backward_slots(grad_out, out, y, w, idx, fusion, relu)
+    grad_out: Tensor, out: Tensor, y: Tensor, w: Tensor, idx: Tensor, fusion: str, relu: bool,
+    target_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    grad_y, grad_w, grad_target = launch_fuse_backward_slots(grad_out, out, y, w, idx, fusion, relu, target_dtype)
+    return grad_y, grad_w, grad_target if grad_target is not None else y.new_empty(0)
 
 
 @scale_fuse_backward_slots_op.register_fake
-def _(grad_out, out, y, w, idx, fusion, relu):
-    return empty_like_format(y, tuple(y.shape)), w.new_empty(tuple(w.shape), dtype=torch.float32)
+def _(grad_out, out, y, w, idx, fusion, relu, target_dtype):
+    grad_target = y.new_empty(0) if target_dtype is None else empty_like_format(y, tuple(y.shape), dtype=target_dtype)
+    return empty_like_format(y, tuple(y.shape)), w.new_empty(tuple(w.shape), dtype=torch.float32), grad_target
 
 
 @torch.library.custom_op("mod_kernels::scale_fuse_backward_input", mutates_args=())
@@ -390,7 +415,9 @@ def _scale_fuse_backward(ctx, grad_out):
     needs_x, needs_y, needs_w = ctx.needs_input_grad[:3]
     grad_x = grad_y = grad_w = None
     if needs_y or needs_w:
-        grad_y, grad_w = scale_fuse_backward_slots_op(grad_out, out if ctx.relu else grad_out, y, w, idx, ctx.fusion, ctx.relu)
+        grad_y, grad_w, _ = scale_fuse_backward_slots_op(
+            grad_out, out if ctx.relu else grad_out, y, w, idx, ctx.fusion, ctx.relu, None
+        )
     if needs_x:
         if ctx.relu:
             grad_x = scale_fuse_backward_input_op(grad_out, out, selected_slot, y.shape[1], ctx.fusion)
@@ -400,3 +427,36 @@ def _scale_fuse_backward(ctx, grad_out):
 
 
 scale_fuse_op.register_autograd(_scale_fuse_backward, setup_context=_scale_fuse_setup_context)
+
+
+class ScaleFuseRoutedFunction(torch.autograd.Function):
+    """Scale + fuse paired with :class:`~mod_kernels.fused_route_pack.RoutePackFunction`.
+
+    Inputs ``(x_pass, target_carrier, y, w, idx, selected_slot, fusion, relu)`` with ``x_pass`` and
+    ``target_carrier`` from the routing (``target_carrier`` is ``xs`` for ``"original"``). The
+    backward reads only the k target channels: it returns ``grad_out`` itself for ``x_pass`` (no
+    copy; the routing's backward replaces its target channels) and ``grad_out[t] * act'`` for the
+    carrier, beside ``grad_y`` and ``grad_w``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_pass, target_carrier, y, w, idx, selected_slot, fusion, relu):
+        out = scale_fuse_op(x_pass, y, w, idx, selected_slot, fusion, relu)
+        ctx.save_for_backward(out if relu else None, y, w, idx)
+        ctx.fusion, ctx.relu, ctx.dtype = fusion, relu, x_pass.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, y, w, idx = ctx.saved_tensors
+        needs_x, _, needs_y, needs_w = ctx.needs_input_grad[:4]
+        grad_y, grad_w, grad_target = scale_fuse_backward_slots_op(
+            grad_out, out if ctx.relu else grad_out, y, w, idx, ctx.fusion, ctx.relu, ctx.dtype if needs_x else None
+        )
+        return (
+            grad_out if needs_x else None,
+            grad_target if needs_x else None,
+            grad_y if needs_y else None,
+            grad_w if needs_w else None,
+            None, None, None, None,
+        )

@@ -128,16 +128,16 @@ class MoDBlock(nn.Module):
         import mod_kernels
 
         if self.router is None:
-            routed = mod_kernels.route_pack(x, self.k, scores=MF.random_scores(x))
+            routed = mod_kernels.route_pack(x, self.k, scores=MF.random_scores(x), fusion=self.fusion)
         else:
-            routed = mod_kernels.route_pack(x, self.k, fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
+            router = self.router
+            routed = mod_kernels.route_pack(
+                x, self.k, fc1_weight=router.fc1.weight, fc2_weight=router.fc2.weight, fusion=self.fusion
+            )
         self._record(routed.idx)
         y = self.process(routed.xs)
         inplace = self._may_write_input(x, y, routed.w)
-        return mod_kernels.scale_fuse(
-            x, y, routed.w, routed.idx, routed.selected_slot,
-            fusion=self.fusion, activation=self.activation, inplace=inplace,
-        )
+        return mod_kernels.fuse_routed(routed, y, activation=self.activation, inplace=inplace)
 
     def _may_write_input(self, x: Tensor, y: Tensor, w: Tensor) -> bool:
         """In-place fusion is legal when autograd does not need the input and ``x`` owns its memory

@@ -107,8 +107,13 @@ def test_kernel_speedup_only_where_outputs_agree(monkeypatch) -> None:
     def plain_scale_fuse(x, y, w, idx, slot, inplace):
         return K.reference_scale_fuse(x, y, w, idx, slot, inplace)
 
+    def wrong_route_fuse(x, fc1, fc2, k, y, inplace):  # fuses into the wrong samples
+        out, xs = K.reference_route_fuse(x, fc1, fc2, k, y, inplace)
+        return out.flip(0), xs
+
     monkeypatch.setattr(K, "triton_route_pack", wrong_route_pack)
     monkeypatch.setattr(K, "triton_scale_fuse", plain_scale_fuse)
+    monkeypatch.setattr(K, "triton_route_fuse", wrong_route_fuse)
     shape = K.KernelShape(2, 128, 4, 4, 64, "fp32", "nchw")
     records = K.run_tasks(K.simple_plan([shape], ("reference", "triton"), ("route_fuse.fwd", "scale_fuse.fwd")),
                           device=torch.device("cpu"), env=collect_env(torch.device("cpu")), copy_gbps=10.0,

@@ -145,6 +145,38 @@ def test_route_pack_matches_reference(shape, fmt):
     assert fused_grads[0].stride() == x.stride(), "grad x must be in x's memory format"
 
 
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_route_and_fuse_pair_matches_reference(fmt, fusion, activation):
+    """route_pack + fuse_routed (the MoD blocks' path, single-pass input backward) against the
+    reference ops, with y a differentiable function of xs as in a block."""
+    batch, channels, height, width, k = 3, 96, 7, 9, 6
+    x = feature_map(batch, channels, height, width, fmt).requires_grad_(True)
+    fc1 = (torch.randn(6, channels, device=DEVICE) * 0.3).requires_grad_(True)
+    fc2 = (torch.randn(channels, 6, device=DEVICE) * 0.3).requires_grad_(True)
+    mix = torch.randn(k, k, device=DEVICE, requires_grad=True)
+
+    def reduced_block(xs):
+        return torch.nn.functional.conv2d(xs, mix[:, :, None, None])
+
+    routed = mod_kernels.route_pack(x, k, fc1_weight=fc1, fc2_weight=fc2, fusion=fusion)
+    fused = mod_kernels.fuse_routed(routed, reduced_block(routed.xs), activation=activation)
+    scores = MF.router_scores(x, fc1, fc2)
+    idx = MF.select_top_k(scores, k)
+    ref = MF.scale_and_fuse(
+        x, reduced_block(MF.gather_channels(x, idx)), scores.gather(1, idx), idx, fusion=fusion, activation=activation
+    )
+    assert torch.equal(routed.idx, idx)
+    assert_close(fused, ref, **FP32_OUT, name="output")
+    grad_out = torch.randn_like(ref)
+    fused_grads = torch.autograd.grad(fused, (x, fc1, fc2, mix), grad_out)
+    ref_grads = torch.autograd.grad(ref, (x, fc1, fc2, mix), grad_out)
+    for name, a, b in zip(("x", "fc1", "fc2", "reduced block"), fused_grads, ref_grads):
+        assert_close(a, b, **FP32_GRAD, name=f"grad {name}")
+    assert fused_grads[0].stride() == x.stride()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_random_router_select_pack(fmt):
     x = feature_map(3, 96, 7, 9, fmt).requires_grad_(True)
@@ -437,24 +469,33 @@ def test_triton_on_cpu_without_interpreter_raises_clearly():
 
 
 def test_opcheck_every_op():
+    """Schema, fake tensors and (where registered) autograd of every mod_kernels op. The routing ops
+    are forward-only ops whose autograd lives in RoutePackFunction, so they get plain inputs."""
     from torch.library import opcheck
 
-    x = feature_map(2, 48, 3, 5, "channels_last").requires_grad_(True)
-    fc1 = torch.randn(3, 48, device=DEVICE, requires_grad=True)
-    fc2 = torch.randn(48, 3, device=DEVICE, requires_grad=True)
-    opcheck(torch.ops.mod_kernels.route_pack.default, (x, fc1, fc2, 4))
-    opcheck(torch.ops.mod_kernels.select_pack.default, (x, torch.rand(2, 48, device=DEVICE), 4))
-    routed = mod_kernels.route_pack(x, 4, fc1_weight=fc1, fc2_weight=fc2)
-    y = feature_map(2, 4, 3, 5, "channels_last").requires_grad_(True)
-    w = torch.rand(2, 4, device=DEVICE, requires_grad=True)
+    ops = torch.ops.mod_kernels
+    x = feature_map(2, 48, 3, 5, "channels_last")
+    fc1 = torch.randn(3, 48, device=DEVICE)
+    fc2 = torch.randn(48, 3, device=DEVICE)
+    opcheck(ops.route_pack.default, (x, fc1, fc2, 4))
+    opcheck(ops.select_pack.default, (x, torch.rand(2, 48, device=DEVICE), 4))
+    xs, idx, w, slot, pooled, hidden, scores = ops.route_pack(x, fc1, fc2, 4)
+    opcheck(ops.router_backward.default, (torch.randn(2, 4, device=DEVICE), slot, pooled, hidden, scores, fc1, fc2, 15))
+    grad_xs = torch.randn_like(xs)
     for fusion in FUSIONS:
+        target = None if fusion == "original" else torch.randn_like(xs)
+        opcheck(ops.input_backward.default, (torch.randn_like(x), target, grad_xs, slot, pooled, list(x.shape),
+                                              x.dtype, True, fusion))
         for relu in (True, False):
-            args = (x, y, w, routed.idx, routed.selected_slot, fusion, relu)
-            opcheck(torch.ops.mod_kernels.scale_fuse.default, args)
-            opcheck(
-                torch.ops.mod_kernels.scale_fuse_.default,
-                (x.detach().clone(), y.detach(), w.detach(), routed.idx, routed.selected_slot, fusion, relu),
-            )
+            y = torch.randn_like(xs).requires_grad_(True)
+            w_leaf = w.clone().requires_grad_(True)
+            x_leaf = x.clone().requires_grad_(True)
+            opcheck(ops.scale_fuse.default, (x_leaf, y, w_leaf, idx, slot, fusion, relu))
+            opcheck(ops.scale_fuse_.default, (x.clone(), y.detach(), w, idx, slot, fusion, relu))
+            out = ops.scale_fuse(x, y.detach(), w, idx, slot, fusion, relu)
+            opcheck(ops.scale_fuse_backward_slots.default, (torch.randn_like(x), out, y.detach(), w, idx, fusion, relu,
+                                                            x.dtype))
+        opcheck(ops.scale_fuse_backward_input.default, (torch.randn_like(x), out, slot, 4, fusion))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
