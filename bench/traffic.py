@@ -35,7 +35,14 @@ scale+fuse backward               e*B*N*(2C + 2k + a)  read grad_out, write grad
                                   + 8*B*k (+ 8*B*k)    w read, grad_w written (+ idx)
 route+fuse forward (inference)    route+pack fwd + scale+fuse fwd in place (y = xs)
 route+fuse forward+backward       route+pack fwd + scale+fuse fwd out of place
-                                  + scale+fuse bwd + route+pack bwd
+                                  + e*B*N*(2C + 3k + a) the chain's backward: read grad_out and
+                                                       write grad_x once (C each), read y and
+                                                       grad_xs, write grad_y (k each), a = k for
+                                                       ReLU's mask; the targets' own gradient is
+                                                       internal to the chain and not counted
+                                  + 4*e_w*C*C_h + 8*B*k + 8*B*C (+ 8*B*k)  router weights and
+                                                       their grads, w / grad_w, slots and scores
+                                                       (+ idx)
 ================================  =============================================================
 
 Whole-block ops (with the convolutions of ``f_k``) get no byte count: their time is not
@@ -112,9 +119,17 @@ def route_fuse_forward(s: FeatureShape, *, fusion: str = "first_k") -> int:
     return route_pack_forward(s) + scale_fuse_forward(s, inplace=True, fusion=fusion)
 
 
+def route_fuse_backward(s: FeatureShape, *, activation: str = "relu", fusion: str = "first_k") -> int:
+    """The whole chain's backward: one read of grad_out and one write of grad_x, plus k-channel terms."""
+    mask = s.k if activation != "none" else 0
+    return (_map(s, 2 * s.channels + 3 * s.k + mask) + 2 * _router_weights(s)
+            + 2 * SCORE_BYTES * s.batch * s.k + (SLOT_BYTES + SCORE_BYTES) * s.batch * s.channels
+            + (IDX_BYTES * s.batch * s.k if fusion == "original" else 0))
+
+
 def route_fuse_forward_backward(s: FeatureShape, *, activation: str = "relu", fusion: str = "first_k") -> int:
     return (route_pack_forward(s) + scale_fuse_forward(s, inplace=False, fusion=fusion)
-            + scale_fuse_backward(s, activation=activation, fusion=fusion) + route_pack_backward(s))
+            + route_fuse_backward(s, activation=activation, fusion=fusion))
 
 
 def op_bytes(op: str, s: FeatureShape, *, activation: str = "relu", fusion: str = "first_k") -> int | None:

@@ -144,7 +144,9 @@ def test_byte_formulas_match_hand_counts() -> None:
     assert T.scale_fuse_backward(s) == plane * 524 + 2_048 == 210_339_840
     assert T.scale_fuse_backward(s, activation="none") == plane * 520 + 2_048 == 208_734_208
     assert T.route_fuse_forward(s) == 106_056_704 + 4_817_920 == 110_874_624
-    assert T.route_fuse_forward_backward(s) == 106_056_704 + 207_127_552 + 210_339_840 + 104_530_944 == 628_055_040
+    # the chain's backward reads grad_out and writes grad_x once: 2C + 3k + k (ReLU mask) channels
+    assert T.route_fuse_backward(s) == plane * 528 + 32_768 + 2_048 + 131_072 == 212_109_312
+    assert T.route_fuse_forward_backward(s) == 106_056_704 + 207_127_552 + 212_109_312 == 525_293_568
     assert T.op_bytes("block.fwd", s) is None
     # Stage 4 at batch 1 in fp32: C=2048, 7x7, k=32, C_h=128; the router weights outweigh the map.
     s4 = T.FeatureShape.of(1, 2048, 7, 7, capacity=64, dtype=torch.float32)
