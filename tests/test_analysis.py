@@ -1,0 +1,124 @@
+"""Routing analysis (mod_models.analysis): channel-usage counts, CSV and heatmap outputs, CLI."""
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from _training import tiny_config
+from mod_models import build_model
+from mod_models.analysis import HEATMAP_PNG, SUMMARY_CSV, USAGE_CSV, channel_usage, main, write_report
+from mod_models.blocks import MoDBlock
+from mod_models.data import SyntheticShapes
+from mod_models.train import train
+
+
+def _batches(num_classes=3, n=24, size=32, batch=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, size, size, generator=generator)
+    labels = torch.arange(n) % num_classes
+    return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, n, batch)]
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    return build_model("resnet18_mod", num_classes=3, backend="reference", **kwargs)
+
+
+def test_counts_match_the_blocks_own_selections():
+    model = _model().eval()
+    batches = _batches()
+    blocks = [m for m in model.modules() if isinstance(m, MoDBlock)]
+    usage = channel_usage(model, batches, num_classes=3, classes=["a", "b", "c"])
+    # The analysis restored the recording flags it found (off) and cleared the last selections.
+    assert all(not block.record_selection and block.last_selection is None for block in blocks)
+    assert usage.block_names == ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert usage.k == [1, 2, 4, 8] and usage.channels == [64, 128, 256, 512]
+    assert usage.class_counts.tolist() == [8, 8, 8]
+    # Recount independently from the blocks' recorded selections.
+    expected = [torch.zeros(3, block.channels, dtype=torch.int64) for block in blocks]
+    for block in blocks:
+        block.record_selection = True
+    with torch.no_grad():
+        for images, labels in batches:
+            model(images)
+            for counts, block in zip(expected, blocks):
+                for label, row in zip(labels.tolist(), block.last_selection.tolist()):
+                    for channel in row:
+                        counts[label, channel] += 1
+    for got, want in zip(usage.counts, expected):
+        assert torch.equal(got, want)
+    for block in range(4):
+        assert usage.frequency(block).sum().item() == pytest.approx(usage.k[block])
+        assert usage.class_frequency(block).sum(1).tolist() == pytest.approx([usage.k[block]] * 3)
+
+
+def test_tied_router_selects_the_first_channels():
+    model = _model()
+    for module in model.modules():
+        if isinstance(module, MoDBlock):
+            nn.init.zeros_(module.router.fc2.weight)  # every score 0.5: ties -> lowest channels
+    model.train()
+    usage = channel_usage(model, _batches(), num_classes=3, max_samples=20)
+    assert model.training  # mode restored
+    assert usage.num_samples == 20
+    for block in range(4):
+        k = usage.k[block]
+        assert torch.equal(usage.frequency(block)[:k], torch.ones(k, dtype=torch.float64))
+        assert usage.frequency(block)[k:].sum() == 0
+        summary = usage.summary(block)
+        assert summary["used_channels"] == k and summary["top_k_share"] == pytest.approx(1.0)
+        assert summary["effective_channels"] == pytest.approx(k) and summary["class_divergence"] == pytest.approx(0.0)
+
+
+def test_report_files(tmp_path):
+    usage = channel_usage(_model(), _batches(), num_classes=3, classes=["a", "b", "c"])
+    paths = write_report(usage, str(tmp_path / "routing"))
+    with open(paths["usage_csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == (64 + 128 + 256 + 512) * (1 + 3)
+    layer4_all = [r for r in rows if r["block"] == "layer4.1" and r["class"] == "all"]
+    assert sum(int(r["selected"]) for r in layer4_all) == 24 * 8
+    with open(paths["summary_csv"], newline="") as handle:
+        summary = list(csv.DictReader(handle))
+    assert [r["block"] for r in summary] == usage.block_names
+    with open(paths["heatmap_png"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "routing" / HEATMAP_PNG).stat().st_size > 5000
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="no MoD blocks"):
+        channel_usage(build_model("resnet18", num_classes=3), _batches(), num_classes=3)
+    with pytest.raises(ValueError, match="labels must lie"):
+        channel_usage(_model(), _batches(num_classes=3), num_classes=2)
+    with pytest.raises(ValueError):
+        channel_usage(_model(), _batches(), num_classes=0)
+    with pytest.raises(ValueError):
+        channel_usage(_model(), _batches(), num_classes=3, classes=["a"])
+    with pytest.raises(ValueError, match="no samples"):
+        channel_usage(_model(), [], num_classes=3)
+
+
+def test_analysis_cli_on_a_trained_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(run, epochs=1))
+    assert main(["--checkpoint", str(run / "best.pt"), "--samples", "20", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.1" in out
+    for name in (USAGE_CSV, SUMMARY_CSV, HEATMAP_PNG):
+        assert (run / "routing" / name).stat().st_size > 0
+    with open(run / "routing" / USAGE_CSV, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    classes = {r["class"] for r in rows}
+    assert classes == {"all"} | set(SyntheticShapes(4, num_classes=4).classes)
+    assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_analysis_runs_on_a_dataloader():
+    dataset = SyntheticShapes(16, image_size=32, num_classes=4)
+    usage = channel_usage(_model(), DataLoader(dataset, batch_size=8), num_classes=4, classes=dataset.classes)
+    assert usage.class_counts.tolist() == [4, 4, 4, 4]
