@@ -16,6 +16,7 @@ memory format, threads and date), ``<device>.md`` and ``<device>.png``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -238,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             providers = [MOD_PROVIDERS["reference"]]
             meta["notes"].append("models on CPU: triton providers not run (Triton on CPU is its interpreter, "
                                  "a correctness tool, not a fast path)")
+            if not small and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+                providers.append(MOD_PROVIDERS["onnxruntime"])  # the reference path exported to ONNX
+            elif not small:
+                meta["notes"].append("onnxruntime provider not run: install the export extra")
         eager = [p for p in providers if not p.compiled]
         compiled = [p for p in providers if p.compiled]
         if use_compile and not args.providers:

@@ -128,6 +128,7 @@ class ModelCache:
         model = model.to(device=config.device, dtype=DTYPES[config.dtype])
         if config.memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)
+        model.bench_resolution = config.resolution  # for providers that export the model
         return model.eval()
 
 
@@ -234,7 +235,8 @@ def bench_family(
             log(f"  skip  {label}: {record['reason']}")
             return _Case(record)
         source = (of_model, role) if of_model else (name, "model")
-        track_selection = (keep_reference or reference_selection is not None) and not provider.compiled
+        track_selection = ((keep_reference or reference_selection is not None) and not provider.compiled
+                           and provider.runs_torch_modules)
         try:
             model = cache.materialize(*source, config)
             fn = provider.prepare(model)

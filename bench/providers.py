@@ -73,6 +73,11 @@ class ModelProvider:
     def mode(self) -> str:
         return "compile" if self.compiled else "eager"
 
+    @property
+    def runs_torch_modules(self) -> bool:
+        """True when the prepared callable runs the PyTorch modules (so MoD blocks record selections)."""
+        return True
+
     def prepare(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
         """The callable to time; ``model`` is owned by this provider from now on."""
         if self.backend is not None:
@@ -85,11 +90,61 @@ class ModelProvider:
         return model
 
 
+class OnnxRuntimeProvider(ModelProvider):
+    """The reference path exported to ONNX (``mod_models.export``) and run by ONNX Runtime on the
+    CPU with as many intra-op threads as torch uses in the timed configuration. Its mode is its own,
+    so it gets no ratio against the PyTorch baseline; ``vs ref`` is ORT time beside PyTorch's."""
+
+    _exports: dict = {}  # fingerprint of the weights -> exported file (one export per model)
+
+    @property
+    def mode(self) -> str:
+        return "onnxruntime"
+
+    @property
+    def runs_torch_modules(self) -> bool:
+        return False
+
+    def prepare(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        import tempfile
+
+        try:
+            from mod_models.export import export_onnx, ort_session
+            import onnxruntime  # noqa: F401
+        except ImportError as error:
+            raise Unavailable(f"onnxruntime provider needs the export extra: {error}") from error
+        if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
+            raise Unavailable("the onnxruntime provider runs fp32 models on the CPU")
+        fingerprint = (type(model).__name__, sum(float(p.detach().double().sum()) for p in model.parameters()))
+        if fingerprint not in self._exports:
+            folder = tempfile.TemporaryDirectory(prefix="mod-bench-onnx-")
+            resolution = _input_resolution(model)
+            exported = export_onnx(model, f"{folder.name}/model.onnx", (1, 3, resolution, resolution),
+                                   with_selections=False, dynamic_batch=False)
+            self._exports[fingerprint] = (folder, exported)
+        _, exported = self._exports[fingerprint]
+        session = ort_session(exported.path, threads=torch.get_num_threads())
+        input_name = exported.input_name
+
+        def run(x: Tensor) -> Tensor:
+            return torch.from_numpy(session.run(None, {input_name: x.detach().numpy()})[0])
+
+        return run
+
+
+def _input_resolution(model: nn.Module) -> int:
+    resolution = getattr(model, "bench_resolution", None)
+    if resolution is None:
+        raise Unavailable("the onnxruntime provider needs the model's input resolution (bench_resolution)")
+    return resolution
+
+
 REFERENCE = ModelProvider("reference", backend="reference")
 REFERENCE_COMPILED = ModelProvider("reference+compile", backend="reference", compiled=True)
 TRITON = ModelProvider("triton", backend="triton")
 TRITON_COMPILED = ModelProvider("triton+compile", backend="triton", compiled=True)
-MOD_PROVIDERS = {p.name: p for p in (REFERENCE, REFERENCE_COMPILED, TRITON, TRITON_COMPILED)}
+ONNXRUNTIME = OnnxRuntimeProvider("onnxruntime")
+MOD_PROVIDERS = {p.name: p for p in (REFERENCE, REFERENCE_COMPILED, TRITON, TRITON_COMPILED, ONNXRUNTIME)}
 
 EAGER = ModelProvider("eager")
 COMPILED = ModelProvider("compile", compiled=True)

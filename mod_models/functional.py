@@ -86,8 +86,8 @@ def is_channels_last(x: Tensor) -> bool:
 
 
 def fp32_region(device_type: str):
-    """A context that switches autocast off (where autocast exists for this device)."""
-    if torch.amp.is_autocast_available(device_type):
+    """A context that switches autocast off where it is on (entering a no-op context is cheaper)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -188,9 +188,9 @@ def scale_and_fuse(
         start = 0 if fusion == "first_k" else channels - k
         x_target = x.narrow(1, start, k)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 input
-    fused = x_target.to(compute_dtype) + y.to(compute_dtype) * w[:, :, None, None].to(compute_dtype)
+    fused = torch.addcmul(x_target.to(compute_dtype), y.to(compute_dtype), w[:, :, None, None].to(compute_dtype))
     if activation == "relu":
-        fused = torch.relu(fused)
+        fused = fused.relu_()
     fused = fused.to(x.dtype)
 
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
