@@ -60,7 +60,8 @@ class MoDBlock(nn.Module):
         inplace: when autograd does not need the input (``torch.no_grad``,
             ``inference_mode``, nothing requires grad), write the result into the
             input tensor and touch only the ``k`` target channels. Set ``False`` to
-            keep the input intact (e.g. when an earlier activation is also kept).
+            keep the input intact when it is also kept elsewhere (e.g. an intermediate
+            feature returned by a feature extractor; ``mod_models.features`` does this).
 
     Attributes:
         k: channels processed per sample.
