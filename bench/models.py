@@ -11,7 +11,12 @@ provider once to compile/warm it and check its output, then times it:
 
 Every MoD provider's output is compared with the eager reference backend's output of the
 same model (same state_dict, same input); the report prints a speedup only for providers
-that agreed. A provider that raises is recorded as unavailable, with the message.
+that agreed. Where the provider's selections can be read (eager reference/triton, ONNX
+Runtime) the check is selection-aware (:func:`bench.agreement.teacher_forced`: the reference
+rerun on the provider's selections must give its logits, and every selection must be a top-k
+up to a near-tie); elsewhere (torch.compile, CUDA graph replays) it is the relative L2 of the
+logits. ``agreement["method"]`` says which. A provider that raises is recorded as unavailable,
+with the message.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from mod_models.facts import count_macs, count_params
 from . import agreement
 from .env import stamp
 from .floors import FLOORS
-from .providers import PLAIN_PROVIDERS, REFERENCE, ModelProvider, error_text, graph_break_count
+from .providers import PLAIN_PROVIDERS, REFERENCE, ModelProvider, Selections, error_text, graph_break_count
 from .timing import Budget, Timing, capture_cuda_graph, time_cpu_interleaved, time_cuda_events
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -150,24 +155,32 @@ def thread_setting(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _selections(model: nn.Module) -> list[Tensor]:
-    return [m.last_selection for m in model.modules() if isinstance(m, MoDBlock)]
+def _mod_blocks(model: nn.Module) -> list[tuple[str, MoDBlock]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoDBlock)]
+
+
+def _selections(model: nn.Module) -> Selections:
+    return {name: m.last_selection for name, m in _mod_blocks(model)}
 
 
 def _set_record_selection(model: nn.Module, on: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, MoDBlock):
-            m.record_selection = on
-            if not on:
-                m.last_selection = None
+    for _, m in _mod_blocks(model):
+        m.record_selection = on
+        if not on:
+            m.last_selection = m.last_scores = None
 
 
-def _selection_agreement(ours: list[Tensor], reference: list[Tensor]) -> float | None:
+def _selection_agreement(ours: Selections | None, reference: Selections | None) -> float | None:
     """Fraction of (block, sample) selections identical to the reference's (slot order included)."""
-    if not ours or len(ours) != len(reference) or any(t is None for t in ours + reference):
+    if not ours or not reference or ours.keys() != reference.keys():
+        return None
+    if any(t is None for t in [*ours.values(), *reference.values()]):
         return None
     same = total = 0
-    for a, b in zip(ours, reference):
+    for name, a in ours.items():
+        b = reference[name]
+        if a.shape != b.shape:
+            return None
         rows = (a.cpu() == b.cpu()).all(dim=1)
         same += int(rows.sum())
         total += rows.numel()
@@ -235,8 +248,7 @@ def bench_family(
             log(f"  skip  {label}: {record['reason']}")
             return _Case(record)
         source = (of_model, role) if of_model else (name, "model")
-        track_selection = ((keep_reference or reference_selection is not None) and not provider.compiled
-                           and provider.runs_torch_modules)
+        track_selection = keep_reference and not provider.compiled and provider.runs_torch_modules
         try:
             model = cache.materialize(*source, config)
             fn = provider.prepare(model)
@@ -256,8 +268,6 @@ def bench_family(
             selection = _selections(model) if track_selection else None
             if track_selection:
                 _set_record_selection(model, False)
-            if reference_selection is not None and selection is not None:
-                record["selection_agreement"] = _selection_agreement(selection, reference_selection)
         except Exception as error:  # noqa: BLE001 - a provider that raises is reported, never faked
             record.update(status="unavailable", reason=error_text(error))
             log(f"  n/a   {label}: {record['reason']}")
@@ -278,14 +288,20 @@ def bench_family(
                 _free(device)
                 return _Case(record)
         if keep_reference:
-            record["agreement"] = {"ok": True, "rel_err": 0.0, "tolerance": 0.0, "detail": "the reference itself"}
+            record["agreement"] = {"ok": True, "method": "reference", "rel_err": 0.0, "tolerance": 0.0,
+                                   "detail": "the reference itself"}
             record["_output"], record["_selection"] = out.detach().float().clone(), selection
         elif role == "mod":
-            if reference_output is None:
-                record["agreement"] = {"ok": False, "rel_err": None, "tolerance": None, "detail": "no reference output"}
-            else:
-                tolerance = agreement.model_tolerance(DTYPES[config.dtype])
-                record["agreement"] = agreement.compare(out.float(), reference_output, tolerance).as_dict()
+            try:
+                record["agreement"] = _model_agreement(
+                    provider, fn, out, x, name=name, config=config, cache=cache, record=record,
+                    reference_output=reference_output, reference_selection=reference_selection)
+            except Exception as error:  # noqa: BLE001 - a check that cannot run is a failed check, never a pass
+                record["agreement"] = {"ok": False, "method": "teacher_forcing", "rel_err": None, "tolerance": None,
+                                       "detail": "selection-aware check failed: " + error_text(error)}
+            if not record["agreement"]["ok"]:
+                log(f"  differ {label}: {record['agreement']['detail']}")
+            _free(device)
         if not on_cuda:
             return _Case(record, run)
         try:
@@ -345,8 +361,80 @@ def bench_family(
     return [case.record for case in cases]
 
 
+def _model_agreement(provider: ModelProvider, fn: Callable[[Tensor], object], out: Tensor, x: Tensor, *, name: str,
+                     config: ModelConfig, cache: ModelCache, record: dict, reference_output: Tensor | None,
+                     reference_selection: Selections | None) -> dict:
+    """The agreement of one MoD provider with the eager reference (see :mod:`bench.agreement`).
+
+    Teacher forcing where the provider's selections can be read and the model routes with its
+    learned routers; otherwise the relative L2 of the logits against ``reference_output``.
+    """
+    dtype = DTYPES[config.dtype]
+    unforced = None
+    if reference_output is not None:
+        unforced = agreement.compare(out.float(), reference_output, agreement.model_tolerance(dtype)).as_dict()
+    call = None if config.cuda_graph else provider.selection_call(fn)
+    learned = all(block.router is not None for _, block in _mod_blocks(cache.get(name)))
+    if call is None or not learned:
+        why = ("selections not readable" if call is None
+               else "random routers: selections are random draws, not a top-k of scores")
+        if unforced is None:
+            return {"ok": False, "method": "relative_l2", "rel_err": None, "tolerance": None,
+                    "detail": f"no reference output ({why})"}
+        return {**unforced, "method": "relative_l2", "detail": "; ".join(t for t in (unforced["detail"], why) if t)}
+
+    with torch.inference_mode():
+        checked_out, selections = call(x)
+    record["selection_agreement"] = _selection_agreement(selections, reference_selection)
+    tf32 = config.device.startswith("cuda") and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    tolerance = agreement.forced_model_tolerance(dtype, tf32_convs=tf32)
+    score_tol = agreement.score_tolerance(dtype, tf32_convs=tf32)
+    try:
+        forced_out, scores = forced_reference(cache, name, config, x, selections)
+    except (ValueError, TypeError, KeyError) as error:  # the provider's selections are no selections
+        return {"ok": False, "method": "teacher_forcing", "rel_err": None, "tolerance": tolerance,
+                "score_tolerance": score_tol,
+                "detail": "the provider's selections cannot be forced on the reference: " + error_text(error)}
+    check = agreement.check_selections(selections, scores, score_tol)
+    result = agreement.teacher_forced(checked_out, forced_out, check, tolerance=tolerance, score_tol=score_tol)
+    # The timed callable must compute what was checked (ONNX Runtime checks a second session).
+    timed = agreement.compare(out.float(), checked_out.float(), tolerance)
+    result["timed_vs_checked_rel_err"] = timed.as_dict()["rel_err"]
+    if not timed.ok:
+        result["ok"] = False
+        result["detail"] = f"timed output vs the checked call's: {timed.detail}; " + result["detail"]
+    result["rel_err_unforced"] = None if unforced is None else unforced["rel_err"]
+    result["unforced_tolerance"] = agreement.model_tolerance(dtype)
+    return result
+
+
+def forced_reference(cache: ModelCache, name: str, config: ModelConfig, x: Tensor,
+                     selections: Selections) -> tuple[Tensor, dict[str, Tensor]]:
+    """The eager reference of ``name`` with every MoD block forced to ``selections[block]``:
+    ``(logits as float32, {block: its own router scores [B, C]})``. Raises ``KeyError`` for a
+    block without a selection and ``ValueError``/``TypeError`` for a selection that is none."""
+    model = cache.materialize(name, "model", config)
+    REFERENCE.prepare(model)
+    blocks = _mod_blocks(model)
+    missing = [block_name for block_name, _ in blocks if selections.get(block_name) is None]
+    if missing or len(selections) != len(blocks):
+        raise KeyError(f"selections for blocks {sorted(selections)} do not match the model's MoD blocks "
+                       f"(missing {missing[:3]})")
+    try:
+        for block_name, block in blocks:
+            block.forced_selection = selections[block_name].to(x.device)
+        _set_record_selection(model, True)
+        with torch.inference_mode():
+            out = model(x).float().clone()
+        return out, {block_name: block.last_scores for block_name, block in blocks}
+    finally:
+        for _, block in blocks:
+            block.forced_selection = None
+            block.record_selection = False
+
+
 def _reference_output(cache: ModelCache, name: str, config: ModelConfig, x: Tensor,
-                      log: Log) -> tuple[Tensor | None, list | None]:
+                      log: Log) -> tuple[Tensor | None, Selections | None]:
     """Untimed eager reference output (and selections) of ``name``, for providers compared without a timed reference."""
     try:
         model = cache.materialize(name, "model", config)

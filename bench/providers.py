@@ -19,7 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from mod_models import set_backend
+from mod_models.analysis import recording_selections
 from mod_models.blocks import MoDBlock
+
+Selections = dict[str, Tensor]  # MoD block name -> [B, k] int64 selected channels (slot order)
 
 
 class Unavailable(RuntimeError):
@@ -78,6 +81,13 @@ class ModelProvider:
         """True when the prepared callable runs the PyTorch modules (so MoD blocks record selections)."""
         return True
 
+    def selection_call(self, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], tuple[Tensor, Selections]] | None:
+        """For the output check: ``x -> (logits, selections)`` computed as the prepared ``fn`` computes
+        them, or None where the selections cannot be read (``torch.compile``, a wrapped callable)."""
+        if self.compiled or not isinstance(fn, nn.Module) or not has_mod_blocks(fn):
+            return None
+        return lambda x: run_recording(fn, x)
+
     def prepare(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
         """The callable to time; ``model`` is owned by this provider from now on."""
         if self.backend is not None:
@@ -90,12 +100,51 @@ class ModelProvider:
         return model
 
 
+def run_recording(model: nn.Module, x: Tensor) -> tuple[Tensor, Selections]:
+    """``model(x)`` with every MoD block's selection recorded: ``(logits, {block name: [B, k]})``."""
+    with recording_selections(model) as blocks:
+        out = model(x)
+        return out, {name: block.last_selection for name, block in blocks}
+
+
+class _OrtRun:
+    """The timed callable of :class:`OnnxRuntimeProvider` (a logits-only session) and, for the
+    output check, :meth:`with_selections` (a second session of an export with the selection outputs,
+    made on first use)."""
+
+    def __init__(self, session, input_name: str, selections_export: Callable[[], object]) -> None:
+        self.session = session
+        self.input_name = input_name
+        self._selections_export = selections_export
+        self._checked = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().numpy()})[0])
+
+    def with_selections(self, x: Tensor) -> tuple[Tensor, Selections]:
+        from mod_models.export import SELECTION_PREFIX, ort_session
+
+        if self._checked is None:
+            exported = self._selections_export()
+            self._selections_export = None  # drops the model it exported
+            self._checked = (ort_session(exported.path, threads=torch.get_num_threads()), exported)
+        session, exported = self._checked
+        outputs = session.run(None, {exported.input_name: x.detach().numpy()})
+        names = exported.output_names
+        selections = {name: torch.from_numpy(outputs[names.index(SELECTION_PREFIX + name)]).long()
+                      for name in exported.block_names}
+        return torch.from_numpy(outputs[0]), selections
+
+
 class OnnxRuntimeProvider(ModelProvider):
     """The reference path exported to ONNX (``mod_models.export``) and run by ONNX Runtime on the
     CPU with as many intra-op threads as torch uses in the timed configuration. Its mode is its own,
-    so it gets no ratio against the PyTorch baseline; ``vs ref`` is ORT time beside PyTorch's."""
+    so it gets no ratio against the PyTorch baseline; ``vs ref`` is ORT time beside PyTorch's.
 
-    _exports: dict = {}  # fingerprint of the weights -> exported file (one export per model)
+    The timed session runs an export without selection outputs; the output check runs a second
+    export with them (``with_selections=True``), made only when the check asks for it."""
+
+    _exports: dict = {}  # (fingerprint of the weights, with selections) -> exported file (one export each)
 
     @property
     def mode(self) -> str:
@@ -116,20 +165,23 @@ class OnnxRuntimeProvider(ModelProvider):
         if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
             raise Unavailable("the onnxruntime provider runs fp32 models on the CPU")
         fingerprint = (type(model).__name__, sum(float(p.detach().double().sum()) for p in model.parameters()))
-        if fingerprint not in self._exports:
-            folder = tempfile.TemporaryDirectory(prefix="mod-bench-onnx-")
-            resolution = _input_resolution(model)
-            exported = export_onnx(model, f"{folder.name}/model.onnx", (1, 3, resolution, resolution),
-                                   with_selections=False, dynamic_batch=False)
-            self._exports[fingerprint] = (folder, exported)
-        _, exported = self._exports[fingerprint]
+        resolution = _input_resolution(model)
+
+        def export(with_selections: bool):
+            key = (fingerprint, with_selections)
+            if key not in self._exports:
+                folder = tempfile.TemporaryDirectory(prefix="mod-bench-onnx-")
+                exported = export_onnx(model, f"{folder.name}/model.onnx", (1, 3, resolution, resolution),
+                                       with_selections=with_selections, dynamic_batch=False)
+                self._exports[key] = (folder, exported)
+            return self._exports[key][1]
+
+        exported = export(False)
         session = ort_session(exported.path, threads=torch.get_num_threads())
-        input_name = exported.input_name
+        return _OrtRun(session, exported.input_name, lambda: export(True) if has_mod_blocks(model) else exported)
 
-        def run(x: Tensor) -> Tensor:
-            return torch.from_numpy(session.run(None, {input_name: x.detach().numpy()})[0])
-
-        return run
+    def selection_call(self, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], tuple[Tensor, Selections]] | None:
+        return getattr(fn, "with_selections", None)
 
 
 def _input_resolution(model: nn.Module) -> int:

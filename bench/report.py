@@ -24,9 +24,14 @@ MODEL_LEGEND = """\
 - **speedup**: torchvision baseline time / MoD time, both in the same mode (eager with eager,
   compiled with compiled). It is a *timing* ratio: the two networks compute different
   functions, so there is nothing to compare between their outputs. A provider other than the
-  eager reference gets any ratio only if its logits matched the eager reference backend's on
-  the same input with the same state_dict (relative L2 within the model tolerance);
-  otherwise the row says "outputs differ".
+  eager reference gets any ratio only if its outputs agreed with the eager reference backend's
+  on the same input with the same state_dict; otherwise the row says "outputs differ". Where
+  its selections can be read (eager triton, onnxruntime) the check is *teacher forcing*: the
+  reference rerun on the provider's selections must give its logits (tight tolerance), and
+  every selection must be a top-k of that run's scores up to a near-tie (score tolerance), so a
+  legitimate flip at a near-tie passes and a broken kernel does not. Elsewhere (torch.compile,
+  CUDA graph replays) it is the relative L2 of the logits. `agreement.method` in the JSON says
+  which; near-tie flips are listed below the table.
 - **paper**: baseline/MoD ratio reported by the paper (SPEC.md section 5) on its CPU or GPU.
 - **ceiling**: baseline time / identity-floor time, the best ratio any MoD implementation could
   reach on this machine (the floor has no MoD cost at all); a paper ratio above it cannot be
@@ -209,8 +214,26 @@ def model_tables(records: list[dict]) -> list[tuple[str, str]]:
             ])
         header = ["model", "params (M)", "GMACs", "provider", "latency ms", "baseline, ms", "speedup", "paper",
                   "ceiling", "identity floor ms", "static floor ms", "overhead", "f_k", "routing", "vs ref"]
-        out.append((config_title(key), table(header, body, "lrrllllrrllrrrr")))
+        text = table(header, body, "lrrllllrrllrrrr")
+        notes = agreement_notes([row["record"] for row in rows])
+        out.append((config_title(key), text + ("\n\n" + "\n".join(notes) if notes else "")))
     return out
+
+
+def agreement_notes(records: list[dict]) -> list[str]:
+    """One line per teacher-forced provider whose selections differed from the reference's (or that failed)."""
+    notes = []
+    for r in records:
+        a = r.get("agreement") or {}
+        if a.get("method") != "teacher_forcing" or not ok(r) or (a.get("ok") and not a.get("flipped_selections")):
+            continue
+        if a.get("ok"):
+            notes.append(f"- {r['model']} | {r['provider']}: {a['flipped_selections']} of {a['selections']} selections "
+                         f"flipped at near-ties (largest score gap {a['max_flip_gap']:.2g}, tolerance "
+                         f"{a['score_tolerance']:g}); logits under forced selections within {a['rel_err']:.2g}.")
+        else:
+            notes.append(f"- {r['model']} | {r['provider']}: {OUTPUTS_DIFFER}: {(a.get('detail') or '')[:200]}")
+    return notes
 
 
 # ------------------------------------------------------------------------------ kernel tables

@@ -112,13 +112,13 @@ def recording_selections(model: nn.Module) -> Iterator[list[tuple[str, MoDBlock]
     previous = [block.record_selection for _, block in blocks]
     for _, block in blocks:
         block.record_selection = True
-        block.last_selection = None
+        block.last_selection = block.last_scores = None
     try:
         yield blocks
     finally:
         for (_, block), flag in zip(blocks, previous):
             block.record_selection = flag
-            block.last_selection = None
+            block.last_selection = block.last_scores = None
 
 
 def channel_usage(

@@ -66,7 +66,17 @@ class MoDBlock(nn.Module):
     Attributes:
         k: channels processed per sample.
         record_selection: set True to keep each forward's ``[B, k]`` selected channel
-            indices (slot order) in ``last_selection`` (routing analysis, export checks).
+            indices (slot order) in ``last_selection`` (routing analysis, export checks) and,
+            on the reference path, the router's ``[B, C]`` fp32 scores in ``last_scores``
+            (the random keys for ``router="random"``; ``None`` on the fused path, whose
+            kernels do not return them).
+        forced_selection: ``None`` (default), or a ``[B, k]`` int64 tensor of distinct channel
+            indices per row (slot order) that the reference path uses instead of its own top-k
+            ("teacher forcing": replay another implementation's routing decisions). Everything
+            else is unchanged: ``w = scores.gather(1, forced)`` for the learned router (ones for
+            the random one), so gradients reach the router through ``w`` as before. The fused
+            path cannot take a selection: a forward that resolves to ``"triton"`` with a forced
+            selection set raises ``ValueError``.
     """
 
     activation: str = "relu"
@@ -93,6 +103,8 @@ class MoDBlock(nn.Module):
         # Routing analysis: when True, every forward keeps its selection in ``last_selection``.
         self.record_selection = False
         self.last_selection: Optional[Tensor] = None
+        self.last_scores: Optional[Tensor] = None
+        self._forced_selection: Optional[Tensor] = None
 
     @property
     def backend(self) -> str:
@@ -102,22 +114,43 @@ class MoDBlock(nn.Module):
     def backend(self, name: str) -> None:
         self._backend = check_backend(name)
 
+    @property
+    def forced_selection(self) -> Optional[Tensor]:
+        return self._forced_selection
+
+    @forced_selection.setter
+    def forced_selection(self, selection: Optional[Tensor]) -> None:
+        if selection is not None:
+            check_selection(selection, self.k, self.channels)
+        self._forced_selection = selection
+
     def process(self, xs: Tensor) -> Tensor:
         """The reduced conv block ``f_k``: ``[B, k, H, W] -> [B, k, H, W]``."""
         raise NotImplementedError
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Reference routing: ``(idx [B, k] int64, w [B, k] fp32)``."""
+        """Reference routing: ``(idx [B, k] int64, w [B, k] fp32)``; ``idx`` is the forced selection when one is set."""
+        forced = self._forced_selection
+        if forced is not None:  # contents were checked when it was set; here only what depends on x
+            check_selection(forced, self.k, self.channels, batch=x.shape[0], device=x.device, contents=False)
         if self.router is None:
-            idx = MF.select_top_k(MF.random_scores(x), self.k)
+            keys = MF.random_scores(x)  # drawn even when forced: the RNG stream stays the same
+            idx = MF.select_top_k(keys, self.k) if forced is None else forced
+            self._record_scores(keys)
             return idx, torch.ones(idx.shape, device=x.device, dtype=torch.float32)
         scores = self.router(x)
-        idx = MF.select_top_k(scores, self.k)
+        idx = MF.select_top_k(scores, self.k) if forced is None else forced
+        self._record_scores(scores)
         return idx, scores.gather(1, idx)
 
     def forward(self, x: Tensor) -> Tensor:
         MF.check_feature_map(x, self.channels)
         if resolve_backend(self.backend, x) == "triton":
+            if self._forced_selection is not None:
+                raise ValueError(
+                    f"{type(self).__name__}: forced_selection is set, but the backend {self.backend!r} runs the "
+                    "fused Triton kernels, which choose their own selection; use backend='reference' to force one"
+                )
             return self._forward_fused(x)
         idx, w = self.route(x)
         self._record(idx)
@@ -136,6 +169,8 @@ class MoDBlock(nn.Module):
                 x, self.k, fc1_weight=router.fc1.weight, fc2_weight=router.fc2.weight, fusion=self.fusion
             )
         self._record(routed.idx)
+        if self.record_selection:
+            self.last_scores = None  # the kernels keep their scores to themselves
         y = self.process(routed.xs)
         inplace = self._may_write_input(x, y, routed.w)
         return mod_kernels.fuse_routed(routed, y, activation=self.activation, inplace=inplace)
@@ -149,6 +184,10 @@ class MoDBlock(nn.Module):
     def _record(self, idx: Tensor) -> None:
         if self.record_selection:
             self.last_selection = idx.detach()
+
+    def _record_scores(self, scores: Tensor) -> None:
+        if self.record_selection:
+            self.last_scores = scores.detach()
 
     def extra_repr(self) -> str:
         return (
@@ -271,6 +310,44 @@ class MoDInvertedResidual(MoDBlock):
 
     def process(self, xs: Tensor) -> Tensor:
         return self.conv(xs)
+
+
+def check_selection(
+    selection: Tensor,
+    k: int,
+    channels: int,
+    *,
+    batch: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    contents: bool = True,
+) -> None:
+    """Raise a clear error unless ``selection`` is a ``[B, k]`` int64 tensor of distinct channels in ``[0, channels)``.
+
+    ``batch`` / ``device``: also demand that many rows / that device. ``contents=False`` skips the
+    range and distinctness checks (they read the values, a device sync on CUDA).
+    """
+    if not isinstance(selection, Tensor):
+        raise TypeError(f"forced_selection must be a torch.Tensor or None, got {type(selection).__name__}")
+    if selection.dtype != torch.int64:
+        raise TypeError(f"forced_selection must be an int64 tensor, got dtype {selection.dtype}")
+    if selection.dim() != 2 or selection.shape[1] != k:
+        raise ValueError(f"forced_selection must have shape [B, k] with k={k}, got shape {tuple(selection.shape)}")
+    if batch is not None and selection.shape[0] != batch:
+        raise ValueError(f"forced_selection has {selection.shape[0]} rows but the input batch is {batch}")
+    if device is not None and selection.device != device:
+        raise ValueError(f"forced_selection is on {selection.device} but the input is on {device}")
+    if not contents or selection.numel() == 0:
+        return
+    if bool(((selection < 0) | (selection >= channels)).any()):
+        raise ValueError(
+            f"forced_selection holds channel indices outside [0, {channels}): "
+            f"min {int(selection.min())}, max {int(selection.max())}"
+        )
+    ordered = selection.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    if bool(repeated.any()):
+        row = int(repeated.nonzero()[0, 0])
+        raise ValueError(f"forced_selection row {row} selects a channel twice: {selection[row].tolist()}")
 
 
 def init_conv_and_norm(module: nn.Module) -> None:

@@ -78,7 +78,7 @@ class WithSelections(nn.Module):
         finally:
             for block in self._blocks:
                 block.record_selection = False
-                block.last_selection = None
+                block.last_selection = block.last_scores = None
         return (logits, *selections)
 
 

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from bench import agreement as A
 from bench import kernels as K
 from bench import report as R
 from bench import traffic as T
 from bench.env import collect_env
 from bench.floors import StaticSelectionBlock, identity_floor, static_floor
-from bench.models import ModelConfig, TimerSettings, run_models
-from bench.providers import REFERENCE, ModelProvider
+from bench.models import ModelCache, ModelConfig, TimerSettings, bench_family, run_models
+from bench.providers import ONNXRUNTIME, REFERENCE, ModelProvider
 from bench.timing import percentile
-from mod_models import build_model
+from mod_models import MoDBasicBlock, build_model
 from mod_models.blocks import MoDBlock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,12 +93,127 @@ def test_model_speedup_only_where_outputs_agree() -> None:
     assert by_provider["reference"]["agreement"]["ok"]
     assert not by_provider["bad-provider"]["agreement"]["ok"]
     assert by_provider["bad-provider"]["median_ms"] > 0  # timed, but its ratios are withheld
+    assert by_provider["bad-provider"]["agreement"]["method"] == "relative_l2"  # a wrapped callable: no selections
     rows = {row["record"]["provider"]: row for rows in R.model_derived(records).values() for row in rows}
     assert rows["reference"]["speedup"] is not None and rows["reference"]["overhead"] is not None
     assert rows["bad-provider"]["speedup"] is None and rows["bad-provider"]["overhead"] is None
     (_, body), = R.model_tables(records)
     bad_line = next(line for line in body.splitlines() if "bad-provider" in line)
     assert R.OUTPUTS_DIFFER in bad_line and "x |" not in bad_line.split("bad-provider")[1].split("|")[3]
+
+
+# ------------------------------------------------------------------------- teacher forcing
+
+NEAR_TIE = 0.6 + 1e-7  # fp32: 2 ulps above 0.6
+
+
+class FixedScores(nn.Module):
+    """A router whose scores ignore the input: channel 3 beats channel 4 by ~1e-7 for the last of k = 4 slots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        scores = torch.tensor([0.9, 0.85, 0.8, NEAR_TIE, 0.6] + [0.5 - 0.03 * i for i in range(11)])
+        self.register_buffer("scores", scores)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores.expand(x.shape[0], -1).clone()
+
+
+class TinyMoD(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.block = MoDBasicBlock(16, capacity=4, backend="reference")
+        self.block.router = FixedScores()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean(dim=(2, 3)))
+
+
+class ForcingProvider(ModelProvider):
+    """The eager reference routing every sample to ``channels`` (None: its own top-k), logits times ``scale``."""
+
+    def __init__(self, name: str, channels: list[int] | None, scale: float = 1.0) -> None:
+        super().__init__(name, backend="reference")
+        object.__setattr__(self, "channels", channels)
+        object.__setattr__(self, "scale", scale)
+
+    def prepare(self, model):
+        model = REFERENCE.prepare(model)
+        if self.channels is not None:
+            model.block.forced_selection = torch.tensor([self.channels] * 2)
+        if self.scale != 1.0:
+            model.register_forward_hook(lambda module, inputs, out: out * self.scale)
+        return model
+
+
+def _tiny_family(providers: list[ModelProvider], batch: int = 2) -> dict[str, dict]:
+    """Run the tiny model (planted under the name resnet18_mod) with ``providers``; records by provider."""
+    torch.manual_seed(0)
+    cache = ModelCache()
+    cache._models[("resnet18_mod", "model")] = TinyMoD().eval()
+    cache._facts[("resnet18_mod", "model", 8)] = {"params_m": 0.0, "gmacs": 0.0}
+    records = bench_family(
+        "resnet18", ["resnet18_mod"], ModelConfig("cpu", batch=batch, resolution=8, threads=1), providers,
+        cache=cache, env=collect_env(torch.device("cpu")), floors=(), include_baseline=False,
+        timer=TimerSettings(cpu_rounds=1, cpu_samples_per_round=1, cpu_warmup=0), log=lambda message: None,
+    )
+    return {r["provider"]: r for r in records}
+
+
+def test_teacher_forcing_accepts_near_tie_flip_and_rejects_wrong_providers() -> None:
+    records = _tiny_family([
+        REFERENCE,
+        ForcingProvider("near-tie-flip", [0, 1, 2, 4]),  # channel 4 for channel 3: 1.2e-7 apart
+        ForcingProvider("wrong-channel", [0, 1, 2, 15]),  # channel 15 for channel 3: 0.3 apart
+        ForcingProvider("wrong-order", [0, 1, 3, 2]),  # the right set, slots out of score order
+        ForcingProvider("perturbed", None, scale=1.001),  # right selections, logits off by 1e-3
+    ])
+    flip = records["near-tie-flip"]["agreement"]
+    assert flip["ok"] and flip["method"] == "teacher_forcing", flip
+    assert flip["flipped_selections"] == 2 and flip["selections"] == 2 and flip["invalid_selections"] == 0
+    assert 0 < flip["max_flip_gap"] <= 2e-7 and flip["rel_err"] <= 1e-6
+    assert flip["rel_err_unforced"] > A.model_tolerance(torch.float32)  # the plain logits check would reject it
+    assert records["near-tie-flip"]["selection_agreement"] == 0.0
+    assert R.agreed(records["near-tie-flip"])
+
+    wrong = records["wrong-channel"]["agreement"]
+    assert not wrong["ok"] and wrong["invalid_selections"] == 2 and wrong["worst_selection_gap"] > 0.1
+    assert "no top-k within score tolerance" in wrong["detail"]
+    order = records["wrong-order"]["agreement"]
+    assert not order["ok"] and order["invalid_selections"] == 2 and order["rel_err"] <= 1e-6
+    perturbed = records["perturbed"]["agreement"]
+    assert not perturbed["ok"] and perturbed["flipped_selections"] == 0
+    assert 5e-4 < perturbed["rel_err"] < A.model_tolerance(torch.float32)  # within the old tolerance, not the new
+    assert "logits under forced selections" in perturbed["detail"]
+    assert all(records[p]["median_ms"] > 0 for p in records)  # timed; ratios withheld where outputs differ
+    (_, body), = R.model_tables(list(records.values()))
+    assert "near-tie-flip: 2 of 2 selections flipped at near-ties" in body
+    assert f"perturbed: {R.OUTPUTS_DIFFER}" in body
+
+
+def test_teacher_forcing_through_onnxruntime() -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    records = _tiny_family([REFERENCE, ONNXRUNTIME], batch=1)  # the provider exports batch 1
+    assert records["onnxruntime"]["status"] == "ok", records["onnxruntime"]["reason"]
+    result = records["onnxruntime"]["agreement"]
+    assert result["ok"] and result["method"] == "teacher_forcing" and result["selections"] == 1, result
+    assert result["timed_vs_checked_rel_err"] <= 1e-6 and result["rel_err"] <= 1e-6
+
+
+def test_selection_gap_on_given_scores() -> None:
+    scores = torch.tensor([[0.9, 0.5, 0.7, 0.5, 0.1]])
+
+    def gap(*channels: int) -> float:
+        return float(A.selection_gap(torch.tensor([list(channels)]), scores)[0])
+
+    assert gap(0, 2) == 0.0 and gap(0, 2, 1) == gap(0, 2, 3) == 0.0  # an exact tie may go either way
+    assert gap(0, 1) == pytest.approx(0.2)  # channel 2 (0.7) left out for 0.5
+    assert gap(2, 0) == pytest.approx(0.2)  # right set, wrong slot order
+    assert gap(0, 2, 1, 3, 4) == 0.0 and gap(4, 0, 2, 1, 3) == pytest.approx(0.8)
+    assert A.selection_gap(torch.tensor([[0, 1]]), torch.tensor([[float("nan"), 0.5]]))[0] == float("inf")
 
 
 def test_kernel_speedup_only_where_outputs_agree(monkeypatch) -> None:

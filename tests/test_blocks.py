@@ -528,3 +528,121 @@ def test_state_dict_same_for_every_backend(cls, channels, capacity, k, activatio
     model_keys = {key: tuple(v.shape) for key, v in model.state_dict().items()}
     set_backend(model, "triton")
     assert {key: tuple(v.shape) for key, v in model.state_dict().items()} == model_keys
+
+
+# ----------------------------------------------------------------------------------------------
+# Forced selection (teacher forcing)
+# ----------------------------------------------------------------------------------------------
+
+
+def _other_selection(batch: int, channels: int, k: int, seed: int = 7) -> torch.Tensor:
+    """Per sample, ``k`` distinct channels in a random order (almost surely not the router's top-k)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(channels, generator=generator)[:k] for _ in range(batch)])
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("cls, channels, capacity, k, activation", SMALL_BLOCKS)
+def test_forced_selection_is_used_and_gradients_flow_through_w(cls, channels, capacity, k, activation, fusion):
+    """The forced selection replaces the top-k; ``w = s.gather(forced)``; gradients as the hand-written path."""
+    torch.manual_seed(4)
+    block = _randomise_norms(cls(channels, capacity=capacity, fusion=fusion)).train()
+    block.record_selection = True
+    x = torch.randn(3, channels, 4, 5, requires_grad=True)
+    upstream = torch.randn(3, channels, 4, 5)
+    forced = _other_selection(3, channels, k)
+    params = dict(block.named_parameters())
+    leaves = [x, *params.values()]
+
+    block.forced_selection = forced
+    grads = torch.autograd.grad((block(x) * upstream).sum(), leaves)
+    assert torch.equal(block.last_selection, forced)
+
+    scores = naive_router_scores(x, block.router.fc1.weight, block.router.fc2.weight)
+    assert not torch.equal(naive_top_k(scores, k), forced), "control: the router's own choice differs"
+    assert_close(block.last_scores, scores, atol=1e-6, rtol=1e-6, name="last_scores")
+    assert block.last_scores.dtype == torch.float32 and not block.last_scores.requires_grad
+    expected, _, _ = naive_mod_forward(
+        x, scores, k, lambda xs: block.process(xs.float()), fusion=fusion, activation=activation, idx=forced
+    )
+    grads_expected = torch.autograd.grad((expected * upstream.double()).sum(), leaves)
+    for name, g, g_expected in zip(["x", *params], grads, grads_expected):
+        assert_close(g, g_expected, atol=2e-5, rtol=1e-4, name=f"forced: d loss / d {name}")
+    assert all(torch.count_nonzero(g) > 0 for name, g in zip(["x", *params], grads) if name.startswith("router."))
+
+
+@pytest.mark.parametrize("cls, channels, capacity, k, activation", SMALL_BLOCKS)
+def test_forcing_the_own_selection_changes_nothing(cls, channels, capacity, k, activation):
+    torch.manual_seed(5)
+    block = _randomise_norms(cls(channels, capacity=capacity)).train()
+    block.record_selection = True
+    x = torch.randn(2, channels, 3, 4, requires_grad=True)
+    out = block(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    block.forced_selection = block.last_selection.clone()
+    forced_out = block(x)
+    forced_grads = torch.autograd.grad(forced_out.square().sum(), [x, *block.parameters()])
+    assert torch.equal(out, forced_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, forced_grads))
+    block.forced_selection = None
+    assert block.forced_selection is None and torch.equal(block(x), out)
+
+
+def test_forced_selection_with_random_router():
+    block = MoDBasicBlock(16, capacity=4, router="random").eval()
+    block.record_selection = True
+    forced = _other_selection(2, 16, 4)
+    x = torch.randn(2, 16, 3, 3)
+    block.forced_selection = forced
+    with torch.no_grad():
+        torch.manual_seed(9)
+        out = block(x.clone())
+        expected, _, _ = naive_mod_forward(x, None, 4, lambda xs: block.process(xs.float()), fusion="first_k",
+                                           activation="relu", idx=forced, unit_scores=True)
+    assert torch.equal(block.last_selection, forced) and block.last_scores.shape == (2, 16)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5, name="random router, forced selection")
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: [[0, 1, 2, 3]], TypeError, r"torch.Tensor or None, got list"),
+        (lambda: torch.tensor([[0, 1, 2, 3]], dtype=torch.int32), TypeError, r"int64 tensor, got dtype torch.int32"),
+        (lambda: torch.tensor([[0.0, 1, 2, 3]]), TypeError, r"int64"),
+        (lambda: torch.tensor([0, 1, 2, 3]), ValueError, r"shape \[B, k\] with k=4, got shape \(4,\)"),
+        (lambda: torch.tensor([[0, 1, 2]]), ValueError, r"k=4, got shape \(1, 3\)"),
+        (lambda: torch.tensor([[0, 1, 2, 16]]), ValueError, r"outside \[0, 16\)"),
+        (lambda: torch.tensor([[0, -1, 2, 3]]), ValueError, r"outside \[0, 16\)"),
+        (lambda: torch.tensor([[0, 1, 2, 3], [5, 6, 5, 7]]), ValueError, r"row 1 selects a channel twice"),
+    ],
+)
+def test_bad_forced_selection_raises_clear_error(make, error, message):
+    block = MoDBasicBlock(16, capacity=4)
+    with pytest.raises(error, match=message):
+        block.forced_selection = make()
+    assert block.forced_selection is None
+
+
+def test_forced_selection_must_match_the_batch():
+    block = MoDBasicBlock(16, capacity=4).eval()
+    block.forced_selection = torch.tensor([[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match=r"forced_selection has 1 rows but the input batch is 2"):
+        block(torch.randn(2, 16, 3, 3))
+
+
+def test_forced_selection_on_the_fused_path_raises():
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
+    block = MoDBasicBlock(16, capacity=4, backend="triton").eval().to(device)
+    block.forced_selection = torch.tensor([[0, 1, 2, 3]], device=device)
+    with pytest.raises(ValueError, match=r"forced_selection is set, but the backend 'triton'.*backend='reference'"):
+        block(torch.randn(1, 16, 3, 3, device=device))
+    block.record_selection = True
+    x = torch.randn(1, 16, 3, 3, device=device)
+    with torch.no_grad():
+        block.backend = "reference"
+        block(x.clone())
+        assert block.last_selection.tolist() == [[0, 1, 2, 3]] and block.last_scores.shape == (1, 16)
+        block.forced_selection = None
+        block.backend = "triton"
+        block(x.clone())
+    assert block.last_selection.shape == (1, 4) and block.last_scores is None  # the kernels keep their scores
