@@ -326,7 +326,16 @@ def launch_fuse_backward_slots(
     grad_y = empty_like_format(y, tuple(y.shape))
     grad_w = torch.empty((batch, k), device=y.device, dtype=torch.float32)
     grad_target = None if target_dtype is None else empty_like_format(y, tuple(y.shape), dtype=target_dtype)
-    block_k, block_hw, num_warps = dense_tiles(k, height * width, is_channels_last(y))
+    channels_last = is_channels_last(y)
+    block_k, block_hw, _ = dense_tiles(k, height * width, channels_last)
+    # Five tile-sized tensors stay live across the H x W loop: keep them at 8 elements per thread
+    # (2048-element tiles, 8 warps), shortening the non-contiguous side first.
+    while block_k * block_hw > 2048:
+        if (block_hw > 2 and channels_last) or block_k == 2:
+            block_hw //= 2
+        else:
+            block_k //= 2
+    num_warps = 8 if block_k * block_hw >= 2048 else 4
     _fuse_backward_slots_kernel[(batch, triton.cdiv(k, block_k))](
         grad_out, out, y, w, idx, grad_y, grad_w, grad_target if grad_target is not None else grad_y,
         channels, k, height * width, width, _target_start(fusion, channels, k),
