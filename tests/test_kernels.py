@@ -570,8 +570,10 @@ def test_opcheck_every_op():
         opcheck(ops.scale_fuse_backward_input.default, (torch.randn_like(x), out, slot, 4, fusion))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    block = randomise(mod_models.MoDBottleneck(96, capacity=16, fusion="original", backend="triton")).to(DEVICE)
+@pytest.mark.parametrize("fusion", ["original", "last_k"])
+def test_torch_compile_fullgraph_forward_and_backward(fusion):
+    """fullgraph compile through both autograd functions ("last_k": the target carrier is a view of x)."""
+    block = randomise(mod_models.MoDBottleneck(96, capacity=16, fusion=fusion, backend="triton")).to(DEVICE)
     compiled = torch.compile(copy.deepcopy(block), fullgraph=True)
     x = feature_map(2, 96, 5, 5)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
