@@ -373,7 +373,9 @@ def _model_agreement(provider: ModelProvider, fn: Callable[[Tensor], object], ou
     unforced = None
     if reference_output is not None:
         unforced = agreement.compare(out.float(), reference_output, agreement.model_tolerance(dtype)).as_dict()
-    call = None if config.cuda_graph else provider.selection_call(fn)
+    # Under CUDA graphs ``fn`` is still the eager callable whose launches were captured: its
+    # checked call runs eagerly, and the replay's output must then match that call's.
+    call = provider.selection_call(fn)
     learned = all(block.router is not None for _, block in _mod_blocks(cache.get(name)))
     if call is None or not learned:
         why = ("selections not readable" if call is None
