@@ -1,19 +1,21 @@
-"""``python -m bench.gpu``: the whole GPU check in one budgeted call (default 330 s on one H100/H200).
+"""``python -m bench.gpu``: the whole GPU check in one budgeted call (default 320 s on one H100/H200).
 
 Sections, each a child process with its own time budget (a crash or a hung kernel in one
 cannot take the others down; each child saves its records every few seconds, so a child
-killed at its deadline still leaves what it measured):
+killed at its deadline still leaves what it measured), in this order by default:
 
-1. tests    ``python -m pytest -q -m "not slow" tests/test_kernels.py``  (default 100 s; the GPU
-   equivalence tests, larger shapes and fp16/bf16 included; ``--tests tests`` runs the whole
-   suite but tests/test_bench.py, the CPU smoke test of this package). First, so that the Triton
-   kernels they compile are cached for the benchmark children;
-2. kernels  ``python -m bench --kernels``      (default 80 s)  copy bandwidth, then the kernel
-   microbenchmarks in priority order (B=64 eager reference + triton, torch.compile of the
-   route+fuse chain, B=256 and B=1, more compiles) until the budget is spent;
-3. models   ``python -m bench --models-only``  (default 100 s) batch 64 and batch 1 (CUDA
-   graphs), bf16 then fp32, channels_last: eager reference and triton for every variant,
-   baseline and floors, then torch.compile for resnet75_mod / resnet50_mod, then the rest.
+1. kernels  ``python -m bench --kernels``      (default 80 s)  copy bandwidth, then the kernel
+   microbenchmarks in priority order (B=64 bf16 channels_last eager reference + triton, each
+   timed as CUDA graph replays and as eager calls; torch.compile of the route+fuse chain; the
+   other dtype/format combinations; B=256 and B=1; more compiles) until the budget is spent;
+2. models   ``python -m bench --models-only``  (default 110 s) bf16 channels_last: batch 64
+   eager, batch 64 as CUDA graph replays, batch 1 as CUDA graph replays (the resnet50 family
+   first), eager reference and triton for every variant, baseline and floors; then
+   torch.compile for resnet75_mod / resnet50_mod, then fp32 and the rest;
+3. profile  ``python -m bench.profile_gpu``    (default 20 s) where an eager model's time goes;
+4. tests    ``python -m pytest -q -m "not slow" tests/test_kernels.py`` (default 50 s; GPU-only
+   tests first, failures printed as they happen; ``--tests tests`` runs the whole suite but
+   tests/test_bench.py, the CPU smoke test of this package).
 
 Everything lands in ``--out-dir`` (default ``$OUT``, else ``bench/results``):
 ``<device>.json``, ``<device>.md``, ``<device>.png``, ``pytest.log`` (and ``gpu.log`` when run
@@ -47,15 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     default_out = os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results")
     p.add_argument("--out-dir", type=Path, default=Path(default_out))
-    p.add_argument("--budget", type=float, default=330.0,
+    p.add_argument("--budget", type=float, default=320.0,
                    help="total seconds for all sections, child start-ups included (each ~25 s)")
     p.add_argument("--kernel-budget", type=float, default=80.0)
-    p.add_argument("--model-budget", type=float, default=100.0)
-    p.add_argument("--test-budget", type=float, default=100.0)
+    p.add_argument("--model-budget", type=float, default=110.0)
+    p.add_argument("--test-budget", type=float, default=50.0)
     # Tests first: they are the correctness half of the check, and the Triton kernels they compile
     # land in Triton's cache, so the benchmark children that follow start warm.
-    p.add_argument("--sections", nargs="+", default=["tests", "kernels", "models"],
-                   choices=["kernels", "models", "tests"], help="in the order given")
+    p.add_argument("--profile-budget", type=float, default=20.0)
+    p.add_argument("--sections", nargs="+", default=["kernels", "models", "profile", "tests"],
+                   choices=["kernels", "models", "profile", "tests"], help="in the order given")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, any device: check the script")
     p.add_argument("--bench-args", default="", help="extra arguments for both benchmark children, one string")
     p.add_argument("--tests", nargs="+", default=None,
@@ -64,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(cmd: list[str], timeout: float, log_path: Path | None = None) -> tuple[int, float, str]:
+def _run(cmd: list[str], timeout: float, log_path: Path | None = None,
+         extra_env: dict[str, str] | None = None) -> tuple[int, float, str]:
     """Run a child with a hard timeout (its whole process group is killed at the limit).
 
     Its output is echoed (or written to ``log_path``). Returns (exit code, 124 if killed;
     seconds; its last 40 lines).
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log("$ " + " ".join(cmd) + f"   (timeout {timeout:.0f} s)")
     start = time.monotonic()
@@ -121,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         f" | sections {args.sections}{' | DRY RUN' if args.dry_run else ''}")
 
     extra = args.bench_args.split() + (["--dry-run"] if args.dry_run else [])
-    section_budgets = {"kernels": args.kernel_budget, "models": args.model_budget, "tests": args.test_budget}
+    section_budgets = {"kernels": args.kernel_budget, "models": args.model_budget, "tests": args.test_budget,
+                       "profile": args.profile_budget}
     elapsed: dict[str, float] = {}
     tests_info: dict = {}
-    startup_s = 25.0  # a child's interpreter start, imports and CUDA init, outside its own budget
+    startup_s = 15.0  # a child's interpreter start, imports and CUDA init, outside its own budget
     for position, section in enumerate(args.sections):
         later = sum(section_budgets[s] + (startup_s if s != "tests" else 10) for s in args.sections[position + 1:])
         left = args.budget - (time.monotonic() - started)
@@ -134,16 +139,23 @@ def main(argv: list[str] | None = None) -> int:
             elapsed[section] = 0.0
             continue
         log(f"\n[{section}] budget {own:.0f} s (total left {left:.0f} s)")
-        if section in ("kernels", "models"):
+        if section == "profile":
+            if args.dry_run:
+                log("[profile] skipped in a dry run (it needs CUDA)")
+                continue
+            code, seconds, _ = _run([sys.executable, "-m", "bench.profile_gpu"], timeout=own + 10)
+        elif section in ("kernels", "models"):
             flag = "--kernels" if section == "kernels" else "--models-only"
             cmd = [sys.executable, "-m", "bench", flag, "--part", section, "--out-dir", str(out_dir),
                    "--budget", f"{own:.0f}", "--no-plot", *extra]
             code, seconds, _ = _run(cmd, timeout=own + startup_s + 30)
         else:
             targets = args.tests or ["tests/test_kernels.py"]  # test_kernel_compile.py is CPU work
-            cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", *(targets or ["tests"]),
+            cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=8", "-m", "not slow", *(targets or ["tests"]),
                    "--ignore=tests/test_bench.py", "-p", "no:cacheprovider"] + (["--collect-only"] if args.dry_run else [])
-            code, seconds, tail = _run(cmd, timeout=own, log_path=out_dir / "pytest.log")
+            # Failures are printed as they happen (tests/conftest.py): a run cut off at its limit still says why.
+            code, seconds, tail = _run(cmd, timeout=own, log_path=out_dir / "pytest.log",
+                                       extra_env={"MOD_TESTS_EARLY_FAILURES": "1"})
             summary = [line for line in tail.splitlines() if re.search(r"\b(passed|failed|error|skipped|tests? collected)\b", line)]
             tests_info = {"command": "python " + shlex.join(cmd[1:]), "exit_code": code, "seconds": round(seconds, 1),
                           "summary": summary[-1] if summary else ("killed at the time limit" if code == 124 else tail[-200:])}

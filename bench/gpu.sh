@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one call: kernel microbenchmarks, the model table and the GPU tests, in a
-# 330 s budget on one H100/H200. Results (JSON, Markdown, PNG, pytest.log, gpu.log) go to the
+# 320 s budget on one H100/H200. Results (JSON, Markdown, PNG, pytest.log, gpu.log) go to the
 # folder given as first argument, else $OUT, else bench/results. Further arguments go to
 # `python -m bench.gpu` (e.g. --dry-run, --budget 300, --sections kernels models).
 #

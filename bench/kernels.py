@@ -19,10 +19,14 @@ Providers: ``reference`` (the unfused ops of :mod:`mod_models.functional`, eager
 fused kernels of :mod:`mod_kernels`). Every provider's outputs (and gradients) are compared
 with the eager reference on identical inputs before it is timed.
 
-Timing: CUDA ``triton.testing.do_bench`` (L2 flushed before each call), for batch 1
-``do_bench_cudagraph`` (launch gaps removed, no flush: the working set then stays in L2;
-backward-only ops excepted, see ``BACKWARD_ONLY_OPS``); CPU ``time.perf_counter`` (smoke only). GB/s from
-:mod:`bench.traffic`, also as a fraction of the copy bandwidth measured in the same run.
+Timing on CUDA, two numbers per case: the main one replays a CUDA graph of the op
+(``triton.testing.do_bench_cudagraph``): device time, Python and launch overhead removed, no L2
+flush, so working sets under the L2 size (60 MB on an H200: the late stages at B=64) may be served
+from L2. Backward-only ops (``BACKWARD_ONLY_OPS``) cannot be captured apart from their forward and
+are timed eagerly. The second, ``host_median_ms``, is ``triton.testing.do_bench`` of the eager call
+(L2 flushed before each call): what an eager PyTorch program waits, host overhead included.
+CPU: ``time.perf_counter`` (smoke only). GB/s from :mod:`bench.traffic` over the main timing, also
+as a fraction of the copy bandwidth measured in the same run.
 
 In-place ops are timed repeatedly on one buffer; to keep its values finite over thousands of
 calls the whole-block case scales its last BatchNorm by 1e-3 for timing (after the
@@ -336,7 +340,7 @@ class KernelTimer:
     rep_ms: int = 20  # do_bench's time per case, raised to 10 calls of slow cases (at most max_rep_ms)
     max_rep_ms: int = 250
     graph_rep_ms: int = 10
-    cudagraph_max_batch: int = 1
+    graphs: bool = True  # CUDA: the main timing replays a CUDA graph (device time); see _time
     cpu_reps: int = 5
     cpu_warmup_ms: float = 200.0
     compile_estimate_s: float = 10.0
@@ -424,7 +428,8 @@ def run_tasks(
                                                         exact=prepared.exact).as_dict()
             try:
                 with torch.inference_mode(not grad):
-                    timing = _time(prepared.run, device, shape, task.op, timer, interpreter and provider == "triton")
+                    timing, host_timing = _time(prepared.run, device, shape, task.op, timer,
+                                                interpreter and provider == "triton")
             except Exception as error:  # noqa: BLE001
                 record.update(status="error", reason=error_text(error))
                 log(f"  error {label}: {record['reason']}")
@@ -432,6 +437,9 @@ def run_tasks(
                 continue
             record.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, n=timing.n,
                           method=timing.method)
+            if host_timing is not None:
+                record.update(host_median_ms=host_timing.median_ms, host_p20_ms=host_timing.p20_ms,
+                              host_p80_ms=host_timing.p80_ms, host_method=host_timing.method)
             if nbytes is not None:
                 record["gbps"] = nbytes / (timing.median_ms * 1e-3) / 1e9
                 if copy_gbps:
@@ -463,16 +471,16 @@ def _cleanup(device: torch.device, compiled: bool) -> None:
 
 
 def _time(run: Callable[[], object], device: torch.device, shape: KernelShape, op: str, timer: KernelTimer,
-          interpreter: bool) -> Timing:
-    """do_bench (CUDA; do_bench_cudagraph for small batches) or perf_counter (CPU smoke)."""
+          interpreter: bool) -> tuple[Timing, Timing | None]:
+    """``(timing, host-inclusive timing or None)``.
+
+    CUDA: the main timing replays a CUDA graph of the op (``do_bench_cudagraph``): device time,
+    the kernels' own speed, without Python and launch overhead. Backward-only ops cannot be
+    captured apart from their forward, so they (and ops whose capture fails) are timed eagerly
+    with ``do_bench``; every op is also timed eagerly (host overhead included), the second value.
+    CPU: ``time.perf_counter`` (smoke only).
+    """
     if device.type == "cuda":
-        if shape.batch <= timer.cudagraph_max_batch and op not in BACKWARD_ONLY_OPS:
-            try:
-                return time_do_bench(run, cudagraph=True, rep_ms=timer.graph_rep_ms)
-            except Exception as error:  # noqa: BLE001 - e.g. an op that cannot be captured
-                timing = time_do_bench(run, warmup_ms=timer.warmup_ms, rep_ms=timer.rep_ms)
-                return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.n,
-                              timing.method + f" (CUDA graph capture failed: {error_text(error)[:80]})")
         # Enough repetitions for a median with spread also for slow cases: rep >= 10 calls (capped).
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -480,14 +488,24 @@ def _time(run: Callable[[], object], device: torch.device, shape: KernelShape, o
         end.record()
         torch.cuda.synchronize()
         rep_ms = int(min(max(timer.rep_ms, 10 * start.elapsed_time(end)), timer.max_rep_ms))
-        return time_do_bench(run, warmup_ms=timer.warmup_ms, rep_ms=rep_ms)
+        eager = time_do_bench(run, warmup_ms=timer.warmup_ms, rep_ms=rep_ms)
+        eager = Timing(eager.median_ms, eager.p20_ms, eager.p80_ms, eager.n, eager.method + ", host overhead included")
+        if not timer.graphs or op in BACKWARD_ONLY_OPS:
+            return eager, None
+        try:
+            graph = time_do_bench(run, cudagraph=True, rep_ms=max(timer.graph_rep_ms, rep_ms))
+        except Exception as error:  # noqa: BLE001 - e.g. an op that cannot be captured
+            torch.cuda.synchronize()
+            return Timing(eager.median_ms, eager.p20_ms, eager.p80_ms, eager.n,
+                          eager.method + f" (CUDA graph capture failed: {error_text(error)[:80]})"), None
+        return graph, eager
     if interpreter:
         timing = time_cpu(run, reps=2, warmup=1, warmup_ms=0.0)
     else:
         timing = time_cpu(run, reps=timer.cpu_reps, warmup_ms=timer.cpu_warmup_ms)
     if interpreter:
-        return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.n, timing.method + ", Triton interpreter")
-    return timing
+        return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.n, timing.method + ", Triton interpreter"), None
+    return timing, None
 
 
 # ---------------------------------------------------------------------------------------- plans
@@ -506,12 +524,14 @@ def gpu_plan(
 ) -> list[KernelTask]:
     """Tasks in priority order (a time budget cuts the tail):
 
-    0. the first batch size (64: the targets' shapes): every op, eager reference + triton;
-    1. torch.compile of the route+fuse chain at that batch, first dtype/format combination;
-    2. the other batch sizes, eager reference + triton;
-    3. torch.compile of the chain for the other dtype/format combinations at the first batch;
-    4. torch.compile of the whole block and the single ops at the first batch;
-    5. torch.compile at the other batch sizes.
+    0. the first batch size (64: the targets' shapes) at the first dtype/format (bf16
+       channels_last): every op, eager reference + triton;
+    1. torch.compile of the route+fuse chain there;
+    2. the first batch size at the other dtype/format combinations, eager reference + triton;
+    3. the other batch sizes, eager reference + triton;
+    4. torch.compile of the chain for the other combinations at the first batch;
+    5. torch.compile of the whole block and the single ops at the first batch;
+    6. torch.compile at the other batch sizes.
     """
     combos = [(d, f) for d in dtypes for f in formats]
 
@@ -521,14 +541,16 @@ def gpu_plan(
     first, rest = batches[0], batches[1:]
     chain = tuple(op for op in compile_ops if op.startswith("route_fuse") and op in ops)
     others = tuple(op for op in compile_ops if not op.startswith("route_fuse") and op in ops)
-    tasks = [KernelTask(s, op, ("reference", "triton"), 0) for s in shapes(first, combos) for op in ops]
+    eager = ("reference", "triton")
+    tasks = [KernelTask(s, op, eager, 0) for s in shapes(first, combos[:1]) for op in ops]
     if compile:
         tasks += [KernelTask(s, op, ("reference+compile",), 1) for s in shapes(first, combos[:1]) for op in chain]
-    tasks += [KernelTask(s, op, ("reference", "triton"), 2) for b in rest for s in shapes(b, combos) for op in ops]
+    tasks += [KernelTask(s, op, eager, 2) for s in shapes(first, combos[1:]) for op in ops]
+    tasks += [KernelTask(s, op, eager, 3) for b in rest for s in shapes(b, combos) for op in ops]
     if compile:
-        tasks += [KernelTask(s, op, ("reference+compile",), 3) for s in shapes(first, combos[1:]) for op in chain]
-        tasks += [KernelTask(s, op, ("reference+compile",), 4) for s in shapes(first, combos) for op in others]
-        tasks += [KernelTask(s, op, ("reference+compile",), 5) for b in rest for s in shapes(b, combos)
+        tasks += [KernelTask(s, op, ("reference+compile",), 4) for s in shapes(first, combos[1:]) for op in chain]
+        tasks += [KernelTask(s, op, ("reference+compile",), 5) for s in shapes(first, combos) for op in others]
+        tasks += [KernelTask(s, op, ("reference+compile",), 6) for b in rest for s in shapes(b, combos)
                   for op in chain + others]
     return tasks
 

@@ -458,17 +458,22 @@ def _put_timing(record: dict, timing: Timing, method_prefix: str) -> None:
 
 
 def default_configs(device: str, *, batch_sizes: list[int], dtypes: list[str], memory_formats: list[str],
-                    resolution: int, threads: list[int | None], cuda_graph_max_batch: int = 8) -> list[ModelConfig]:
-    """Configs in priority order: on CUDA batch sizes up to ``cuda_graph_max_batch`` use CUDA graphs."""
+                    resolution: int, threads: list[int | None], cuda_graph_max_batch: int = 8,
+                    also_graphs: bool = False) -> list[ModelConfig]:
+    """Configs in priority order: on CUDA batch sizes up to ``cuda_graph_max_batch`` use CUDA graphs;
+    with ``also_graphs`` the larger ones are timed eagerly and then again as CUDA graph replays
+    (device time without host overhead)."""
     configs = []
     for dtype in dtypes:
         for batch in batch_sizes:
             for memory_format in memory_formats:
                 for n_threads in threads if device == "cpu" else [None]:
-                    configs.append(ModelConfig(
+                    graph = device == "cuda" and batch <= cuda_graph_max_batch
+                    modes = [graph, True] if device == "cuda" and also_graphs and not graph else [graph]
+                    configs += [ModelConfig(
                         device=device, batch=batch, dtype=dtype, memory_format=memory_format, resolution=resolution,
-                        cuda_graph=device == "cuda" and batch <= cuda_graph_max_batch, threads=n_threads,
-                    ))
+                        cuda_graph=mode, threads=n_threads,
+                    ) for mode in modes]
     return configs
 
 

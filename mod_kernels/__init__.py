@@ -18,15 +18,18 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
-from ._utils import INTERPRETER, check_device_supported
-from .fused_route_pack import RoutePackFunction, check_route_pack_inputs, check_select_pack_inputs
+from ._utils import INTERPRETER, check_device_supported, runs_eagerly
+from .fused_route_pack import RoutePackFunction, check_route_pack_inputs, check_select_pack_inputs, route_and_pack
 from .fused_scale_fuse import (
     ACTIVATIONS,
     FUSIONS,
     ScaleFuseRoutedFunction,
     check_fuse_inputs,
+    fuse_copy_unchecked,
+    fuse_inplace_unchecked,
     scale_fuse_inplace_op,
     scale_fuse_op,
 )
@@ -95,10 +98,19 @@ def route_pack(
         check_route_pack_inputs(x, fc1_weight, fc2_weight, k)
     else:
         check_select_pack_inputs(x, scores, k)
-    x_pass, target_carrier, xs, w, idx, slot = RoutePackFunction.apply(x, fc1_weight, fc2_weight, scores, k, fusion)
+    if _needs_autograd(x, fc1_weight, fc2_weight) or not runs_eagerly(x):
+        x_pass, target_carrier, xs, w, idx, slot = RoutePackFunction.apply(x, fc1_weight, fc2_weight, scores, k, fusion)
+    else:  # inference: the same launches without the autograd.Function's host overhead
+        xs, idx, w, slot, _ = route_and_pack(x, fc1_weight, fc2_weight, scores, k)
+        x_pass = x
+        target_carrier = None if fusion == "original" else x.narrow(1, x.shape[1] - k if fusion == "last_k" else 0, k)
     if fusion == "original":
         target_carrier = xs
     return RoutedChannels(xs, idx, w, slot, x_pass, target_carrier, fusion)
+
+
+def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def fuse_routed(routed: RoutedChannels, y: Tensor, *, activation: str = "relu", inplace: bool = False) -> Tensor:
@@ -123,8 +135,13 @@ def fuse_routed(routed: RoutedChannels, y: Tensor, *, activation: str = "relu", 
     check_fuse_inputs(x_pass, y, routed.w, routed.idx, routed.selected_slot, routed.fusion, inplace)
     relu = activation == "relu"
     if inplace:
-        scale_fuse_inplace_op(x_pass, y, routed.w, routed.idx, routed.selected_slot, routed.fusion, relu)
+        if runs_eagerly(x_pass):
+            fuse_inplace_unchecked(x_pass, y, routed.w, routed.idx, routed.fusion, relu)
+        else:
+            scale_fuse_inplace_op(x_pass, y, routed.w, routed.idx, routed.selected_slot, routed.fusion, relu)
         return x_pass
+    if not _needs_autograd(x_pass, y, routed.w) and runs_eagerly(x_pass):
+        return fuse_copy_unchecked(x_pass, y, routed.w, routed.selected_slot, routed.fusion, relu)
     return ScaleFuseRoutedFunction.apply(
         x_pass, routed.target_carrier, y, routed.w, routed.idx, routed.selected_slot, routed.fusion, relu
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -89,6 +90,24 @@ def strides(t: Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code (``triton.cdiv`` is a slower JIT-aware wrapper)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= n`` (``n >= 1``), for host code."""
+    return 1 << (n - 1).bit_length()
+
+
+def runs_eagerly(x: Tensor) -> bool:
+    """True when a launcher may launch kernels directly: ``x`` is a plain tensor and no compiler is
+    tracing. Under ``torch.compile``/``torch.export`` (fake or functional tensors) the
+    ``torch.library`` custom ops must be called instead, so that tracing sees one opaque op."""
+    return type(x) is Tensor and not torch.compiler.is_compiling()
+
+
+@functools.lru_cache(maxsize=None)
 def dense_tiles(channels: int, hw: int, channels_last: bool) -> tuple[int, int, int]:
     """``(BLOCK_C, BLOCK_HW, num_warps)`` for a kernel that streams a ``[C, HW]`` slab.
 
@@ -96,11 +115,11 @@ def dense_tiles(channels: int, hw: int, channels_last: bool) -> tuple[int, int, 
     that loads coalesce; a tile holds at most 4096 elements (16 per thread at 8 warps).
     """
     if channels_last:
-        block_c = max(2, min(triton.next_power_of_2(channels), 128))
-        block_hw = max(2, min(triton.next_power_of_2(hw), 4096 // block_c, 1024))
+        block_c = max(2, min(next_pow2(channels), 128))
+        block_hw = max(2, min(next_pow2(hw), 4096 // block_c, 1024))
     else:
-        block_hw = max(2, min(triton.next_power_of_2(hw), 1024))
-        block_c = max(2, min(triton.next_power_of_2(channels), 4096 // block_hw))
+        block_hw = max(2, min(next_pow2(hw), 1024))
+        block_c = max(2, min(next_pow2(channels), 4096 // block_hw))
     num_warps = 8 if block_c * block_hw >= 4096 else 4
     return block_c, block_hw, num_warps
 

@@ -1,23 +1,32 @@
 """Fused route + pack: pool, router MLP, stable top-k and channel gather, with its backward.
 
-Forward, three launches:
+Forward (learned router): two Triton kernels around the router's two small GEMMs.
 
-1. ``_pool_kernel``: ``pooled[b, c] = mean_hw x[b, c]`` (fp32), grid ``(B, C / BLOCK_C)``.
-2. ``_select_kernel``, one program per sample: router MLP
-   ``scores = sigmoid(W2 relu(W1 pooled))`` in fp32 (or given random keys), a stable
-   descending sort of ``(score, -channel)`` keys, the ``k`` winners' indices and scores, and
-   the inverse map ``selected_slot[b, c]``. It never touches the feature map, so it compiles
-   once per channel count, whatever the dtype or memory format.
-3. ``_pack_kernel``: ``xs[b, j] = x[b, idx[b, j]]``, grid ``(B, k / BLOCK_K, HW / BLOCK_HW)``.
+1. ``_pool_kernel``: partial means of ``x`` over chunks of H x W (fp32), grid
+   ``(B, C / BLOCK_C, chunks)``, so that even batch 1 fills the GPU; their sum (one small
+   reduction, skipped when H x W is one chunk) is ``pooled [B, C]``. Chunking depends on the
+   shape only, never on the batch size, and uses no atomics: deterministic.
+2. The router MLP ``logits = W2 relu(W1 pooled)`` as two fp32 GEMMs (cuBLAS on the GPU), as the
+   reference computes it: one program per sample could not spread the ``C x C_h`` weights over
+   the GPU (at C = 2048 that serialised ~1 MB of weight reads per sample).
+3. ``_select_kernel``, one program per sample: ``scores = sigmoid(logits)`` (or given random
+   keys), a stable descending sort of ``(score, -channel)`` keys, the ``k`` winners' indices and
+   scores, and the inverse map ``selected_slot[b, c]``.
+4. ``_pack_kernel``: ``xs[b, j] = x[b, idx[b, j]]``, grid ``(B, k / BLOCK_K, HW / BLOCK_HW)``.
 
-Backward (:class:`RoutePackFunction`), two launches and two small GEMMs:
+Backward (:class:`RoutePackFunction`):
 
-1. ``_router_backward_kernel``, one program per sample: ``grad_w`` -> scores -> logits ->
-   hidden -> ``grad_pool = W1^T grad_hidden / (H * W)``; the router weight gradients are
-   ``grad_logits^T hidden`` and ``grad_hidden^T pooled`` (GEMMs over the batch).
+1. ``_router_grad_logits_kernel``, one program per sample: ``grad_w`` through the selection
+   and the sigmoid to ``grad_logits [B, C]``; then the router's backward as four small fp32
+   GEMMs (``grad_hidden``, ``grad_pool = W1^T grad_hidden / (H * W)``, and the two weight
+   gradients over the batch).
 2. ``_input_backward_kernel``: the one pass over the block's output gradient that writes
    ``grad_x = (grad_out off the fusion targets | the targets' own gradient on them)
    + grad_pool + scatter(grad_xs)``.
+
+In eager mode the launchers are called directly (no ``torch.library`` dispatch); while a
+compiler traces (``torch.compile``, ``torch.export``) the same work goes through the custom ops
+below, which tracing sees as opaque.
 
 Selection keys: a score's fp32 bits mapped to a signed int that orders like the float (NaN
 canonicalised above +inf, -0.0 folded into +0.0), shifted up 32 bits, with ``C - 1 - c`` in the
@@ -36,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (
+    cdiv,
     check_dtype,
     check_feature_map,
     check_same_device,
@@ -44,6 +54,8 @@ from ._utils import (
     empty_like_format,
     hw_is_flat,
     is_channels_last,
+    next_pow2,
+    runs_eagerly,
     spatial_offset,
     strides,
 )
@@ -56,26 +68,28 @@ INT64_MIN = -(2**63)
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW_CHUNK"])
 def _pool_kernel(
     x_ptr,  # [B, C, H, W] input, any float dtype
-    pooled_ptr,  # [B, C] fp32 output, contiguous
-    C, HW, W,  # channels, H * W, width
+    partial_ptr,  # [B, S, C] fp32 output: partial means over S chunks of H x W, contiguous
+    C, HW, W, HW_CHUNK,  # channels, H * W, width, positions per chunk (a multiple of BLOCK_HW)
     stride_xb, stride_xc, stride_xh, stride_xw,
     inv_hw,  # 1 / (H * W)
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HW_FLAT: tl.constexpr,
 ):
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(2)
     c_mask = c < C
     x_base = x_ptr + b.to(tl.int64) * stride_xb
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
-    for hw_start in range(0, HW, BLOCK_HW):
-        hw = hw_start + tl.arange(0, BLOCK_HW)
+    for offset in range(0, HW_CHUNK, BLOCK_HW):
+        hw = chunk * HW_CHUNK + offset + tl.arange(0, BLOCK_HW)
         offsets = c[:, None] * stride_xc + spatial_offset(hw, W, stride_xh, stride_xw, HW_FLAT)[None, :]
         mask = c_mask[:, None] & (hw < HW)[None, :]
         acc += tl.load(x_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(pooled_ptr + b * C + c, tl.sum(acc, axis=1) * inv_hw, mask=c_mask)
+    row = b.to(tl.int64) * tl.num_programs(2) + chunk
+    tl.store(partial_ptr + row * C + c, tl.sum(acc, axis=1) * inv_hw, mask=c_mask)
 
 
 @triton.jit
@@ -97,46 +111,26 @@ def _key_scores(keys):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["C_H", "K", "stride_fc1_r", "stride_fc2_r", "stride_given_b", "stride_given_c"])
+@triton.jit(do_not_specialize=["K", "stride_vb", "stride_vc"])
 def _select_kernel(
-    pooled_ptr,  # [B, C] fp32 pooled input (LEARNED)
-    fc1_ptr,  # [C_H, C] router layer 1 (LEARNED)
-    fc2_ptr,  # [C, C_H] router layer 2 (LEARNED)
-    given_scores_ptr,  # [B, C] fp32 keys of the random router (not LEARNED)
-    scores_ptr,  # [B, C] fp32 output: router scores (LEARNED)
-    hidden_ptr,  # [B, C_H] fp32 output: relu(W1 pooled) (LEARNED)
+    values_ptr,  # [B, C] fp32: router logits (LEARNED) or the random router's keys
+    scores_ptr,  # [B, C] fp32 output: sigmoid of the logits (LEARNED)
     idx_ptr,  # [B, K] int64 output: selected channels, slot order
     w_ptr,  # [B, K] fp32 output: selected scores (1 for the random router)
     slot_ptr,  # [B, C] int32 output: slot of each channel, -1 if not selected
-    C, C_H, K,
-    stride_fc1_r, stride_fc1_c, stride_fc2_r, stride_fc2_c,
-    stride_given_b, stride_given_c,
-    LEARNED: tl.constexpr, C_POW2: tl.constexpr, BLOCK_CH: tl.constexpr,
+    C, K,
+    stride_vb, stride_vc,
+    LEARNED: tl.constexpr, C_POW2: tl.constexpr,
 ):
     b = tl.program_id(0)
     c = tl.arange(0, C_POW2)
     c_mask = c < C
+    values = tl.load(values_ptr + b * stride_vb + c * stride_vc, mask=c_mask, other=0.0)
     if LEARNED:
-        pooled = tl.load(pooled_ptr + b * C + c, mask=c_mask, other=0.0)
-        logits = tl.zeros([C_POW2], dtype=tl.float32)
-        for h_start in range(0, C_H, BLOCK_CH):
-            h = h_start + tl.arange(0, BLOCK_CH)
-            h_mask = h < C_H
-            fc1 = tl.load(
-                fc1_ptr + h[:, None] * stride_fc1_r + c[None, :] * stride_fc1_c,
-                mask=h_mask[:, None] & c_mask[None, :], other=0.0,
-            ).to(tl.float32)
-            hidden = tl.maximum(tl.sum(fc1 * pooled[None, :], axis=1), 0.0)
-            tl.store(hidden_ptr + b * C_H + h, hidden, mask=h_mask)
-            fc2 = tl.load(
-                fc2_ptr + c[:, None] * stride_fc2_r + h[None, :] * stride_fc2_c,
-                mask=c_mask[:, None] & h_mask[None, :], other=0.0,
-            ).to(tl.float32)
-            logits += tl.sum(fc2 * hidden[None, :], axis=1)
-        scores = tl.sigmoid(logits)
+        scores = tl.sigmoid(values)
         tl.store(scores_ptr + b * C + c, scores, mask=c_mask)
     else:
-        scores = tl.load(given_scores_ptr + b * stride_given_b + c * stride_given_c, mask=c_mask, other=0.0)
+        scores = values
 
     ranked = tl.sort(_score_keys(scores, c, C), descending=True)
     rank = tl.arange(0, C_POW2)
@@ -173,22 +167,15 @@ def _pack_kernel(
     tl.store(dst, tl.load(src, mask=mask), mask=mask)
 
 
-@triton.jit(do_not_specialize=["C_H", "stride_gw_b", "stride_gw_k", "stride_fc1_r", "stride_fc2_r"])
-def _router_backward_kernel(
-    grad_w_ptr,  # [B, K] fp32 gradient of the selected scores
+@triton.jit(do_not_specialize=["stride_gw_b", "stride_gw_k"])
+def _router_grad_logits_kernel(
+    grad_w_ptr,  # [B, K] gradient of the selected scores
     slot_ptr,  # [B, C] int32 slot of each channel, -1 if not selected
     scores_ptr,  # [B, C] fp32 router scores
-    hidden_ptr,  # [B, C_H] fp32 relu(W1 pooled)
-    fc1_ptr,  # [C_H, C]
-    fc2_ptr,  # [C, C_H]
-    grad_logits_ptr,  # [B, C] fp32 output
-    grad_hidden_ptr,  # [B, C_H] fp32 output (pre-ReLU)
-    grad_pool_ptr,  # [B, C] fp32 output: gradient of the pooled input, divided by H * W
-    C, C_H,
+    grad_logits_ptr,  # [B, C] fp32 output: the selected scores' gradient through the sigmoid, 0 elsewhere
+    C,
     stride_gw_b, stride_gw_k,
-    stride_fc1_r, stride_fc1_c, stride_fc2_r, stride_fc2_c,
-    inv_hw,
-    C_POW2: tl.constexpr, BLOCK_CH: tl.constexpr,
+    C_POW2: tl.constexpr,
 ):
     b = tl.program_id(0)
     c = tl.arange(0, C_POW2)
@@ -197,26 +184,7 @@ def _router_backward_kernel(
     is_selected = slot >= 0
     grad_score = tl.load(grad_w_ptr + b * stride_gw_b + slot * stride_gw_k, mask=is_selected, other=0.0).to(tl.float32)
     scores = tl.load(scores_ptr + b * C + c, mask=c_mask, other=0.0)
-    grad_logits = grad_score * scores * (1.0 - scores)
-    tl.store(grad_logits_ptr + b * C + c, grad_logits, mask=c_mask)
-    grad_pool = tl.zeros([C_POW2], dtype=tl.float32)
-    for h_start in range(0, C_H, BLOCK_CH):
-        h = h_start + tl.arange(0, BLOCK_CH)
-        h_mask = h < C_H
-        fc2 = tl.load(
-            fc2_ptr + c[:, None] * stride_fc2_r + h[None, :] * stride_fc2_c,
-            mask=c_mask[:, None] & h_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        grad_hidden = tl.sum(fc2 * grad_logits[:, None], axis=0)
-        hidden = tl.load(hidden_ptr + b * C_H + h, mask=h_mask, other=0.0)
-        grad_hidden = tl.where(hidden > 0.0, grad_hidden, 0.0)
-        tl.store(grad_hidden_ptr + b * C_H + h, grad_hidden, mask=h_mask)
-        fc1 = tl.load(
-            fc1_ptr + h[:, None] * stride_fc1_r + c[None, :] * stride_fc1_c,
-            mask=h_mask[:, None] & c_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        grad_pool += tl.sum(fc1 * grad_hidden[:, None], axis=0)
-    tl.store(grad_pool_ptr + b * C + c, grad_pool * inv_hw, mask=c_mask)
+    tl.store(grad_logits_ptr + b * C + c, grad_score * scores * (1.0 - scores), mask=c_mask)
 
 
 @triton.jit(do_not_specialize=["K", "target_start"])
@@ -281,16 +249,31 @@ def _input_backward_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _router_tiles(channels: int, hidden: int) -> tuple[int, int, int]:
-    """``(C_POW2, BLOCK_CH, num_warps)`` for the per-sample router programs.
+# Chunks of at most this many tile steps per pooling program: enough programs to fill the GPU
+# even at batch 1, and a split that depends on the shape only (a sample's pooled value does not
+# depend on the batch it came in).
+POOL_STEPS_PER_PROGRAM = 4
 
-    A ``[BLOCK_CH, C_POW2]`` weight tile holds at most 16 fp32 values per thread, so the two
-    weight tiles, the channel vectors and the sort fit in registers without spilling.
-    """
-    c_pow2 = max(16, triton.next_power_of_2(channels))
-    num_warps = 8 if c_pow2 >= 512 else 4
-    block_ch = max(2, min(triton.next_power_of_2(hidden), (16 * 32 * num_warps) // c_pow2))
-    return c_pow2, block_ch, num_warps
+
+def _select_tiles(channels: int) -> tuple[int, int]:
+    """``(C_POW2, num_warps)`` of the per-sample selection programs (one sort of C_POW2 keys)."""
+    c_pow2 = max(16, next_pow2(channels))
+    return c_pow2, 8 if c_pow2 >= 512 else 4
+
+
+class _Fp32Region:
+    """Autocast off (only where it is on): the router computes in fp32 like the reference."""
+
+    def __init__(self, device_type: str) -> None:
+        self.context = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
+
+    def __enter__(self) -> None:
+        if self.context is not None:
+            self.context.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self.context is not None:
+            self.context.__exit__(*exc)
 
 
 def _check_k(k: int, channels: int) -> None:
@@ -329,25 +312,20 @@ def check_select_pack_inputs(x: Tensor, scores: Tensor, k: int) -> None:
     check_same_device(x, scores=scores)
 
 
-def _launch_select_pack(
-    x: Tensor, k: int, pooled: Tensor, fc1: Tensor, fc2: Tensor, given_scores: Tensor,
-    scores: Tensor, hidden: Tensor, learned: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _launch_select_pack(x: Tensor, k: int, values: Tensor, scores: Tensor, learned: bool) -> tuple[Tensor, ...]:
     batch, channels, height, width = x.shape
     xs = empty_like_format(x, (batch, k, height, width))
     idx = torch.empty((batch, k), device=x.device, dtype=torch.int64)
     w = torch.empty((batch, k), device=x.device, dtype=torch.float32)
     slot = torch.empty((batch, channels), device=x.device, dtype=torch.int32)
-    c_pow2, block_ch, num_warps = _router_tiles(channels, max(fc1.shape[0], 1))
+    c_pow2, num_warps = _select_tiles(channels)
     _select_kernel[(batch,)](
-        pooled, fc1, fc2, given_scores, scores, hidden, idx, w, slot,
-        channels, fc1.shape[0], k,
-        fc1.stride(0), fc1.stride(1), fc2.stride(0), fc2.stride(1),
-        given_scores.stride(0), given_scores.stride(1),
-        LEARNED=learned, C_POW2=c_pow2, BLOCK_CH=block_ch, num_warps=num_warps,
+        values, scores, idx, w, slot, channels, k, values.stride(0), values.stride(1),
+        LEARNED=learned, C_POW2=c_pow2, num_warps=num_warps,
     )
-    block_k, block_hw, num_warps = dense_tiles(k, height * width, is_channels_last(x))
-    grid = (batch, triton.cdiv(k, block_k), triton.cdiv(height * width, block_hw))
+    channels_last = is_channels_last(x)
+    block_k, block_hw, num_warps = dense_tiles(k, height * width, channels_last)
+    grid = (batch, cdiv(k, block_k), cdiv(height * width, block_hw))
     _pack_kernel[grid](
         x, idx, xs, k, height * width, width, *strides(x), *strides(xs),
         BLOCK_K=block_k, BLOCK_HW=block_hw, HW_FLAT=hw_is_flat(x, xs), num_warps=num_warps,
@@ -355,8 +333,39 @@ def _launch_select_pack(
     return xs, idx, w, slot
 
 
+def pool(x: Tensor) -> Tensor:
+    """``[B, C]`` fp32 spatial means of ``x: [B, C, H, W]`` (deterministic, no atomics): chunked
+    partial means, then their sum when H x W spans more than one chunk."""
+    batch, channels, height, width = x.shape
+    hw = height * width
+    block_c, block_hw, num_warps = dense_tiles(channels, hw, is_channels_last(x))
+    chunk = block_hw * POOL_STEPS_PER_PROGRAM
+    chunks = cdiv(hw, chunk)
+    partial = torch.empty((batch, chunks, channels), device=x.device, dtype=torch.float32)
+    _pool_kernel[(batch, cdiv(channels, block_c), chunks)](
+        x, partial, channels, hw, width, chunk, *strides(x), 1.0 / hw,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, HW_FLAT=hw_is_flat(x), num_warps=num_warps,
+    )
+    return partial[:, 0] if chunks == 1 else partial.sum(dim=1)
+
+
+def route_pack_unchecked(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, k: int) -> tuple[Tensor, ...]:
+    """:func:`launch_route_pack` without its input checks (callers have checked)."""
+    pooled = pool(x)
+    with _Fp32Region(x.device.type):
+        hidden = torch.mm(pooled, fc1_weight.float().t()).relu_()
+        logits = torch.mm(hidden, fc2_weight.float().t())
+    scores = torch.empty_like(logits)
+    xs, idx, w, slot = _launch_select_pack(x, k, logits, scores, learned=True)
+    return xs, idx, w, slot, pooled, hidden, scores
+
+
 def launch_route_pack(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, k: int) -> tuple[Tensor, ...]:
     """Learned routing and packing (no autograd).
+
+    The pooling and the selection are Triton kernels; the router's two small GEMMs
+    (``[B, C] x [C, C_h]``, ``[B, C_h] x [C_h, C]``, fp32) go to cuBLAS, which spreads them over
+    the whole GPU where one program per sample could not.
 
     Args:
         x: ``[B, C, H, W]`` float32/float16/bfloat16, NCHW or channels_last.
@@ -368,48 +377,41 @@ def launch_route_pack(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, k: int)
         pooled [B, C] fp32, hidden [B, C_h] fp32, scores [B, C] fp32)``.
     """
     check_route_pack_inputs(x, fc1_weight, fc2_weight, k)
-    batch, channels, height, width = x.shape
-    pooled = torch.empty((batch, channels), device=x.device, dtype=torch.float32)
-    hidden = torch.empty((batch, fc1_weight.shape[0]), device=x.device, dtype=torch.float32)
-    scores = torch.empty((batch, channels), device=x.device, dtype=torch.float32)
-    block_c, block_hw, num_warps = dense_tiles(channels, height * width, is_channels_last(x))
-    _pool_kernel[(batch, triton.cdiv(channels, block_c))](
-        x, pooled, channels, height * width, width, *strides(x), 1.0 / (height * width),
-        BLOCK_C=block_c, BLOCK_HW=block_hw, HW_FLAT=hw_is_flat(x), num_warps=num_warps,
-    )
-    xs, idx, w, slot = _launch_select_pack(
-        x, k, pooled, fc1_weight, fc2_weight, scores, scores, hidden, learned=True
-    )
-    return xs, idx, w, slot, pooled, hidden, scores
+    return route_pack_unchecked(x, fc1_weight, fc2_weight, k)
+
+
+def select_pack_unchecked(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`launch_select_pack` without its input checks (callers have checked)."""
+    return _launch_select_pack(x, k, scores, scores, learned=False)
 
 
 def launch_select_pack(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-k of given ``scores: [B, C]`` fp32 and packing; ``w`` is all ones (random router)."""
     check_select_pack_inputs(x, scores, k)
-    unused = scores.new_empty((1, 1))
-    return _launch_select_pack(x, k, unused, unused, unused, scores, unused, unused, learned=False)
+    return select_pack_unchecked(x, scores, k)
 
 
 def launch_router_backward(
     grad_w: Tensor, selected_slot: Tensor, pooled: Tensor, hidden: Tensor, scores: Tensor,
     fc1_weight: Tensor, fc2_weight: Tensor, hw: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_pool [B, C] fp32 (already / HW), grad_fc1 [C_h, C], grad_fc2 [C, C_h])``."""
+    """``(grad_pool [B, C] fp32 (already / HW), grad_fc1 [C_h, C], grad_fc2 [C, C_h])``.
+
+    A Triton kernel takes ``grad_w`` through the selection and the sigmoid; the rest of the
+    router's backward is four small fp32 GEMMs.
+    """
     batch, channels = scores.shape
-    hidden_channels = hidden.shape[1]
     grad_logits = torch.empty_like(scores)
-    grad_hidden = torch.empty_like(hidden)
-    grad_pool = torch.empty_like(scores)
-    c_pow2, block_ch, num_warps = _router_tiles(channels, hidden_channels)
-    _router_backward_kernel[(batch,)](
-        grad_w, selected_slot, scores, hidden, fc1_weight, fc2_weight,
-        grad_logits, grad_hidden, grad_pool, channels, hidden_channels,
-        grad_w.stride(0), grad_w.stride(1),
-        fc1_weight.stride(0), fc1_weight.stride(1), fc2_weight.stride(0), fc2_weight.stride(1),
-        1.0 / hw, C_POW2=c_pow2, BLOCK_CH=block_ch, num_warps=num_warps,
+    c_pow2, num_warps = _select_tiles(channels)
+    _router_grad_logits_kernel[(batch,)](
+        grad_w, selected_slot, scores, grad_logits, channels, grad_w.stride(0), grad_w.stride(1),
+        C_POW2=c_pow2, num_warps=num_warps,
     )
-    grad_fc1 = (grad_hidden.t() @ pooled).to(fc1_weight.dtype)
-    grad_fc2 = (grad_logits.t() @ hidden).to(fc2_weight.dtype)
+    with _Fp32Region(scores.device.type):
+        grad_hidden = torch.mm(grad_logits, fc2_weight.float()).masked_fill_(hidden <= 0.0, 0.0)
+        grad_pool = torch.mm(grad_hidden, fc1_weight.float()).mul_(1.0 / hw)
+        grad_fc1 = torch.mm(grad_hidden.t(), pooled).to(fc1_weight.dtype)
+        grad_fc2 = torch.mm(grad_logits.t(), hidden).to(fc2_weight.dtype)
     return grad_pool, grad_fc1, grad_fc2
 
 
@@ -436,7 +438,7 @@ def launch_input_backward(
     placeholder = grad_x  # never read: its constexpr switch is off
     tensors = [t if t is not None else placeholder for t in (grad_pass, grad_target, grad_xs)]
     block_c, block_hw, num_warps = dense_tiles(channels, height * width, channels_last)
-    grid = (batch, triton.cdiv(channels, block_c), triton.cdiv(height * width, block_hw))
+    grid = (batch, cdiv(channels, block_c), cdiv(height * width, block_hw))
     _input_backward_kernel[grid](
         *tensors, selected_slot, grad_pool if grad_pool is not None else selected_slot, grad_x,
         channels, k, height * width, width, channels - k if fusion == "last_k" else 0,
@@ -520,6 +522,21 @@ def _(grad_pass, grad_target, grad_xs, selected_slot, grad_pool, shape, dtype, c
     return torch.empty(shape, device=selected_slot.device, dtype=dtype).contiguous(memory_format=fmt)
 
 
+def route_and_pack(
+    x: Tensor, fc1_weight: Optional[Tensor], fc2_weight: Optional[Tensor], scores: Optional[Tensor], k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(xs, idx, w, selected_slot, tensors the backward needs)`` of checked inputs: learned
+    routing when ``scores`` is None, else the given keys. Launches directly in eager mode and
+    through the ``torch.library`` ops while a compiler traces."""
+    eager = runs_eagerly(x)
+    if scores is None:
+        op = route_pack_unchecked if eager else route_pack_op
+        xs, idx, w, slot, pooled, hidden, router_scores = op(x, fc1_weight, fc2_weight, k)
+        return xs, idx, w, slot, (slot, pooled, hidden, router_scores, fc1_weight, fc2_weight)
+    xs, idx, w, slot = (select_pack_unchecked if eager else select_pack_op)(x, scores, k)
+    return xs, idx, w, slot, (slot,)
+
+
 class RoutePackFunction(torch.autograd.Function):
     """Routing and packing of a MoD block, paired with :class:`ScaleFuseRoutedFunction`.
 
@@ -538,12 +555,9 @@ class RoutePackFunction(torch.autograd.Function):
     def forward(ctx, x, fc1_weight, fc2_weight, scores, k, fusion):
         ctx.set_materialize_grads(False)
         ctx.learned = scores is None
-        if ctx.learned:
-            xs, idx, w, slot, pooled, hidden, router_scores = route_pack_op(x, fc1_weight, fc2_weight, k)
-            ctx.save_for_backward(slot, pooled, hidden, router_scores, fc1_weight, fc2_weight)
-        else:
-            xs, idx, w, slot = select_pack_op(x, scores, k)
-            ctx.save_for_backward(slot)
+        xs, idx, w, slot, saved = route_and_pack(x, fc1_weight, fc2_weight, scores, k)
+        ctx.save_for_backward(*saved)
+        if not ctx.learned:
             ctx.mark_non_differentiable(w)
         if fusion == "original":
             target_carrier = x.new_empty(0)
@@ -564,7 +578,8 @@ class RoutePackFunction(torch.autograd.Function):
         if ctx.learned:
             slot, pooled, hidden, router_scores, fc1_weight, fc2_weight = ctx.saved_tensors
             if grad_w is not None:
-                grad_pool, grad_fc1, grad_fc2 = router_backward_op(
+                router_backward = launch_router_backward if runs_eagerly(slot) else router_backward_op
+                grad_pool, grad_fc1, grad_fc2 = router_backward(
                     grad_w, slot, pooled, hidden, router_scores, fc1_weight, fc2_weight, ctx.shape[2] * ctx.shape[3]
                 )
         else:
@@ -579,7 +594,8 @@ class RoutePackFunction(torch.autograd.Function):
                 batch, _, height, width = ctx.shape
                 k = grad_xs.shape[1] if grad_xs is not None else ctx.k
                 grad_target = grad_pass.new_zeros((batch, k, height, width))
-            grad_x = input_backward_op(
+            input_backward = launch_input_backward if runs_eagerly(slot) else input_backward_op
+            grad_x = input_backward(
                 grad_pass, grad_target, grad_xs, slot, grad_pool, ctx.shape, ctx.dtype, ctx.channels_last, ctx.fusion
             )
         needs_fc1, needs_fc2 = ctx.needs_input_grad[1:3]

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (
+    cdiv,
     check_dtype,
     check_feature_map,
     check_same_device,
@@ -45,6 +46,7 @@ from ._utils import (
     empty_like_format,
     hw_is_flat,
     is_channels_last,
+    runs_eagerly,
     spatial_offset,
     strides,
 )
@@ -283,10 +285,15 @@ def _check_activation(activation: str) -> bool:
 def launch_fuse_inplace(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str, relu: bool) -> None:
     """Write ``act(x[t] + w * y)`` into the ``k`` target channels of ``x``."""
     check_fuse_inputs(x, y, w, idx, selected_slot, fusion, inplace=True)
+    fuse_inplace_unchecked(x, y, w, idx, fusion, relu)
+
+
+def fuse_inplace_unchecked(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, fusion: str, relu: bool) -> None:
+    """:func:`launch_fuse_inplace` without its input checks (callers have checked)."""
     batch, channels, height, width = x.shape
     k = y.shape[1]
     block_k, block_hw, num_warps = dense_tiles(k, height * width, is_channels_last(x))
-    grid = (batch, triton.cdiv(k, block_k), triton.cdiv(height * width, block_hw))
+    grid = (batch, cdiv(k, block_k), cdiv(height * width, block_hw))
     _fuse_inplace_kernel[grid](
         x, y, w, idx, channels, k, height * width, width, _target_start(fusion, channels, k),
         *strides(x), *strides(y), w.stride(0), w.stride(1),
@@ -298,11 +305,16 @@ def launch_fuse_inplace(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_s
 def launch_fuse_copy(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str, relu: bool) -> Tensor:
     """A new ``[B, C, H, W]`` tensor (``x``'s dtype and memory format): ``x`` with the targets fused."""
     check_fuse_inputs(x, y, w, idx, selected_slot, fusion)
+    return fuse_copy_unchecked(x, y, w, selected_slot, fusion, relu)
+
+
+def fuse_copy_unchecked(x: Tensor, y: Tensor, w: Tensor, selected_slot: Tensor, fusion: str, relu: bool) -> Tensor:
+    """:func:`launch_fuse_copy` without its input checks (callers have checked)."""
     batch, channels, height, width = x.shape
     k = y.shape[1]
     out = empty_like_format(x, tuple(x.shape))
     block_c, block_hw, num_warps = dense_tiles(channels, height * width, is_channels_last(x))
-    grid = (batch, triton.cdiv(channels, block_c), triton.cdiv(height * width, block_hw))
+    grid = (batch, cdiv(channels, block_c), cdiv(height * width, block_hw))
     _fuse_copy_kernel[grid](
         x, y, w, selected_slot, out, channels, k, height * width, width, _target_start(fusion, channels, k),
         *strides(x), *strides(y), *strides(out), w.stride(0), w.stride(1),
@@ -336,7 +348,7 @@ def launch_fuse_backward_slots(
         else:
             block_k //= 2
     num_warps = 8 if block_k * block_hw >= 2048 else 4
-    _fuse_backward_slots_kernel[(batch, triton.cdiv(k, block_k))](
+    _fuse_backward_slots_kernel[(batch, cdiv(k, block_k))](
         grad_out, out, y, w, idx, grad_y, grad_w, grad_target if grad_target is not None else grad_y,
         channels, k, height * width, width, _target_start(fusion, channels, k),
         *strides(grad_out), *strides(out), *strides(y), *strides(grad_y), w.stride(0), w.stride(1),
@@ -351,7 +363,7 @@ def launch_fuse_backward_input(grad_out: Tensor, out: Tensor, selected_slot: Ten
     batch, channels, height, width = grad_out.shape
     grad_x = empty_like_format(out, tuple(out.shape), dtype=grad_out.dtype)
     block_c, block_hw, num_warps = dense_tiles(channels, height * width, is_channels_last(out))
-    grid = (batch, triton.cdiv(channels, block_c), triton.cdiv(height * width, block_hw))
+    grid = (batch, cdiv(channels, block_c), cdiv(height * width, block_hw))
     _fuse_backward_input_kernel[grid](
         grad_out, out, selected_slot, grad_x, channels, k, height * width, width, _target_start(fusion, channels, k),
         *strides(grad_out), *strides(out), *strides(grad_x),
@@ -450,7 +462,10 @@ class ScaleFuseRoutedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_pass, target_carrier, y, w, idx, selected_slot, fusion, relu):
-        out = scale_fuse_op(x_pass, y, w, idx, selected_slot, fusion, relu)
+        if runs_eagerly(x_pass):
+            out = fuse_copy_unchecked(x_pass, y, w, selected_slot, fusion, relu)
+        else:
+            out = scale_fuse_op(x_pass, y, w, idx, selected_slot, fusion, relu)
         ctx.save_for_backward(out if relu else None, y, w, idx)
         ctx.fusion, ctx.relu, ctx.dtype = fusion, relu, x_pass.dtype
         return out
@@ -459,7 +474,8 @@ class ScaleFuseRoutedFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         out, y, w, idx = ctx.saved_tensors
         needs_x, _, needs_y, needs_w = ctx.needs_input_grad[:4]
-        grad_y, grad_w, grad_target = scale_fuse_backward_slots_op(
+        backward_slots = launch_fuse_backward_slots if runs_eagerly(grad_out) else scale_fuse_backward_slots_op
+        grad_y, grad_w, grad_target = backward_slots(
             grad_out, out if ctx.relu else grad_out, y, w, idx, ctx.fusion, ctx.relu, ctx.dtype if needs_x else None
         )
         return (

@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 KERNELS = (
-    "_pool_kernel", "_select_kernel", "_pack_kernel", "_router_backward_kernel", "_input_backward_kernel",
+    "_pool_kernel", "_select_kernel", "_pack_kernel", "_router_grad_logits_kernel", "_input_backward_kernel",
     "_fuse_inplace_kernel", "_fuse_copy_kernel", "_fuse_backward_slots_kernel", "_fuse_backward_input_kernel",
 )
 
