@@ -493,7 +493,7 @@ def _time(run: Callable[[], object], device: torch.device, shape: KernelShape, o
         if not timer.graphs or op in BACKWARD_ONLY_OPS:
             return eager, None
         try:
-            graph = time_do_bench(run, cudagraph=True, rep_ms=max(timer.graph_rep_ms, rep_ms))
+            graph = time_do_bench(run, cudagraph=True, rep_ms=timer.graph_rep_ms)  # unrolled: keep it short
         except Exception as error:  # noqa: BLE001 - e.g. an op that cannot be captured
             torch.cuda.synchronize()
             return Timing(eager.median_ms, eager.p20_ms, eager.p80_ms, eager.n,
