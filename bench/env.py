@@ -71,7 +71,12 @@ def _version(module_name: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """``HEAD`` of the repository, with ``+dirty`` when tracked files differ (None outside git)."""
+    """``HEAD`` of the repository, with ``+dirty`` when tracked files differ (None outside git).
+
+    ``$MOD_BENCH_COMMIT`` overrides it: a copy of the tree whose git metadata is stale (a remote
+    device machine's) can be told which commit it runs."""
+    if os.environ.get("MOD_BENCH_COMMIT"):
+        return os.environ["MOD_BENCH_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,

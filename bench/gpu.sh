@@ -5,6 +5,7 @@
 # `python -m bench.gpu` (e.g. --dry-run, --budget 300, --sections kernels models).
 #
 #   bash bench/gpu.sh "$OUT"              # on the device machine
+#   MOD_BENCH_COMMIT=<hash> bash bench/gpu.sh "$OUT"   # where the copy's git metadata is stale
 #   bash bench/gpu.sh /tmp/dry --dry-run  # rehearsal with tiny shapes, any machine
 set -uo pipefail
 cd "$(dirname "$0")/.."
