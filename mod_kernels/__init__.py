@@ -22,7 +22,13 @@ import torch
 from torch import Tensor
 
 from ._utils import INTERPRETER, check_device_supported, runs_eagerly
-from .fused_route_pack import RoutePackFunction, check_route_pack_inputs, check_select_pack_inputs, route_and_pack
+from .fused_route_pack import (
+    RoutePackFunction,
+    affine_targets,
+    check_route_pack_inputs,
+    check_select_pack_inputs,
+    route_and_pack,
+)
 from .fused_scale_fuse import (
     ACTIVATIONS,
     FUSIONS,
@@ -103,7 +109,7 @@ def route_pack(
     else:  # inference: the same launches without the autograd.Function's host overhead
         xs, idx, w, slot, _ = route_and_pack(x, fc1_weight, fc2_weight, scores, k)
         x_pass = x
-        target_carrier = None if fusion == "original" else x.narrow(1, x.shape[1] - k if fusion == "last_k" else 0, k)
+        target_carrier = None if fusion == "original" else affine_targets(x, k, fusion)
     if fusion == "original":
         target_carrier = xs
     return RoutedChannels(xs, idx, w, slot, x_pass, target_carrier, fusion)

@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mod_models.functional import fp32_region
+
 from ._utils import (
     cdiv,
     check_dtype,
@@ -261,21 +263,6 @@ def _select_tiles(channels: int) -> tuple[int, int]:
     return c_pow2, 8 if c_pow2 >= 512 else 4
 
 
-class _Fp32Region:
-    """Autocast off (only where it is on): the router computes in fp32 like the reference."""
-
-    def __init__(self, device_type: str) -> None:
-        self.context = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
-
-    def __enter__(self) -> None:
-        if self.context is not None:
-            self.context.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        if self.context is not None:
-            self.context.__exit__(*exc)
-
-
 def _check_k(k: int, channels: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -352,7 +339,7 @@ def pool(x: Tensor) -> Tensor:
 def route_pack_unchecked(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, k: int) -> tuple[Tensor, ...]:
     """:func:`launch_route_pack` without its input checks (callers have checked)."""
     pooled = pool(x)
-    with _Fp32Region(x.device.type):
+    with fp32_region(x.device.type):
         hidden = torch.mm(pooled, fc1_weight.float().t()).relu_()
         logits = torch.mm(hidden, fc2_weight.float().t())
     scores = torch.empty_like(logits)
@@ -407,7 +394,7 @@ def launch_router_backward(
         grad_w, selected_slot, scores, grad_logits, channels, grad_w.stride(0), grad_w.stride(1),
         C_POW2=c_pow2, num_warps=num_warps,
     )
-    with _Fp32Region(scores.device.type):
+    with fp32_region(scores.device.type):
         grad_hidden = torch.mm(grad_logits, fc2_weight.float()).masked_fill_(hidden <= 0.0, 0.0)
         grad_pool = torch.mm(grad_hidden, fc1_weight.float()).mul_(1.0 / hw)
         grad_fc1 = torch.mm(grad_hidden.t(), pooled).to(fc1_weight.dtype)
@@ -522,6 +509,11 @@ def _(grad_pass, grad_target, grad_xs, selected_slot, grad_pool, shape, dtype, c
     return torch.empty(shape, device=selected_slot.device, dtype=dtype).contiguous(memory_format=fmt)
 
 
+def affine_targets(x: Tensor, k: int, fusion: str) -> Tensor:
+    """The ``k`` fusion target channels of ``x`` (a view) for ``"first_k"`` / ``"last_k"``."""
+    return x.narrow(1, x.shape[1] - k if fusion == "last_k" else 0, k)
+
+
 def route_and_pack(
     x: Tensor, fc1_weight: Optional[Tensor], fc2_weight: Optional[Tensor], scores: Optional[Tensor], k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
@@ -563,7 +555,7 @@ class RoutePackFunction(torch.autograd.Function):
             target_carrier = x.new_empty(0)
             ctx.mark_non_differentiable(target_carrier)
         else:
-            target_carrier = x.narrow(1, x.shape[1] - k if fusion == "last_k" else 0, k)
+            target_carrier = affine_targets(x, k, fusion)
         ctx.mark_non_differentiable(idx, slot)
         ctx.fusion = fusion
         ctx.k = k
