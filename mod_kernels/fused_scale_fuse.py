@@ -289,7 +289,8 @@ def launch_fuse_inplace(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_s
 
 
 def fuse_inplace_unchecked(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, fusion: str, relu: bool) -> None:
-    """:func:`launch_fuse_inplace` without its input checks (callers have checked)."""
+    """:func:`launch_fuse_inplace` without its input checks (callers have checked). Bumps ``x``'s
+    version counter: a tensor autograd saved before this write then fails loudly in backward."""
     batch, channels, height, width = x.shape
     k = y.shape[1]
     block_k, block_hw, num_warps = dense_tiles(k, height * width, is_channels_last(x))
@@ -300,6 +301,7 @@ def fuse_inplace_unchecked(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, fusion:
         GATHER_TARGETS=fusion == "original", RELU=relu, BLOCK_K=block_k, BLOCK_HW=block_hw,
         HW_FLAT=hw_is_flat(x, y), num_warps=num_warps,
     )
+    torch.autograd.graph.increment_version(x)
 
 
 def launch_fuse_copy(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str, relu: bool) -> Tensor:

@@ -57,11 +57,17 @@ class MoDBlock(nn.Module):
             scores of 1, no router parameters).
         backend: ``"reference"``, ``"triton"``, ``"auto"``, or ``None`` for
             ``$MOD_BACKEND`` (default ``"auto"``).
-        inplace: when autograd does not need the input (``torch.no_grad``,
-            ``inference_mode``, nothing requires grad), write the result into the
-            input tensor and touch only the ``k`` target channels. Set ``False`` to
-            keep the input intact when it is also kept elsewhere (e.g. an intermediate
-            feature returned by a feature extractor; ``mod_models.features`` does this).
+        inplace: ``False`` (default): the block never writes into its input. ``True``: when
+            it is legal, write the result into the input tensor and touch only the ``k``
+            target channels (no copy of the other ``C - k``). Legal means autograd does not
+            need the input (``torch.no_grad``, ``inference_mode``, nothing requires grad), the
+            input is dense, and it is not an inference tensor used outside inference mode.
+            The write bumps the input's version counter, so a tensor autograd saved earlier
+            makes the later backward raise instead of returning wrong gradients. Ask for it
+            only where nothing else reads the input afterwards: not under reentrant activation
+            checkpointing (its first forward runs under ``no_grad`` and its recomputation
+            would see the overwritten input), not for a tensor a hook or feature extractor
+            returns. :func:`mod_models.optimize_for_inference` turns it on for deployment.
 
     Attributes:
         k: channels processed per sample.
@@ -89,7 +95,7 @@ class MoDBlock(nn.Module):
         fusion: str = "first_k",
         router: str = "learned",
         backend: Optional[str] = None,
-        inplace: bool = True,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         self.k = MF.selected_channels(channels, capacity)
@@ -99,7 +105,7 @@ class MoDBlock(nn.Module):
         self.router_type = MF.check_router(router)
         self.router = ChannelRouter(channels) if router == "learned" else None
         self.backend = default_backend() if backend is None else backend
-        self.inplace = bool(inplace)
+        self.inplace = inplace
         # Routing analysis: when True, every forward keeps its selection in ``last_selection``.
         self.record_selection = False
         self.last_selection: Optional[Tensor] = None
@@ -113,6 +119,16 @@ class MoDBlock(nn.Module):
     @backend.setter
     def backend(self, name: str) -> None:
         self._backend = check_backend(name)
+
+    @property
+    def inplace(self) -> bool:
+        return self._inplace
+
+    @inplace.setter
+    def inplace(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"inplace must be True or False, got {value!r}")
+        self._inplace = value
 
     @property
     def forced_selection(self) -> Optional[Tensor]:
@@ -176,10 +192,13 @@ class MoDBlock(nn.Module):
         return mod_kernels.fuse_routed(routed, y, activation=self.activation, inplace=inplace)
 
     def _may_write_input(self, x: Tensor, y: Tensor, w: Tensor) -> bool:
-        """In-place fusion is legal when autograd does not need the input and ``x`` owns its memory
-        densely (an expanded or overlapping view cannot be written element by element)."""
-        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-        return self.inplace and dense and not MF.autograd_needs(x, y, w)
+        """In-place fusion happens only when asked for (``inplace=True``) and legal: autograd does
+        not need the input, ``x`` owns its memory densely (an expanded or overlapping view cannot
+        be written element by element), and ``x`` is not an inference tensor outside inference
+        mode (PyTorch forbids updating those)."""
+        if not self._inplace:
+            return False
+        return MF.may_write_in_place(x) and not MF.autograd_needs(x, y, w)
 
     def _record(self, idx: Tensor) -> None:
         if self.record_selection:
@@ -194,6 +213,13 @@ class MoDBlock(nn.Module):
             f"channels={self.channels}, k={self.k}, capacity={self.capacity}, fusion={self.fusion!r}, "
             f"router={self.router_type!r}, backend={self.backend!r}"
         )
+
+
+def check_dilation(dilation: int) -> int:
+    """``dilation`` of a 3x3 convolution: an int >= 1."""
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+    return dilation
 
 
 class MoDBottleneck(MoDBlock):
@@ -216,9 +242,10 @@ class MoDBottleneck(MoDBlock):
         backend: Optional[str] = None,
         norm_layer: NormLayer = None,
         dilation: int = 1,
-        inplace: bool = True,
+        inplace: bool = False,
     ) -> None:
         super().__init__(channels, capacity=capacity, fusion=fusion, router=router, backend=backend, inplace=inplace)
+        check_dilation(dilation)
         norm_layer = norm_layer or nn.BatchNorm2d
         width = max(self.k // 4, 1)
         self.conv1 = nn.Conv2d(self.k, width, kernel_size=1, bias=False)
@@ -251,9 +278,10 @@ class MoDBasicBlock(MoDBlock):
         backend: Optional[str] = None,
         norm_layer: NormLayer = None,
         dilation: int = 1,
-        inplace: bool = True,
+        inplace: bool = False,
     ) -> None:
         super().__init__(channels, capacity=capacity, fusion=fusion, router=router, backend=backend, inplace=inplace)
+        check_dilation(dilation)
         norm_layer = norm_layer or nn.BatchNorm2d
         self.conv1 = nn.Conv2d(self.k, self.k, kernel_size=3, padding=dilation, dilation=dilation, bias=False)
         self.bn1 = norm_layer(self.k)
@@ -289,7 +317,7 @@ class MoDInvertedResidual(MoDBlock):
         router: str = "learned",
         backend: Optional[str] = None,
         norm_layer: NormLayer = None,
-        inplace: bool = True,
+        inplace: bool = False,
     ) -> None:
         super().__init__(channels, capacity=capacity, fusion=fusion, router=router, backend=backend, inplace=inplace)
         if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, int) or expand_ratio < 1:

@@ -4,11 +4,11 @@ torchvision's FX tracer cannot look inside a MoD block (its input checks and dat
 routing are Python control flow), so MoD blocks are traced as leaf modules: their outputs
 (e.g. ``"layer1.1"``) can be returned, nodes inside them cannot.
 
-MoD blocks default to ``inplace=True``: under ``torch.no_grad`` they write their result into
-their input tensor. When that input is itself a returned feature (``"layer1.0"`` feeding the
-MoD block ``"layer1.1"``), the returned tensor would be overwritten. The helpers here switch
-``inplace`` off on every MoD block of the model they are given (the extractor shares those
-modules), which costs one copy of each MoD block's input and keeps every feature intact.
+MoD blocks built with ``inplace=True`` (or deployed by :func:`mod_models.optimize_for_inference`)
+write their result into their input tensor under ``torch.no_grad``. When that input is itself a
+returned feature (``"layer1.0"`` feeding the MoD block ``"layer1.1"``), the returned tensor would
+be overwritten. The helpers here switch ``inplace`` off on every MoD block of the model they are
+given (the extractor shares those modules), so every feature stays intact.
 """
 
 from __future__ import annotations

@@ -201,6 +201,14 @@ def scale_and_fuse(
     return out
 
 
+def may_write_in_place(x: Tensor) -> bool:
+    """True when ``x`` can legally be updated element by element: it owns its memory densely
+    (NCHW or channels_last; not an expanded or overlapping view) and is not an inference tensor
+    outside inference mode (PyTorch forbids updating those)."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    return dense and not (x.is_inference() and not torch.is_inference_mode_enabled())
+
+
 def autograd_needs(*tensors: Tensor) -> bool:
     """True when the current op will be recorded by autograd."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

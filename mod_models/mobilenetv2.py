@@ -84,7 +84,7 @@ def _make_builder(name: str, setting: list[list[int]]):
         fusion: str = "first_k",
         router: str = "learned",
         backend: Optional[str] = None,
-        inplace: bool = True,
+        inplace: bool = False,
         **kwargs: Any,
     ) -> MobileNetV2:
         return _mobilenet_v2_mod(

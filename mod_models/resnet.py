@@ -81,7 +81,7 @@ def _make_builder(name: str):
         fusion: str = "first_k",
         router: str = "learned",
         backend: Optional[str] = None,
-        inplace: bool = True,
+        inplace: bool = False,
         **kwargs: Any,
     ) -> ResNet:
         return _resnet_mod(
@@ -99,7 +99,7 @@ def _make_builder(name: str):
         "    fusion: ``'first_k'``, ``'last_k'`` or ``'original'``.\n"
         "    router: ``'learned'`` or ``'random'``.\n"
         "    backend: ``'reference'``, ``'triton'``, ``'auto'`` or None for $MOD_BACKEND.\n"
-        "    inplace: MoD blocks may update their input in place when autograd does not need it.\n"
+        "    inplace: False (default): MoD blocks never write into their input; True: they may, where legal.\n"
         "    **kwargs: torchvision ResNet keywords (zero_init_residual, norm_layer, replace_stride_with_dilation).\n"
     )
     return builder

@@ -374,8 +374,7 @@ def test_no_grad_accepts_expanded_input(cls, channels, capacity, k, activation):
 
 @pytest.mark.parametrize("cls, channels, capacity, k, activation", SMALL_BLOCKS)
 def test_train_mode_with_grad_never_mutates_input(cls, channels, capacity, k, activation):
-    block = cls(channels, capacity=capacity).train()
-    assert block.inplace
+    block = cls(channels, capacity=capacity, inplace=True).train()
     x = torch.randn(2, channels, 4, 3)
     x_before = x.clone()
     block(x).sum().backward()
