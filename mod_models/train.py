@@ -1,8 +1,8 @@
 """Train a MoD CNN (or its torchvision baseline): ``python -m mod_models.train``.
 
-The defaults are the paper's ImageNet recipe (SPEC.md section 4): SGD with momentum 0.9 and
-weight decay 1e-4, learning rate 0.1 divided by 10 every 30 epochs, global batch 256,
-100 epochs; random-resized crop 224 and flip for ImageFolder data. Everything is overridable.
+The defaults are the paper's ImageNet recipe: SGD with momentum 0.9 and weight decay 1e-4,
+learning rate 0.1 divided by 10 every 30 epochs, global batch 256, 100 epochs; random-resized
+crop 224 and flip for ImageFolder data. Everything is overridable.
 
 Examples::
 
@@ -15,33 +15,36 @@ Examples::
     torchrun --nproc-per-node 8 -m mod_models.train --model resnet50_mod --data /data/imagenet \\
         --amp bf16 --channels-last --out runs/r50
 
-Outputs in ``--out``: ``checkpoint.pt`` (everything needed to resume, written atomically
-after every epoch), ``best.pt`` (weights of the best validation top-1), ``metrics.csv`` and
-``metrics.json`` (one row per epoch). Bad input (unknown model, missing or empty data folder,
-a checkpoint of another model or run) ends with ``error: ...`` and exit status 2, before
-anything is written.
+Outputs in ``--out`` (a new or empty folder unless resuming): ``checkpoint.pt`` (everything
+needed to resume, including the best epoch's record and weights), ``best.pt`` (weights of the
+best validation top-1), ``metrics.csv`` and ``metrics.json`` (one row per epoch; ``val_top5`` is
+empty / null when the model has 5 classes or fewer, where it would be 100% by definition). They
+are written atomically after every epoch (see :mod:`mod_models.run_folder`): a run killed at any
+point resumes with its best weights intact. Bad input (unknown model, missing or empty data
+folder, an ``--out`` that is a file, read-only or holds another run, a damaged checkpoint or one
+of another model or run) ends with ``error: ...`` and exit status 2, before anything is written;
+a disk that fills up mid-run also exits 2, keeping the last checkpoint. Exit status 3: training
+diverged; 130: interrupted (Ctrl-C lets the checkpoint being written finish).
 
 Resuming continues exactly: model, optimizer, scheduler, AMP scaler, epoch, the RNG states of
 every process and the data order (a function of seed and epoch) are restored, so an
 interrupted run ends bitwise where an uninterrupted one would (on GPUs: with
 ``--deterministic``).
+
+The run's definition and command line live in :mod:`mod_models.train_args`, its files in
+:mod:`mod_models.run_folder`; this module holds the loop.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import dataclasses
 import hashlib
-import io
-import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -50,152 +53,66 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .backend import BACKENDS, resolve_backend
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, load_checkpoint
-from .data import DataError, MAX_SYNTHETIC_CLASSES, SyntheticShapes, image_folder_splits
-from .functional import FUSIONS, ROUTERS
-from .zoo import MOD_BUILDERS, build_model, model_names
+from .checkpoint import CheckpointError, check_training_checkpoint, load_checkpoint
+from .cli_args import EXIT_INPUT_ERROR, check_backend_usable, print_error
+from .data import DataError, SyntheticShapes, image_folder_splits
+from .run_folder import (
+    BEST_NAME,
+    METRIC_COLUMNS,
+    METRICS_CSV,
+    METRICS_JSON,
+    BestWeights,
+    OutputError,
+    RunFolder,
+    best_from_checkpoint,
+    check_run_folder,
+)
+from .train_args import (
+    AMP_MODES,
+    CHECKPOINT_NAME,
+    DEVICES,
+    IDENTITY_FIELDS,
+    OPTIMIZER_FIELDS,
+    RECIPE_FIELDS,
+    SYNTHETIC,
+    SYNTHETIC_IDENTITY_FIELDS,
+    ConfigError,
+    TrainConfig,
+    build_parser,
+    config_from_args,
+    validate_config,
+)
+from .zoo import MOD_BUILDERS, build_model
 
-AMP_MODES = ("none", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-SYNTHETIC = "synthetic"
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
-METRICS_CSV = "metrics.csv"
-METRICS_JSON = "metrics.json"
-EXIT_INPUT_ERROR = 2
+__all__ = [
+    "AMP_MODES",
+    "BEST_NAME",
+    "CHECKPOINT_NAME",
+    "DEVICES",
+    "METRIC_COLUMNS",
+    "METRICS_CSV",
+    "METRICS_JSON",
+    "ConfigError",
+    "OutputError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingFailed",
+    "build_parser",
+    "config_from_args",
+    "evaluate",
+    "main",
+    "seed_everything",
+    "train",
+    "validate_config",
+]
+
 EXIT_TRAINING_FAILED = 3
 EXIT_INTERRUPTED = 130
-
-# Fields that define the run: a resumed run must agree on them.
-IDENTITY_FIELDS = ("model", "capacity", "fusion", "router", "data", "image_size", "num_classes", "seed")
-SYNTHETIC_IDENTITY_FIELDS = ("train_samples", "val_samples")
-# Fields held by the optimizer / scheduler state: changing them on resume would be silently ignored.
-OPTIMIZER_FIELDS = ("lr", "momentum", "weight_decay", "lr_step", "lr_gamma")
-# Fields that change the numbers of a resumed run (allowed, with a warning).
-RECIPE_FIELDS = ("batch_size", "label_smoothing", "amp")
-
-
-class ConfigError(ValueError):
-    """Bad command-line or :class:`TrainConfig` input."""
+TOP5 = 5
 
 
 class TrainingFailed(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (the CLI flags, one for one).
-
-    ``batch_size`` is the global batch, split evenly over the processes of a distributed run.
-    ``image_size`` None means 224 for a data folder and 64 for the synthetic set.
-    ``capacity``/``fusion``/``router`` None keep the MoD builder's defaults (and must stay
-    None for torchvision baselines).
-    """
-
-    model: str = "resnet18_mod"
-    data: str = SYNTHETIC
-    out: Optional[str] = None
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_step: int = 30
-    lr_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    amp: str = "none"
-    channels_last: bool = False
-    backend: str = "auto"
-    compile: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    workers: int = 4
-    image_size: Optional[int] = None
-    num_classes: int = 10
-    train_samples: int = 10_000
-    val_samples: int = 2_000
-    capacity: Optional[int] = None
-    fusion: Optional[str] = None
-    router: Optional[str] = None
-    sync_bn: bool = False
-    log_every: int = 50
-    progress: bool = True
-
-    def resolved_image_size(self) -> int:
-        if self.image_size is not None:
-            return self.image_size
-        return 64 if self.data == SYNTHETIC else 224
-
-    def resolved_out(self) -> str:
-        return self.out if self.out is not None else os.path.join("runs", self.model)
-
-    def model_kwargs(self, num_classes: int) -> dict[str, Any]:
-        """Keywords for :func:`mod_models.zoo.build_model` (what a checkpoint records; no backend)."""
-        kwargs: dict[str, Any] = {"num_classes": num_classes}
-        for name in ("capacity", "fusion", "router"):
-            value = getattr(self, name)
-            if value is not None:
-                kwargs[name] = value
-        return kwargs
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_config(config: TrainConfig) -> TrainConfig:
-    """Raise :class:`ConfigError` with a clear message for any bad field; returns ``config``."""
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if config.model not in model_names():
-        raise ConfigError(f"unknown model {config.model!r}; expected one of: {', '.join(model_names())}")
-    mod_only = [name for name in ("capacity", "fusion", "router") if getattr(config, name) is not None]
-    if config.model not in MOD_BUILDERS and mod_only:
-        raise ConfigError(
-            f"{config.model} is a torchvision baseline; "
-            f"{', '.join('--' + n for n in mod_only)} apply to MoD models only"
-        )
-    positive_ints = ("epochs", "batch_size", "lr_step", "log_every", "num_classes", "train_samples", "val_samples")
-    for name in positive_ints:
-        value = getattr(config, name)
-        if not _is_int(value) or value < 1:
-            raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-    for name in ("workers", "seed"):
-        value = getattr(config, name)
-        if not _is_int(value) or value < 0:
-            raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
-    if config.image_size is not None and (not _is_int(config.image_size) or config.image_size < 8):
-        raise ConfigError(f"image_size must be an int >= 8, got {config.image_size!r}")
-    if config.capacity is not None and (not _is_int(config.capacity) or config.capacity < 1):
-        raise ConfigError(f"capacity must be an int >= 1, got {config.capacity!r}")
-    for name, low, high in (("lr", 0.0, math.inf), ("lr_gamma", 0.0, math.inf)):
-        value = getattr(config, name)
-        if not isinstance(value, (int, float)) or not low < value < high:
-            raise ConfigError(f"{name} must be a number > 0, got {value!r}")
-    for name in ("momentum", "weight_decay"):
-        value = getattr(config, name)
-        if not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
-            raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
-    if not isinstance(config.label_smoothing, (int, float)) or not 0.0 <= config.label_smoothing < 1.0:
-        raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing!r}")
-    choices = {"amp": AMP_MODES, "backend": BACKENDS, "device": DEVICES}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ConfigError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
-    if config.fusion is not None and config.fusion not in FUSIONS:
-        raise ConfigError(f"fusion must be one of {FUSIONS}, got {config.fusion!r}")
-    if config.router is not None and config.router not in ROUTERS:
-        raise ConfigError(f"router must be one of {ROUTERS}, got {config.router!r}")
-    if config.data == SYNTHETIC and not 2 <= config.num_classes <= MAX_SYNTHETIC_CLASSES:
-        raise ConfigError(
-            f"num_classes must be in [2, {MAX_SYNTHETIC_CLASSES}] for the synthetic set, got {config.num_classes}"
-        )
-    if not isinstance(config.data, str) or not config.data:
-        raise ConfigError(f"data must be 'synthetic' or a folder path, got {config.data!r}")
-    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +229,31 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_rng_states(states: list[dict[str, Any]], path: str) -> None:
+    """Raise :class:`CheckpointError` unless every RNG state in ``states`` can be restored.
+
+    Each state is restored for real and the current state put back afterwards, so whatever
+    Python, NumPy or torch would reject is found before the run writes anything.
+    """
+    current = capture_rng_state()
+    try:
+        for rank, state in enumerate(states):
+            try:
+                restore_rng_state(state)
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+                raise CheckpointError(
+                    f"checkpoint {path!r} is damaged: the RNG state of process {rank} cannot be restored "
+                    f"({type(error).__name__}: {error})"
+                ) from None
+    finally:
+        restore_rng_state(current)
+
+
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (seeds of any size: NumPy takes 32 bits, torch 64)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2**64)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -362,18 +300,36 @@ def build_datasets(config: TrainConfig) -> DataBundle:
 
 
 # ---------------------------------------------------------------------------------------------
-# Progress and metrics
+# Progress
 # ---------------------------------------------------------------------------------------------
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain ``step i/n`` lines every ``log_every`` steps otherwise."""
+    """A tqdm bar on a terminal; plain ``step i/n`` lines otherwise.
 
-    def __init__(self, total: int, description: str, *, enabled: bool, log_every: int, use_bar: bool) -> None:
+    Plain lines come at the first step, then whenever ``log_seconds`` have passed since the last
+    line, every ``log_every`` steps if that is set, and at the last step: a log file shows that
+    the run is alive within seconds, and then about twice a minute.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        *,
+        enabled: bool,
+        log_seconds: float,
+        log_every: Optional[int] = None,
+        use_bar: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.total = total
         self.description = description
         self.enabled = enabled
+        self.log_seconds = log_seconds
         self.log_every = log_every
+        self.clock = clock
+        self.last_line = clock()
         self.bar = None
         if enabled and use_bar and sys.stderr.isatty():
             try:
@@ -387,9 +343,13 @@ class Progress:
         """Whether step ``step`` (1-based) should report (so the caller syncs a loss value only then)."""
         if not self.enabled:
             return False
+        if step == 1 or step == self.total:
+            return True
         if self.bar is not None:
-            return step % max(1, min(self.log_every, 10)) == 0 or step == self.total
-        return step % self.log_every == 0 or step == self.total
+            return step % 10 == 0
+        if self.log_every is not None and step % self.log_every == 0:
+            return True
+        return self.clock() - self.last_line >= self.log_seconds
 
     def update(self, step: int, metrics: dict[str, str]) -> None:
         if self.bar is not None:
@@ -398,49 +358,15 @@ class Progress:
         elif self.enabled:
             text = "  ".join(f"{key} {value}" for key, value in metrics.items())
             print(f"{self.description}  step {step}/{self.total}  {text}", flush=True)
+            self.last_line = self.clock()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-METRIC_COLUMNS = (
-    "epoch",
-    "lr",
-    "train_loss",
-    "train_top1",
-    "val_loss",
-    "val_top1",
-    "val_top5",
-    "train_images_per_s",
-    "epoch_seconds",
-)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp_path, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
-
-
-def write_metrics(out_dir: str, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """Rewrite ``metrics.csv`` and ``metrics.json`` from the full history (atomically, so they match the checkpoint)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    _atomic_write_text(os.path.join(out_dir, METRICS_CSV), buffer.getvalue())
-    _atomic_write_text(
-        os.path.join(out_dir, METRICS_JSON), json.dumps({**summary, "history": history}, indent=2) + "\n"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# Model, optimizer, checkpoint
+# Model, optimizer, resume checks
 # ---------------------------------------------------------------------------------------------
 
 
@@ -459,13 +385,10 @@ def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
 def _check_backend_usable(config: TrainConfig, device: torch.device) -> None:
     if config.model not in MOD_BUILDERS:
         return
-    probe = torch.empty(1, 1, 1, 1, device=device)
     try:
-        resolve_backend(config.backend, probe)
-    except (RuntimeError, ImportError) as error:
-        raise ConfigError(
-            f"--backend {config.backend} cannot run on {device}: {error}. Use --backend reference."
-        ) from None
+        check_backend_usable(config.backend, device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -477,16 +400,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 
 
 def check_resume_compatible(config: TrainConfig, checkpoint: dict, path: str) -> list[str]:
-    """Raise :class:`CheckpointError` if ``checkpoint`` is not a run of ``config``; returns warnings."""
-    if checkpoint["kind"] != "full":
-        raise CheckpointError(f"{path!r} holds weights only; resume needs the full {CHECKPOINT_NAME} of a run")
+    """Raise :class:`CheckpointError` if ``checkpoint`` is not an intact run of ``config``; returns warnings."""
+    check_training_checkpoint(checkpoint, path)
     saved_model = checkpoint["model_name"]
     if saved_model != config.model:
         raise CheckpointError(
             f"checkpoint {path!r} was written for model {saved_model!r}, not {config.model!r}; "
             f"pass --model {saved_model} to resume it, or choose another --out for a new run"
         )
-    saved = checkpoint.get("config", {})
+    saved = checkpoint["config"]
     fields = list(IDENTITY_FIELDS) + list(OPTIMIZER_FIELDS)
     if config.data == SYNTHETIC:
         fields += list(SYNTHETIC_IDENTITY_FIELDS)
@@ -509,28 +431,6 @@ def check_resume_compatible(config: TrainConfig, checkpoint: dict, path: str) ->
     return notes
 
 
-def _checkpoint_payload(
-    config: TrainConfig,
-    model: nn.Module,
-    num_classes: int,
-    classes: list[str],
-    epoch: int,
-    history: list[dict[str, Any]],
-    kind: str,
-) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "kind": kind,
-        "model_name": config.model,
-        "model_kwargs": config.model_kwargs(num_classes),
-        "model": _unwrap(model).state_dict(),
-        "epoch": epoch,
-        "classes": list(classes),
-        "config": asdict(config),
-        "history": [dict(row) for row in history],
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -547,9 +447,14 @@ class TrainResult:
     epochs_run: int
 
 
+def top5_applies(num_classes: int) -> bool:
+    """Top-5 accuracy means something only with more than 5 classes (otherwise it is 100% by definition)."""
+    return num_classes > TOP5
+
+
 def _accuracy_counts(logits: Tensor, targets: Tensor, top: int) -> tuple[Tensor, Tensor]:
-    top = min(top, logits.shape[1])
-    predictions = logits.topk(top, dim=1).indices
+    """Top-1 hits and top-``top`` hits of a batch."""
+    predictions = logits.topk(min(top, logits.shape[1]), dim=1).indices
     hits = predictions.eq(targets[:, None])
     return hits[:, :1].sum(), hits.any(dim=1).sum()
 
@@ -560,10 +465,14 @@ def evaluate(
     *,
     device: torch.device,
     info: DistInfo,
+    num_classes: int,
     amp_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (percent) over the whole (sharded) set."""
+) -> dict[str, Optional[float]]:
+    """Loss, top-1 and top-5 accuracy (percent) over the whole (sharded) set.
+
+    ``top5`` is None when ``num_classes`` <= 5 (it would be 100% by definition).
+    """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     totals = torch.zeros(4, dtype=torch.float64)
@@ -574,7 +483,7 @@ def evaluate(
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-            top1, top5 = _accuracy_counts(logits, targets, 5)
+            top1, top5 = _accuracy_counts(logits, targets, TOP5)
             totals += torch.stack(
                 [
                     loss.double().cpu(),
@@ -585,12 +494,34 @@ def evaluate(
             )
     loss_sum, top1, top5, count = _all_reduce_sum(totals.tolist(), info)
     count = max(count, 1.0)
-    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
+    return {
+        "loss": loss_sum / count,
+        "top1": 100.0 * top1 / count,
+        "top5": 100.0 * top5 / count if top5_applies(num_classes) else None,
+    }
 
 
 def _log(info: DistInfo, message: str, *, error: bool = False) -> None:
     if info.is_main:
         print(message, file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def _checked_on_main(info: DistInfo, check: Callable[[], None]) -> None:
+    """Run ``check`` on the main process and raise its input error on every process.
+
+    File-system checks run where the files are written; the other processes must stop too
+    instead of waiting for the main one in the first collective.
+    """
+    failure: Optional[tuple[str, str]] = None
+    if info.is_main:
+        try:
+            check()
+        except (ConfigError, CheckpointError, DataError) as error:
+            failure = (type(error).__name__, str(error))
+    failure = _all_gather_object(failure, info)[0]
+    if failure is not None:
+        kinds = {cls.__name__: cls for cls in (ConfigError, CheckpointError, DataError)}
+        raise kinds[failure[0]](failure[1])
 
 
 def train(
@@ -608,6 +539,7 @@ def train(
 
     Raises:
         ConfigError, DataError, CheckpointError: bad input, found before anything is written.
+        OutputError: the run folder could not be written (e.g. disk full); the last checkpoint is kept.
         TrainingFailed: the loss or the weights became non-finite; the last checkpoint is kept.
     """
     validate_config(config)
@@ -644,14 +576,8 @@ def _train(
                 f"checkpoint {resume!r} was trained on classes {checkpoint['classes'][:5]}..., "
                 f"not those of {config.data!r}"
             )
-        if os.path.exists(checkpoint_path) and not os.path.samefile(checkpoint_path, resume):
-            raise CheckpointError(
-                f"{checkpoint_path!r} already exists and is not the checkpoint being resumed; choose another --out"
-            )
-    elif os.path.exists(checkpoint_path):
-        raise CheckpointError(
-            f"{checkpoint_path!r} already exists; pass --resume to continue that run or choose another --out"
-        )
+        check_rng_states(checkpoint.get("rng") or [], resume)
+    _checked_on_main(info, lambda: check_run_folder(out_dir, resume=resume))
     if len(data.train) < config.batch_size:
         raise ConfigError(f"the training set has {len(data.train)} samples, fewer than one batch ({config.batch_size})")
     _check_backend_usable(config, device)
@@ -675,6 +601,8 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    folder = RunFolder(out_dir, config, data.num_classes, data.classes, info.world_size)
+    best: Optional[BestWeights] = None
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
@@ -682,10 +610,10 @@ def _train(
             scheduler.load_state_dict(checkpoint["scheduler"])
             if checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
-        except (RuntimeError, ValueError, KeyError) as error:
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"checkpoint {resume!r} does not fit this run: {error}") from None
-        history = [dict(row) for row in checkpoint.get("history", [])]
-        start_epoch = int(checkpoint["epoch"])
+        history = [dict(row) for row in checkpoint["history"]]
+        start_epoch = checkpoint["epoch"]
         rng_states = checkpoint.get("rng") or []
         if len(rng_states) == info.world_size:
             restore_rng_state(rng_states[info.rank])
@@ -697,15 +625,26 @@ def _train(
                 error=True,
             )
             seed_everything(config.seed + 1000 * start_epoch + info.rank)
+        if info.is_main:
+            best, warning = best_from_checkpoint(checkpoint, folder.best_path)
+            if warning:
+                _log(info, f"warning: {warning}", error=True)
         _log(info, f"resuming {config.model} from {resume} after epoch {start_epoch}")
     else:
         # Different streams per process (random router, dropout); the weights above are identical.
         seed_everything(config.seed + info.rank)
+
+    # 3. From here on the run folder is written (by the main process only).
+    if info.is_main:
+        folder.prepare(lambda message: _log(info, message))
+        if checkpoint is not None:
+            folder.restore(history, best, lambda message: _log(info, message))
+    best_top1 = max((row["val_top1"] for row in history), default=-1.0)
     if start_epoch >= config.epochs:
         _log(
             info, f"{config.model}: already trained for {start_epoch} epochs (--epochs {config.epochs}); nothing to do"
         )
-        return TrainResult(model, history, max((r["val_top1"] for r in history), default=0.0), out_dir, 0)
+        return TrainResult(model, history, max(best_top1, 0.0), out_dir, 0)
 
     train_model: nn.Module = model
     if info.distributed:
@@ -715,6 +654,7 @@ def _train(
     if config.compile:
         train_model = torch.compile(train_model)
 
+    workers = config.resolved_workers(info.world_size)
     train_sampler = DistributedSampler(
         data.train, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed
     )
@@ -724,7 +664,7 @@ def _train(
         data.train,
         batch_size=local_batch,
         sampler=train_sampler,
-        num_workers=config.workers,
+        num_workers=workers,
         pin_memory=pin,
         drop_last=True,
         generator=loader_generator,
@@ -734,21 +674,20 @@ def _train(
         data.val,
         batch_size=local_batch,
         sampler=ShardSampler(len(data.val), info.rank, info.world_size),
-        num_workers=config.workers,
+        num_workers=workers,
         pin_memory=pin,
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     if info.is_main:
-        os.makedirs(out_dir, exist_ok=True)
         parameters = sum(p.numel() for p in model.parameters())
         _log(
             info,
             f"{config.model}: {parameters / 1e6:.2f} M parameters, {data.num_classes} classes, "
             f"{len(data.train)} train / {len(data.val)} val samples, batch {config.batch_size} "
             f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {device}), "
-            f"amp {config.amp}, backend {config.backend}",
+            f"amp {config.amp}, backend {config.backend}, {workers} data worker{'s' if workers != 1 else ''}"
+            f"{' per process' if info.distributed else ''}",
         )
-    best_top1 = max((row["val_top1"] for row in history), default=-1.0)
 
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
@@ -761,8 +700,8 @@ def _train(
             steps,
             f"epoch {epoch + 1}/{config.epochs}",
             enabled=info.is_main and config.progress,
+            log_seconds=config.log_seconds,
             log_every=config.log_every,
-            use_bar=True,
         )
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, samples
         seen = 0
@@ -807,7 +746,13 @@ def _train(
             _broadcast_buffers(model)
 
         evaluation = evaluate(
-            model, val_loader, device=device, info=info, amp_dtype=amp_dtype, channels_last=config.channels_last
+            model,
+            val_loader,
+            device=device,
+            info=info,
+            num_classes=data.num_classes,
+            amp_dtype=amp_dtype,
+            channels_last=config.channels_last,
         )
         row = {
             "epoch": epoch + 1,
@@ -826,41 +771,37 @@ def _train(
             if len(set(digests)) != 1:
                 raise TrainingFailed(f"the replicas diverged in epoch {epoch + 1} (state digests {digests})")
         history.append(row)
+        best_top1 = max(best_top1, row["val_top1"])
 
         rng_states = _all_gather_object(capture_rng_state(), info)
+        failure: Optional[str] = None
         if info.is_main:
-            payload = _checkpoint_payload(config, model, data.num_classes, data.classes, epoch + 1, history, "full")
-            payload.update(
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler.is_enabled() else {},
-                rng=rng_states,
-                world_size=info.world_size,
-            )
-            atomic_save(payload, checkpoint_path)
-            if row["val_top1"] > best_top1:
-                best_top1 = row["val_top1"]
-                atomic_save(
-                    _checkpoint_payload(config, model, data.num_classes, data.classes, epoch + 1, history, "weights"),
-                    os.path.join(out_dir, BEST_NAME),
-                )
-            summary = {
-                "model": config.model,
-                "config": asdict(config),
-                "classes": data.classes,
+            improved = best is None or row["val_top1"] > best.val_top1
+            if improved:
+                best = BestWeights.snapshot(epoch + 1, row["val_top1"], _unwrap(model))
+            training_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "rng": rng_states,
                 "world_size": info.world_size,
-                "epochs_completed": epoch + 1,
-                "best_val_top1": best_top1,
             }
-            write_metrics(out_dir, history, summary)
-            _log(
-                info,
-                f"epoch {epoch + 1}/{config.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
-                f"top1 {row['train_top1']:.2f}%  val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}% "
-                f"top5 {row['val_top5']:.2f}%  {row['epoch_seconds']:.1f}s",
-            )
-        if info.distributed:
-            dist.barrier()
+            try:
+                folder.save_epoch(_unwrap(model).state_dict(), training_state, history, best, improved)
+            except OutputError as error:
+                failure = str(error)
+            else:
+                top5 = f" top5 {row['val_top5']:.2f}%" if row["val_top5"] is not None else ""
+                _log(
+                    info,
+                    f"epoch {epoch + 1}/{config.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
+                    f"top1 {row['train_top1']:.2f}%  val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}%"
+                    f"{top5}  {row['epoch_seconds']:.1f}s",
+                )
+        # Every process learns whether the main one could save (instead of waiting for it forever).
+        failure = _all_gather_object(failure, info)[0]
+        if failure is not None:
+            raise OutputError(failure)
     _log(info, f"done: best val top-1 {best_top1:.2f}% ({out_dir})")
     return TrainResult(model, history, best_top1, out_dir, config.epochs - start_epoch)
 
@@ -886,159 +827,36 @@ def _check_finite(model: nn.Module, row: dict[str, Any], config: TrainConfig, ch
 # ---------------------------------------------------------------------------------------------
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``, with a clear message otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m mod_models.train",
-        description="Train a MoD CNN or its torchvision baseline (paper recipe defaults; torchrun for several "
-        "processes).",
-        # Options not given are filled from the defaults or, on --resume, from the checkpoint.
-        argument_default=argparse.SUPPRESS,
+def _interrupted_message(config: Optional[TrainConfig]) -> str:
+    if config is None:
+        return "interrupted"
+    out = config.resolved_out()
+    if not os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
+        return "interrupted before the first epoch was saved; nothing to resume"
+    return (
+        f"interrupted; {os.path.join(out, CHECKPOINT_NAME)} holds the last completed epoch "
+        f"(continue with: python -m mod_models.train --out {out} --resume)"
     )
-    what = parser.add_argument_group("model and data")
-    what.add_argument("--model", help=f"zoo name: {', '.join(model_names())} (default {defaults.model})")
-    what.add_argument(
-        "--data",
-        help="'synthetic' (built-in shapes set) or an ImageNet-style folder with train/ and val/ (default synthetic)",
-    )
-    what.add_argument(
-        "--image-size", type=_positive_int, help="training resolution (default 224 for folders, 64 synthetic)"
-    )
-    what.add_argument(
-        "--num-classes",
-        type=_positive_int,
-        help=f"classes of the synthetic set, 2..{MAX_SYNTHETIC_CLASSES} (default {defaults.num_classes})",
-    )
-    what.add_argument(
-        "--train-samples", type=_positive_int, help=f"synthetic train set size (default {defaults.train_samples})"
-    )
-    what.add_argument(
-        "--val-samples", type=_positive_int, help=f"synthetic val set size (default {defaults.val_samples})"
-    )
-    what.add_argument(
-        "--capacity",
-        type=_positive_int,
-        help="MoD capacity c (k = C // c); default: the model's (64 ResNet, 16 MobileNetV2)",
-    )
-    what.add_argument("--fusion", choices=FUSIONS, help="MoD fusion target (default first_k)")
-    what.add_argument("--router", choices=ROUTERS, help="MoD router: learned, or random k channels (default learned)")
-    recipe = parser.add_argument_group("recipe (the paper's ImageNet defaults)")
-    recipe.add_argument("--epochs", type=_positive_int, help=f"total epochs (default {defaults.epochs})")
-    recipe.add_argument(
-        "--batch-size", type=_positive_int, help=f"global batch, split over processes (default {defaults.batch_size})"
-    )
-    recipe.add_argument("--lr", type=_float, help=f"initial learning rate (default {defaults.lr})")
-    recipe.add_argument("--momentum", type=_float, help=f"SGD momentum (default {defaults.momentum})")
-    recipe.add_argument("--weight-decay", type=_float, help=f"weight decay (default {defaults.weight_decay})")
-    recipe.add_argument(
-        "--lr-step", type=_positive_int, help=f"epochs between learning-rate steps (default {defaults.lr_step})"
-    )
-    recipe.add_argument("--lr-gamma", type=_float, help=f"learning-rate factor per step (default {defaults.lr_gamma})")
-    recipe.add_argument("--label-smoothing", type=_float, help="cross-entropy label smoothing (default 0)")
-    run = parser.add_argument_group("execution")
-    run.add_argument("--out", help="output folder (default runs/<model>)")
-    run.add_argument(
-        "--resume",
-        nargs="?",
-        const="",
-        metavar="CHECKPOINT",
-        help=f"continue a run: from CHECKPOINT, or from <out>/{CHECKPOINT_NAME} when no path is given",
-    )
-    run.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default none)")
-    run.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
-    run.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        help="MoD backend: reference (PyTorch), triton (fused kernels), auto (triton on CUDA)",
-    )
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--seed", type=_non_negative_int, help="seed of weights, data set and data order (default 0)")
-    run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on GPUs)")
-    run.add_argument("--device", choices=DEVICES, help="auto: CUDA when available")
-    run.add_argument(
-        "--workers",
-        type=_non_negative_int,
-        help=f"data loader processes per training process (default {defaults.workers})",
-    )
-    run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
-    run.add_argument(
-        "--log-every",
-        type=_positive_int,
-        help=f"steps between progress lines when not on a terminal (default {defaults.log_every})",
-    )
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress output")
-    return parser
-
-
-def config_from_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, Optional[str], Optional[dict]]:
-    """Parse the command line into ``(config, resume_path, checkpoint)``.
-
-    On ``--resume`` the checkpoint's config fills every option not given on the command line.
-    """
-    given = vars(build_parser().parse_args(argv))
-    resume = given.pop("resume", None)
-    if resume is None:
-        return TrainConfig(**given), None, None
-    out = given.get("out")
-    if resume == "":
-        if out is None:
-            raise ConfigError("--resume without a path needs --out (the run folder holding checkpoint.pt)")
-        resume = os.path.join(out, CHECKPOINT_NAME)
-    checkpoint = load_checkpoint(resume)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {key: value for key, value in checkpoint.get("config", {}).items() if key in known}
-    if "model" not in given:
-        saved.setdefault("model", checkpoint["model_name"])
-    merged = {**saved, **given}
-    if out is None:
-        merged["out"] = os.path.dirname(os.path.abspath(resume))
-    return TrainConfig(**merged), resume, checkpoint
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """CLI entry: returns the exit status (0 ok, 2 bad input, 3 training failed, 130 interrupted)."""
+    """CLI entry: returns the exit status (0 ok, 2 bad input or unwritable output, 3 training failed,
+    130 interrupted)."""
+    config: Optional[TrainConfig] = None
     try:
         config, resume, checkpoint = config_from_args(argv)
         validate_config(config)
         train(config, resume=resume, checkpoint=checkpoint)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, OutputError) as error:
         if _env_int("RANK", 0) == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            print_error(error)
         return EXIT_INPUT_ERROR
     except TrainingFailed as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print_error(error)
         return EXIT_TRAINING_FAILED
     except KeyboardInterrupt:
-        print("interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr, flush=True)
+        if _env_int("RANK", 0) == 0:
+            print(_interrupted_message(config), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     return 0
 

@@ -50,13 +50,23 @@ def file_digest(path) -> str:
 
 
 def run_module(
-    module: str, *args: str, timeout: float = 240, env_extra: dict | None = None
+    module: str,
+    *args: str,
+    timeout: float = 240,
+    env_extra: dict | None = None,
+    env_remove: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
-    """``python -m module args...`` from the repository root, output captured."""
+    """``python -m module args...`` from the repository root, output captured.
+
+    The child imports this checkout (``PYTHONPATH`` starts with the repository root).
+    """
     env = dict(os.environ)
     env.pop("MOD_BACKEND", None)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
+    for name in env_remove:
+        env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,
@@ -65,6 +75,25 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+class ScriptedTop1:
+    """Stands in for :func:`mod_models.train.evaluate`: the real evaluation, but the validation top-1
+    of epoch ``e`` (1-based) is ``script[e - 1]``, so a test decides which epochs are the best.
+
+    Set :attr:`epochs_done` to the checkpoint's epoch before resuming a run with it.
+    """
+
+    def __init__(self, script: list[float], evaluate) -> None:
+        self.script = list(script)
+        self.evaluate = evaluate
+        self.epochs_done = 0
+
+    def __call__(self, *args, **kwargs):
+        result = self.evaluate(*args, **kwargs)
+        top1 = self.script[self.epochs_done]
+        self.epochs_done += 1
+        return {**result, "top1": top1}
 
 
 def assert_same_tree(a, b, where="") -> None:

@@ -48,7 +48,7 @@ def test_short_training_learns(tmp_path):
     assert history[-1]["train_loss"] < 0.75 * history[0]["train_loss"]
     assert history[-1]["val_top1"] >= 40.0, [row["val_top1"] for row in history]
     assert history[-1]["val_top1"] > history[0]["val_top1"] + 10.0
-    assert history[-1]["val_top5"] == 100.0  # 4 classes: the top 5 always hold the answer
+    assert all(row["val_top5"] is None for row in history)  # 4 classes: top-5 would be 100% by definition
 
     with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
