@@ -18,7 +18,6 @@ Two sources, both returning ``(image [3, H, W] float32, label int)``:
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .cli_args import EXIT_INPUT_ERROR, CliParser, int_at_least, positive_int, print_error, seed_int
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -353,6 +354,13 @@ def image_folder(root: str | os.PathLike, *, train: bool, image_size: int = 224)
     return dataset
 
 
+def _names(classes: list[str], limit: int = 10) -> str:
+    if not classes:
+        return "none"
+    shown = ", ".join(repr(name) for name in classes[:limit])
+    return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
+
+
 def image_folder_splits(root: str | os.PathLike, *, image_size: int = 224):
     """``(train, val)`` ImageFolders of an ImageNet-style tree ``root/train/<class>/...``, ``root/val/<class>/...``.
 
@@ -373,24 +381,27 @@ def image_folder_splits(root: str | os.PathLike, *, image_size: int = 224):
     train = image_folder(os.path.join(path, "train"), train=True, image_size=image_size)
     val = image_folder(os.path.join(path, "val"), train=False, image_size=image_size)
     if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
         raise DataError(
-            f"train and val folders of {path!r} have different classes "
-            f"({len(train.classes)} vs {len(val.classes)}); they must match for the labels to agree"
+            f"train and val folders of {path!r} have different classes: "
+            f"only in train: {_names(only_train)}; only in val: {_names(only_val)}. "
+            "They must match for the labels to agree"
         )
     return train, val
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m mod_models.data",
         description="Write the synthetic shapes set as an ImageFolder tree (DIR/train/<class>, DIR/val/<class>).",
     )
     parser.add_argument("out", help="output folder")
-    parser.add_argument("--train-samples", type=int, default=2000)
-    parser.add_argument("--val-samples", type=int, default=500)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-samples", type=positive_int, default=2000)
+    parser.add_argument("--val-samples", type=positive_int, default=500)
+    parser.add_argument("--image-size", type=int_at_least(8), default=64)
+    parser.add_argument("--num-classes", type=positive_int, default=10)
+    parser.add_argument("--seed", type=seed_int, default=0)
     args = parser.parse_args(argv)
     try:
         for split, count in (("train", args.train_samples), ("val", args.val_samples)):
@@ -400,8 +411,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_image_folder(dataset, os.path.join(args.out, split))
             print(f"wrote {count} {split} images to {os.path.join(args.out, split)}")
     except (ValueError, TypeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print_error(error)
+        return EXIT_INPUT_ERROR
     return 0
 
 

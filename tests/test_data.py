@@ -130,6 +130,18 @@ def test_image_folder_splits_need_matching_classes(tmp_path):
         image_folder_splits(tmp_path, image_size=16)
 
 
+def test_different_class_folders_are_named(tmp_path):
+    """Same number of classes, different names: the error says which ones differ."""
+    write_image_folder(SyntheticShapes(6, image_size=16, num_classes=3), tmp_path / "train")
+    write_image_folder(SyntheticShapes(6, image_size=16, num_classes=3, split="val"), tmp_path / "val")
+    os.rename(tmp_path / "val" / "disk", tmp_path / "val" / "disc")
+    with pytest.raises(DataError) as error:
+        image_folder_splits(tmp_path, image_size=16)
+    message = str(error.value)
+    assert "only in train: 'disk'" in message and "only in val: 'disc'" in message, message
+    assert "stripes" not in message  # the classes both have are not listed
+
+
 def test_data_cli_writes_image_folder(tmp_path):
     from mod_models.data import main
 
