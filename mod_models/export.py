@@ -9,32 +9,48 @@
   ONNX Runtime ranks NaN first, exactly as the stable sort does, so the selection is the same.
   With ``with_selections=True`` the ONNX model also returns each MoD block's selected channels
   ``[B, k]`` (outputs ``selection.<block>``), so deployments can check routing too.
+  Every written ONNX model passes ``onnx.checker.check_model`` (full check) or is removed.
 * :func:`onnx_parity` runs the ONNX model in ONNX Runtime on the CPU and compares logits
-  (within a tolerance) and every block's selection (exactly) with PyTorch.
-* :func:`ort_cpu_latency` / :func:`torch_cpu_latency`: median and spread of CPU latency.
+  (within a tolerance; the same NaN / infinity in both counts as agreement) and every block's
+  selection (exactly) with PyTorch.
+* :func:`ort_cpu_latency` / :func:`torch_cpu_latency`: CPU latency measured with
+  ``torch.utils.benchmark`` (warm-up, then repeated until the spread is small or a time budget is
+  spent): median, 20th/80th percentiles and whether the spread is small enough to trust.
+
+Models with ``router="random"`` draw their channels from PyTorch's RNG at every call: they are
+refused by :func:`export_onnx` (ONNX cannot reproduce that draw, and ``torch.export`` cannot
+trace it with a dynamic batch) and by :func:`export_program` with ``dynamic_batch=True``.
 
 ``python -m mod_models.export --checkpoint runs/r18/best.pt --out runs/r18/export --check --latency``
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
 import os
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .backend import set_backend
 from .blocks import MoDBlock
+from .cli_args import (
+    EXIT_INPUT_ERROR,
+    CliParser,
+    check_writable_folder,
+    int_at_least,
+    positive_float,
+    positive_int,
+    print_error,
+    seed_int,
+)
 
 LOGITS_NAME = "logits"
 INPUT_NAME = "images"
@@ -43,6 +59,22 @@ SELECTION_PREFIX = "selection."
 
 def _mod_blocks(model: nn.Module) -> list[tuple[str, MoDBlock]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MoDBlock)]
+
+
+def check_exportable(model: nn.Module, *, dynamic_batch: bool = True) -> None:
+    """Raise ``ValueError`` for a model whose MoD blocks route randomly (``router="random"``).
+
+    Their selection is a fresh ``torch.rand`` draw at every call: ONNX has no counterpart of
+    PyTorch's generator, and ``torch.export`` cannot trace the draw with a dynamic batch.
+    """
+    random_blocks = [name for name, block in _mod_blocks(model) if block.router is None]
+    if random_blocks:
+        what = "ONNX export or torch.export with a dynamic batch" if dynamic_batch else "ONNX export"
+        raise ValueError(
+            f"the model routes randomly (router='random', blocks {', '.join(random_blocks[:4])}"
+            f"{', ...' if len(random_blocks) > 4 else ''}): it draws its channels from PyTorch's RNG at every "
+            f"call, which {what} cannot reproduce; export a model trained with the learned router"
+        )
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
@@ -107,11 +139,14 @@ def export_program(
     Args:
         model: a MoD model or a torchvision baseline.
         example: an example input ``[B, 3, H, W]`` or its shape.
-        dynamic_batch: export the batch dimension as dynamic (the example's batch must then be >= 2).
+        dynamic_batch: export the batch dimension as dynamic (the example's batch must then be >= 2;
+            random-router models cannot, see :func:`check_exportable`).
         with_selections: also return every MoD block's selection (see :class:`WithSelections`).
     """
     x = _example_input(example)
     prepared = prepare_for_export(model)
+    if dynamic_batch:
+        check_exportable(prepared, dynamic_batch=True)
     module: nn.Module = WithSelections(prepared) if with_selections else prepared
     dynamic_shapes = None
     if dynamic_batch:
@@ -174,6 +209,10 @@ def export_onnx(
         with_selections: add one ``selection.<block>`` output ``[B, k]`` int64 per MoD block.
         dynamic_batch: make the batch dimension dynamic.
         opset: ONNX opset (None: the exporter's default).
+
+    Raises:
+        ValueError: a random-router model (see :func:`check_exportable`) or a bad example.
+        OnnxCheckError: the written model fails ``onnx.checker.check_model`` (it is removed).
     """
     try:
         import onnxscript  # noqa: F401  (the ONNX exporter needs it)
@@ -182,6 +221,7 @@ def export_onnx(
             "ONNX export needs the packages onnx and onnxscript: pip install 'mod-cnn[export]'"
         ) from error
     path = os.fspath(path)
+    check_exportable(model, dynamic_batch=dynamic_batch)
     program = export_program(model, example, dynamic_batch=dynamic_batch, with_selections=with_selections)
     block_names = [name for name, _ in _mod_blocks(model)] if with_selections else []
     output_names = [LOGITS_NAME] + [SELECTION_PREFIX + name for name in block_names]
@@ -193,7 +233,26 @@ def export_onnx(
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     onnx_program.save(path)
+    check_onnx_file(path)
     return OnnxExport(path=path, input_name=INPUT_NAME, output_names=output_names, block_names=block_names)
+
+
+class OnnxCheckError(RuntimeError):
+    """An exported ONNX model that ``onnx.checker`` rejects (the file is removed)."""
+
+
+def check_onnx_file(path: str | os.PathLike) -> None:
+    """``onnx.checker.check_model(path, full_check=True)``; on failure remove ``path`` and raise :class:`OnnxCheckError`."""
+    import onnx
+
+    path = os.fspath(path)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OnnxCheckError(f"the exported ONNX model fails onnx.checker and was removed: {first_line}") from None
 
 
 def ort_session(path: str | os.PathLike, *, threads: Optional[int] = None):
@@ -236,6 +295,25 @@ class ParityReport:
         return self.outputs_close and self.selections_equal
 
 
+def outputs_agree(reference: Tensor, other: Tensor, *, atol: float, rtol: float) -> tuple[Tensor, float]:
+    """Elementwise agreement of ``other`` with ``reference`` and the largest finite difference.
+
+    Finite values agree within ``atol + rtol * |reference|``; non-finite values agree when both
+    sides hold the same one (NaN and NaN, +inf and +inf, -inf and -inf). ``max_abs_diff`` is taken
+    over the finite pairs, and is ``inf`` when a non-finite value meets a different one.
+    """
+    if reference.shape != other.shape:
+        raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(other.shape)}")
+    reference, other = reference.double(), other.double()
+    finite = torch.isfinite(reference) & torch.isfinite(other)
+    same_special = (torch.isnan(reference) & torch.isnan(other)) | (torch.isinf(reference) & (reference == other))
+    difference = torch.where(finite, (other - reference).abs(), torch.zeros_like(reference))
+    agree = (finite & (difference <= atol + rtol * reference.abs())) | same_special
+    if bool((~finite & ~same_special).any()):
+        return agree, float("inf")
+    return agree, float(difference.max()) if difference.numel() else 0.0
+
+
 def onnx_parity(
     model: nn.Module,
     exported: OnnxExport | str | os.PathLike,
@@ -247,7 +325,8 @@ def onnx_parity(
 ) -> ParityReport:
     """Run ``inputs`` through PyTorch (reference backend) and ONNX Runtime (CPU) and compare.
 
-    Logits must agree within ``atol + rtol * |reference|``. Every block's selection must be
+    Logits must agree within ``atol + rtol * |reference|`` (see :func:`outputs_agree`: the same
+    NaN or infinity on both sides agrees; ``max_abs_diff`` is over the finite ones). Every block's selection must be
     identical, except where ONNX Runtime picked, slot for slot, channels whose PyTorch router
     scores are within ``score_tol`` of PyTorch's choice (a near-tie; see :class:`ParityReport`).
     Pass ``score_tol=0`` to demand identical selections. Random-router models cannot be compared
@@ -281,8 +360,8 @@ def onnx_parity(
         for hook in hooks:
             hook.remove()
     logits = torch.from_numpy(onnx_outputs[0])
-    difference = (logits - reference[0]).abs()
-    outputs_close = bool((difference <= atol + rtol * reference[0].abs()).all())
+    agree, max_abs_diff = outputs_agree(reference[0], logits, atol=atol, rtol=rtol)
+    outputs_close = bool(agree.all())
     mismatched: dict[str, int] = {}
     near_ties: dict[str, int] = {}
     for name, selection in zip(reference_model.block_names, reference[1:]):
@@ -308,7 +387,7 @@ def onnx_parity(
         if tied:
             near_ties[name] = tied
     return ParityReport(
-        max_abs_diff=float(difference.max()),
+        max_abs_diff=max_abs_diff,
         outputs_close=outputs_close,
         selections_equal=not mismatched,
         mismatched_selections=mismatched,
@@ -320,43 +399,106 @@ def onnx_parity(
     )
 
 
+# Latency whose interquartile range exceeds this fraction of its median is not to be trusted.
+SPREAD_LIMIT = 0.1
+
+
 @dataclass
 class LatencyStats:
-    """Latency in milliseconds: median with the 20th and 80th percentiles."""
+    """Latency of one call in milliseconds, from :mod:`torch.utils.benchmark` measurements.
+
+    ``median_ms``, ``p20_ms``, ``p80_ms`` and ``iqr_ms`` (75th - 25th percentile) over the timed
+    blocks (``iterations`` calls in all, after ``warmup`` untimed ones); ``spread`` is
+    ``iqr_ms / median_ms`` and ``reliable`` says whether it is at most :data:`SPREAD_LIMIT` (a busy
+    machine gives a large spread: such a median is not worth comparing).
+    """
 
     median_ms: float
     p20_ms: float
     p80_ms: float
+    iqr_ms: float
     iterations: int
     runtime: str
     threads: Optional[int]
+    warmup: int = 0
+    spread: float = 0.0
+    reliable: bool = True
+
+    def summary(self) -> str:
+        return (
+            f"{self.runtime:<16} batch 1: median {self.median_ms:.2f} ms "
+            f"(p20 {self.p20_ms:.2f}, p80 {self.p80_ms:.2f}; {self.iterations} runs)"
+        )
+
+    def warning(self) -> Optional[str]:
+        """A line saying why the numbers cannot be trusted, or None when they can."""
+        if self.reliable:
+            return None
+        return (
+            f"warning: {self.runtime} latency varies too much to trust (interquartile range {self.iqr_ms:.2f} ms = "
+            f"{100 * self.spread:.0f}% of the median {self.median_ms:.2f} ms over {self.iterations} runs); "
+            "the CPU is probably busy: measure again on an idle machine, or with fewer --threads"
+        )
 
 
-def _stats(samples: list[float], runtime: str, threads: Optional[int]) -> LatencyStats:
-    ordered = sorted(samples)
-    quantiles = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9
+def _check_timing_args(warmup: int, min_seconds: float, max_seconds: float) -> None:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    for name, value in (("min_seconds", min_seconds), ("max_seconds", max_seconds)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    if min_seconds > max_seconds:
+        raise ValueError(f"min_seconds ({min_seconds}) must not exceed max_seconds ({max_seconds})")
+
+
+def _measure(
+    call: Callable[[], Any],
+    runtime: str,
+    threads: Optional[int],
+    *,
+    warmup: int,
+    min_seconds: float,
+    max_seconds: float,
+) -> LatencyStats:
+    """Warm ``call`` up, then time it with ``Timer.adaptive_autorange``: blocks of calls until the
+    interquartile range is within :data:`SPREAD_LIMIT` of the median (after ``min_seconds``) or
+    ``max_seconds`` of timed calls were spent."""
+    from torch.utils import benchmark
+
+    _check_timing_args(warmup, min_seconds, max_seconds)
+    for _ in range(warmup):
+        call()
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    measurement = timer.adaptive_autorange(threshold=SPREAD_LIMIT, min_run_time=min_seconds, max_run_time=max_seconds)
+    times = sorted(measurement.times)
+    if len(times) > 1:
+        deciles = statistics.quantiles(times, n=10, method="inclusive")
+        p20, p80 = deciles[1], deciles[7]
+    else:
+        p20 = p80 = times[0]
+    median, iqr = measurement.median, measurement.iqr
+    spread = iqr / median if median > 0 else float("inf")
     return LatencyStats(
-        median_ms=1e3 * statistics.median(ordered),
-        p20_ms=1e3 * quantiles[1],
-        p80_ms=1e3 * quantiles[7],
-        iterations=len(ordered),
+        median_ms=1e3 * median,
+        p20_ms=1e3 * p20,
+        p80_ms=1e3 * p80,
+        iqr_ms=1e3 * iqr,
+        iterations=len(measurement.raw_times) * measurement.number_per_run,
         runtime=runtime,
         threads=threads,
+        warmup=warmup,
+        spread=spread,
+        reliable=spread <= SPREAD_LIMIT,
     )
-
-
-def _check_timing_args(warmup: int, iterations: int) -> None:
-    for name, value, minimum in (("warmup", warmup, 0), ("iterations", iterations, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def ort_cpu_latency(
     model: str | os.PathLike | Any,
     inputs: Tensor,
     *,
-    warmup: int = 5,
-    iterations: int = 30,
+    warmup: int = 10,
+    min_seconds: float = 1.0,
+    max_seconds: float = 10.0,
     threads: Optional[int] = None,
 ) -> LatencyStats:
     """ONNX Runtime CPU latency of one ``run`` on ``inputs``.
@@ -364,56 +506,55 @@ def ort_cpu_latency(
     Args:
         model: an ``.onnx`` path or an ``onnxruntime.InferenceSession``.
         inputs: ``[B, 3, H, W]`` input (built once, outside the timed region).
-        warmup, iterations: untimed and timed runs.
+        warmup: untimed runs first.
+        min_seconds, max_seconds: timed runs go on for at least ``min_seconds`` and until the
+            spread is small, for at most ``max_seconds``.
         threads: ORT intra-op threads (None: ORT's default, all cores); ignored for a session.
     """
-    _check_timing_args(warmup, iterations)
     session = model if hasattr(model, "run") and hasattr(model, "get_inputs") else ort_session(model, threads=threads)
     feed = {session.get_inputs()[0].name: inputs.detach().cpu().float().numpy()}
-    for _ in range(warmup):
-        session.run(None, feed)
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        session.run(None, feed)
-        samples.append(time.perf_counter() - start)
-    return _stats(samples, "onnxruntime-cpu", threads)
+    return _measure(
+        lambda: session.run(None, feed),
+        "onnxruntime-cpu",
+        threads,
+        warmup=warmup,
+        min_seconds=min_seconds,
+        max_seconds=max_seconds,
+    )
 
 
 def torch_cpu_latency(
     model: nn.Module,
     inputs: Tensor,
     *,
-    warmup: int = 5,
-    iterations: int = 30,
+    warmup: int = 10,
+    min_seconds: float = 1.0,
+    max_seconds: float = 10.0,
     threads: Optional[int] = None,
 ) -> LatencyStats:
     """PyTorch eager CPU latency of ``model(inputs)`` under ``inference_mode`` (measured as :func:`ort_cpu_latency`)."""
-    _check_timing_args(warmup, iterations)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         model = model.eval()
         x = inputs.detach().cpu()
-        with torch.inference_mode():
-            for _ in range(warmup):
+
+        def call() -> None:
+            with torch.inference_mode():
                 model(x)
-            samples = []
-            for _ in range(iterations):
-                start = time.perf_counter()
-                model(x)
-                samples.append(time.perf_counter() - start)
+
+        return _measure(
+            call, "pytorch-cpu", threads, warmup=warmup, min_seconds=min_seconds, max_seconds=max_seconds
+        )
     finally:
         torch.set_num_threads(previous)
-    return _stats(samples, "pytorch-cpu", threads)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from .checkpoint import CheckpointError, model_from_checkpoint
-    from .zoo import MOD_BUILDERS, build_model, model_names
-
-    parser = argparse.ArgumentParser(
+def build_parser() -> CliParser:
+    parser = CliParser(
         prog="python -m mod_models.export",
         description="Export a MoD model (torch.export .pt2 and ONNX), check ONNX Runtime against PyTorch, "
         "time both on the CPU.",
@@ -421,25 +562,42 @@ def main(argv: Optional[list[str]] = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint.pt / best.pt written by mod_models.train")
     source.add_argument("--model", help="a zoo model with freshly initialised weights")
-    parser.add_argument("--num-classes", type=int, default=1000, help="with --model")
-    parser.add_argument("--seed", type=int, default=0, help="with --model: seed of the initial weights")
-    parser.add_argument("--image-size", type=int, help="default: the run's (or 224)")
-    parser.add_argument("--batch", type=int, default=2, help="example batch (the exported batch is dynamic)")
+    parser.add_argument("--num-classes", type=positive_int, default=1000, help="with --model")
+    parser.add_argument("--seed", type=seed_int, default=0, help="with --model: seed of the initial weights")
+    parser.add_argument("--image-size", type=int_at_least(8), help="default: the run's (or 224)")
+    parser.add_argument(
+        "--batch", type=int_at_least(2), default=2, help="example batch, >= 2 (the exported batch is dynamic)"
+    )
     parser.add_argument("--out", required=True, help="output folder: model.onnx, model.pt2, export.json")
-    parser.add_argument("--opset", type=int)
+    parser.add_argument("--opset", type=positive_int)
     parser.add_argument("--no-selections", action="store_true", help="ONNX model without the selection outputs")
     parser.add_argument(
         "--check", action="store_true", help="compare ONNX Runtime with PyTorch (logits and selections)"
     )
     parser.add_argument("--latency", action="store_true", help="time ONNX Runtime and PyTorch on the CPU at batch 1")
-    parser.add_argument("--threads", type=int, help="CPU threads for the latency runs")
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for the latency runs (default: all)")
+    parser.add_argument(
+        "--latency-seconds",
+        type=positive_float,
+        default=10.0,
+        help="most seconds of timed runs per runtime (default 10; timing stops earlier once the spread is small)",
+    )
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI entry: 0 ok, 1 ONNX Runtime disagrees with PyTorch (--check), 2 bad input (nothing written)."""
+    from .checkpoint import CheckpointError, model_from_checkpoint
+    from .zoo import MOD_BUILDERS, build_model, model_names
+
+    args = build_parser().parse_args(argv)
     try:
+        # Everything that can be wrong is checked before anything is written.
         if args.checkpoint:
             model, checkpoint = model_from_checkpoint(args.checkpoint, backend="reference")
-            config = checkpoint.get("config", {})
+            config = checkpoint.get("config") or {}
             trained_size = config.get("image_size") or (64 if config.get("data") == "synthetic" else 224)
-            image_size = args.image_size or trained_size
+            image_size = args.image_size if args.image_size is not None else trained_size
         else:
             if args.model not in model_names():
                 raise ValueError(f"unknown model {args.model!r}; expected one of: {', '.join(model_names())}")
@@ -448,12 +606,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 kwargs["backend"] = "reference"
             torch.manual_seed(args.seed)
             model = build_model(args.model, **kwargs).eval()
-            image_size = args.image_size or 224
-        if args.batch < 2:
-            raise ValueError("--batch must be >= 2 (the exported batch dimension is dynamic)")
-        os.makedirs(args.out, exist_ok=True)
+            image_size = args.image_size if args.image_size is not None else 224
+        check_exportable(model)
+        check_writable_folder(args.out)
         example = torch.randn(args.batch, 3, image_size, image_size)
         program = export_program(model, example)
+        os.makedirs(args.out, exist_ok=True)
         pt2_path = os.path.join(args.out, "model.pt2")
         torch.export.save(program, pt2_path)
         exported = export_onnx(
@@ -464,8 +622,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             opset=args.opset,
         )
     except (CheckpointError, ValueError, TypeError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print_error(error)
+        return EXIT_INPUT_ERROR
+    except OnnxCheckError as error:
+        print_error(error)
+        return 1
     report: dict[str, Any] = {
         "onnx": exported.path,
         "torch_export": pt2_path,
@@ -484,14 +645,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         status = 0 if parity.ok else 1
     if args.latency:
         one = torch.randn(1, 3, image_size, image_size)
-        ort_stats = ort_cpu_latency(exported.path, one, threads=args.threads)
-        torch_stats = torch_cpu_latency(prepare_for_export(model), one, threads=args.threads)
+        budget = {"min_seconds": min(1.0, args.latency_seconds), "max_seconds": args.latency_seconds}
+        torch_stats = torch_cpu_latency(prepare_for_export(model), one, threads=args.threads, **budget)
+        ort_stats = ort_cpu_latency(exported.path, one, threads=args.threads, **budget)
         report["latency"] = {"onnxruntime": asdict(ort_stats), "pytorch": asdict(torch_stats)}
         for stats in (torch_stats, ort_stats):
-            print(
-                f"{stats.runtime:<16} batch 1: median {stats.median_ms:.2f} ms "
-                f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f})"
-            )
+            print(stats.summary())
+        for stats in (torch_stats, ort_stats):
+            if stats.warning():
+                print(stats.warning(), file=sys.stderr)
     with open(os.path.join(args.out, "export.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     return status
