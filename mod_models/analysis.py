@@ -28,8 +28,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .backend import BACKENDS
 from .blocks import MoDBlock
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .cli_args import (
+    EXIT_INPUT_ERROR,
+    CliParser,
+    check_backend_usable,
+    check_writable_folder,
+    int_at_least,
+    parse_device,
+    positive_int,
+    print_error,
+    seed_int,
+)
 from .data import DataError, SyntheticShapes, image_folder
 
 USAGE_CSV = "channel_usage.csv"
@@ -237,8 +249,13 @@ def write_summary_csv(usage: ChannelUsage, path: str) -> None:
             writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()})
 
 
-def plot_heatmap(usage: ChannelUsage, path: str, *, max_classes: int = 40, title: Optional[str] = None) -> None:
-    """One heatmap per MoD block: channels across; ``all`` and (up to ``max_classes``) classes down."""
+COLORBAR_LABEL = "fraction of samples selecting the channel"
+
+
+def heatmap_figure(usage: ChannelUsage, *, max_classes: int = 40, title: Optional[str] = None):
+    """The routing heatmap as a matplotlib ``Figure``: one panel per MoD block, channels across,
+    ``all`` and (up to ``max_classes``) classes down, one shared colorbar. Constrained layout
+    keeps every label (the colorbar's included) inside the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,8 +264,10 @@ def plot_heatmap(usage: ChannelUsage, path: str, *, max_classes: int = 40, title
     shown = min(len(usage.classes), max_classes)
     row_labels = ["all"] + usage.classes[:shown]
     n_blocks = len(usage.block_names)
-    panel_height = 0.6 + 0.18 * len(row_labels)
-    figure, axes = plt.subplots(n_blocks, 1, figsize=(11, panel_height * n_blocks + 0.8), squeeze=False)
+    panel_height = 0.9 + 0.18 * len(row_labels)
+    figure, axes = plt.subplots(
+        n_blocks, 1, figsize=(11, panel_height * n_blocks + 0.6), squeeze=False, layout="constrained"
+    )
     image = None
     for block, axis in enumerate(axes[:, 0]):
         values = torch.cat([usage.frequency(block)[None], usage.class_frequency(block)[:shown]]).numpy()
@@ -261,11 +280,19 @@ def plot_heatmap(usage: ChannelUsage, path: str, *, max_classes: int = 40, title
         axis.set_xlabel("channel", fontsize=7)
         axis.tick_params(axis="x", labelsize=6)
     figure.suptitle(title or f"MoD channel selection frequency ({usage.num_samples} samples)", fontsize=10)
-    figure.tight_layout(rect=(0, 0, 0.93, 0.98))
-    colorbar_axis = figure.add_axes((0.94, 0.1, 0.015, 0.8))
-    figure.colorbar(image, cax=colorbar_axis, label="fraction of samples selecting the channel")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    figure.colorbar(image, ax=axes[:, 0].tolist(), label=COLORBAR_LABEL, fraction=0.025, pad=0.01)
+    return figure
+
+
+def plot_heatmap(usage: ChannelUsage, path: str, *, max_classes: int = 40, title: Optional[str] = None) -> None:
+    """Save :func:`heatmap_figure` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    figure = heatmap_figure(usage, max_classes=max_classes, title=title)
+    try:
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
 
 
 def write_report(usage: ChannelUsage, out_dir: str, *, per_class: bool = True, max_classes: int = 40) -> dict[str, str]:
@@ -283,15 +310,15 @@ def write_report(usage: ChannelUsage, out_dir: str, *, per_class: bool = True, m
 
 
 def _evaluation_dataset(args: argparse.Namespace, config: dict) -> tuple[Dataset, int, list[str]]:
-    data = args.data or config.get("data", "synthetic")
-    image_size = args.image_size or config.get("image_size") or (64 if data == "synthetic" else 224)
+    data = args.data if args.data is not None else config.get("data", "synthetic")
+    image_size = _given_or(args.image_size, config.get("image_size"), 64 if data == "synthetic" else 224)
     if data == "synthetic":
-        num_classes = args.num_classes or config.get("num_classes", 10)
+        num_classes = _given_or(args.num_classes, config.get("num_classes"), 10)
         dataset = SyntheticShapes(
-            args.samples or config.get("val_samples", 2000),
+            _given_or(args.samples, config.get("val_samples"), 2000),
             image_size=image_size,
             num_classes=num_classes,
-            seed=config.get("seed", 0) if args.seed is None else args.seed,
+            seed=_given_or(args.seed, config.get("seed"), 0),
             split="val",
         )
         return dataset, num_classes, list(dataset.classes)
@@ -300,47 +327,70 @@ def _evaluation_dataset(args: argparse.Namespace, config: dict) -> tuple[Dataset
     return dataset, len(dataset.classes), list(dataset.classes)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+def _given_or(given, *fallbacks):
+    """``given`` unless it is None, else the first fallback that is not None (0 is a value, not a gap)."""
+    for value in (given, *fallbacks):
+        if value is not None:
+            return value
+    return None
+
+
+def build_parser() -> CliParser:
+    parser = CliParser(
         prog="python -m mod_models.analysis",
         description="Channel-usage study of a trained MoD model: selection frequency per block, overall and per class.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt written by mod_models.train")
     parser.add_argument("--data", help="'synthetic' or a folder (DIR/val or an ImageFolder); default: the run's data")
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/routing)")
-    parser.add_argument("--samples", type=int, help="synthetic: samples of the val split (default: the run's)")
-    parser.add_argument("--max-samples", type=int, help="stop after this many samples")
-    parser.add_argument("--image-size", type=int, help="default: the run's")
-    parser.add_argument("--num-classes", type=int, help="synthetic: default the run's")
-    parser.add_argument("--seed", type=int, help="synthetic: default the run's")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", choices=("reference", "triton", "auto"), default="reference")
+    parser.add_argument(
+        "--samples", type=positive_int, help="synthetic: samples of the val split (default: the run's)"
+    )
+    parser.add_argument("--max-samples", type=positive_int, help="stop after this many samples")
+    parser.add_argument("--image-size", type=int_at_least(8), help="default: the run's")
+    parser.add_argument("--num-classes", type=int_at_least(2), help="synthetic: default the run's")
+    parser.add_argument("--seed", type=seed_int, help="synthetic: default the run's")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="reference",
+        help="MoD backend (triton on a CPU needs TRITON_INTERPRET=1)",
+    )
     parser.add_argument("--no-per-class", action="store_true", help="only the overall rows in channel_usage.csv")
-    parser.add_argument("--max-classes", type=int, default=40, help="classes shown in the heatmap")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-classes", type=positive_int, default=40, help="classes shown in the heatmap")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI entry: 0 ok, 2 bad input (``error: ...``; nothing written)."""
+    args = build_parser().parse_args(argv)
     try:
+        device = parse_device(args.device)
+        check_backend_usable(args.backend, device)
         checkpoint = load_checkpoint(args.checkpoint)
         model, _ = model_from_checkpoint(checkpoint, backend=args.backend)
-        dataset, num_classes, classes = _evaluation_dataset(args, checkpoint.get("config", {}))
+        out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "routing")
+        check_writable_folder(out_dir)
+        dataset, num_classes, classes = _evaluation_dataset(args, checkpoint.get("config") or {})
         if checkpoint.get("classes") and len(checkpoint["classes"]) != num_classes:
             raise DataError(
                 f"the model was trained on {len(checkpoint['classes'])} classes, the data has {num_classes}"
             )
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
         usage = channel_usage(
-            model.to(args.device),
+            model.to(device),
             loader,
             num_classes=num_classes,
             classes=classes,
-            device=args.device,
+            device=device,
             max_samples=args.max_samples,
         )
-        out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "routing")
         paths = write_report(usage, out_dir, per_class=not args.no_per_class, max_classes=args.max_classes)
     except (CheckpointError, DataError, ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print_error(error)
+        return EXIT_INPUT_ERROR
     for block in range(len(usage.block_names)):
         row = usage.summary(block)
         print(

@@ -7,10 +7,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from _training import tiny_config
+from _training import run_module, tiny_config
 from mod_models import build_model
-from mod_models.analysis import HEATMAP_PNG, SUMMARY_CSV, USAGE_CSV, channel_usage, main, write_report
+from mod_models.analysis import (
+    HEATMAP_PNG,
+    SUMMARY_CSV,
+    USAGE_CSV,
+    channel_usage,
+    main,
+    plot_heatmap,
+    write_report,
+)
 from mod_models.blocks import MoDBlock
+from mod_models.checkpoint import CHECKPOINT_FORMAT
 from mod_models.data import SyntheticShapes
 from mod_models.train import train
 
@@ -122,3 +131,131 @@ def test_analysis_runs_on_a_dataloader():
     dataset = SyntheticShapes(16, image_size=32, num_classes=4)
     usage = channel_usage(_model(), DataLoader(dataset, batch_size=8), num_classes=4, classes=dataset.classes)
     assert usage.class_counts.tolist() == [4, 4, 4, 4]
+
+
+def test_heatmap_shows_every_block_and_keeps_its_labels_inside(tmp_path, monkeypatch):
+    """One panel per block with the right data and row labels, one colorbar with its label, and no
+    text (the colorbar label included) cut off at the figure's edge; the PNG is the figure's size."""
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    usage = channel_usage(_model(), _batches(), num_classes=3, classes=["a", "b", "c"])
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep_figure(self, *args, **kwargs):
+        saved.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_figure)
+    path = tmp_path / "heatmap.png"
+    plot_heatmap(usage, str(path))
+    (figure,) = saved
+    panels = [axis for axis in figure.axes if axis.images]
+    assert [axis.get_title(loc="left").split()[0] for axis in panels] == usage.block_names
+    for axis, channels in zip(panels, usage.channels):
+        assert axis.images[0].get_array().shape == (4, channels)
+        assert [label.get_text() for label in axis.get_yticklabels()] == ["all", "a", "b", "c"]
+    colorbars = [axis for axis in figure.axes if axis not in panels]
+    assert len(colorbars) == 1 and colorbars[0].get_ylabel() == "fraction of samples selecting the channel"
+
+    canvas = FigureCanvasAgg(figure)  # pyplot detached the figure from its canvas when closing it
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    edge = figure.bbox  # display units (pixels)
+
+    def inside(box):
+        return edge.x0 - 1 <= box.x0 and box.x1 <= edge.x1 + 1 and edge.y0 - 1 <= box.y0 and box.y1 <= edge.y1 + 1
+
+    label = colorbars[0].yaxis.label.get_window_extent(renderer)
+    assert inside(label), f"the colorbar label at {label} is cut off by the figure {edge}"
+    drawn = figure.get_tightbbox(renderer).transformed(figure.dpi_scale_trans)  # everything drawn: inches -> pixels
+    assert inside(drawn), f"something drawn at {drawn} lies outside the figure {edge}"
+    with Image.open(path) as image:  # saved at 110 dpi, without cropping
+        expected = (figure.get_figwidth() * 110, figure.get_figheight() * 110)
+        assert all(abs(got - want) <= 1 for got, want in zip(image.size, expected)), (image.size, expected)
+
+
+@pytest.fixture(scope="module")
+def weights_checkpoint(tmp_path_factory):
+    """best.pt-style weights of an untrained resnet18_mod for 4 synthetic classes at 16 px."""
+    path = tmp_path_factory.mktemp("weights") / "best.pt"
+    torch.manual_seed(0)
+    model = build_model("resnet18_mod", num_classes=4, backend="reference")
+    config = {"data": "synthetic", "image_size": 16, "num_classes": 4, "val_samples": 8, "seed": 0}
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "weights",
+            "model_name": "resnet18_mod",
+            "model_kwargs": {"num_classes": 4},
+            "model": model.state_dict(),
+            "epoch": 1,
+            "classes": list(SyntheticShapes(4, num_classes=4).classes),
+            "config": config,
+            "history": [],
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--samples", "0"], "argument --samples: expected an integer >= 1, got 0"),
+        (["--image-size", "0"], "argument --image-size: expected an integer >= 8, got 0"),
+        (["--max-samples", "0"], "argument --max-samples: expected an integer >= 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    ],
+)
+def test_analysis_zero_counts_are_errors_not_defaults(weights_checkpoint, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(weights_checkpoint), "--out", str(tmp_path / "routing"), *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "routing").exists()
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("foo", "unknown device 'foo'; expected cpu, cuda or cuda:N"),
+        ("cuda", "device 'cuda' was requested, but this machine has no usable CUDA device"),
+        ("cuda:0", "device 'cuda:0' was requested, but this machine has no usable CUDA device"),
+    ],
+)
+def test_analysis_device_errors(weights_checkpoint, tmp_path, capsys, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    assert main(["--checkpoint", str(weights_checkpoint), "--out", str(tmp_path / "r"), "--device", device]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {message}"), error
+    assert not (tmp_path / "r").exists()
+
+
+def test_analysis_triton_backend_on_a_cpu_without_the_interpreter(weights_checkpoint, tmp_path):
+    result = run_module(
+        "mod_models.analysis",
+        "--checkpoint",
+        str(weights_checkpoint),
+        "--out",
+        str(tmp_path / "r"),
+        "--backend",
+        "triton",
+        "--device",
+        "cpu",
+        env_remove=("TRITON_INTERPRET",),
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: --backend triton cannot run on cpu"), result.stderr
+    assert "TRITON_INTERPRET=1" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_analysis_out_naming_a_file_is_an_error(weights_checkpoint, tmp_path, capsys):
+    target = tmp_path / "routing"
+    target.write_text("keep")
+    assert main(["--checkpoint", str(weights_checkpoint), "--out", str(target), "--samples", "8"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep"
