@@ -38,6 +38,8 @@ from .zoo import MOD_BUILDERS, build_model, model_names
 CHECKPOINT_FORMAT = "mod-cnn-checkpoint/1"
 CHECKPOINT_KINDS = ("full", "weights")
 TEMPORARY_SUFFIX = ".tmp"
+_UMASK = os.umask(0)  # read the process's umask (there is no getter) ...
+os.umask(_UMASK)  # ... and put it back
 
 
 class CheckpointError(ValueError):
@@ -57,6 +59,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TEMPORARY_SUFFIX, dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes it private: 0600)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -243,8 +246,13 @@ def check_training_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None
             or not 1 <= best["epoch"] <= epoch
             or not _is_number(best.get("val_top1"))
             or not (best.get("model") is None or _is_state_dict(best["model"]))
+            or (best.get("model") is None and best["epoch"] != epoch)
         ):
-            raise bad("best", f"a record {{epoch in [1, {epoch}], val_top1, model (state dict or None)}}")
+            raise bad(
+                "best",
+                f"a record {{epoch in [1, {epoch}], val_top1, model}} whose model is a state dict, "
+                f"or None when the best epoch is the checkpoint's own ({epoch})",
+            )
 
 
 def _describe(value: Any) -> str:

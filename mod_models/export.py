@@ -437,7 +437,7 @@ class LatencyStats:
         return (
             f"warning: {self.runtime} latency varies too much to trust (interquartile range {self.iqr_ms:.2f} ms = "
             f"{100 * self.spread:.0f}% of the median {self.median_ms:.2f} ms over {self.iterations} runs); "
-            "the CPU is probably busy: measure again on an idle machine, or with fewer --threads"
+            f"the CPU is probably busy: measure again on an idle machine{'' if self.threads == 1 else ', or with --threads 1'}"
         )
 
 

@@ -232,14 +232,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def check_rng_states(states: list[dict[str, Any]], path: str) -> None:
     """Raise :class:`CheckpointError` unless every RNG state in ``states`` can be restored.
 
-    Each state is restored for real and the current state put back afterwards, so whatever
-    Python, NumPy or torch would reject is found before the run writes anything.
+    Each state is restored for real (CUDA states only type-checked) and the current state put back
+    afterwards, so whatever Python, NumPy or torch would reject is found before the run writes anything.
     """
     current = capture_rng_state()
     try:
         for rank, state in enumerate(states):
             try:
-                restore_rng_state(state)
+                # CUDA states are only type-checked: restoring them needs the GPUs they were saved on.
+                cuda = state.get("cuda", [])
+                if not isinstance(cuda, list) or not all(isinstance(item, torch.Tensor) for item in cuda):
+                    raise TypeError(f"the CUDA states must be a list of tensors, got {type(cuda).__name__}")
+                restore_rng_state({key: value for key, value in state.items() if key != "cuda"})
             except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
                 raise CheckpointError(
                     f"checkpoint {path!r} is damaged: the RNG state of process {rank} cannot be restored "

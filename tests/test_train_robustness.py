@@ -479,3 +479,13 @@ def test_an_interrupted_text_write_keeps_the_old_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         checkpoint_module._atomic_write(target, torn)
     assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_atomic_writes_create_files_as_open_would(tmp_path):
+    """Not mkstemp's private 0600: metrics and checkpoints get the mode the umask gives new files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    checkpoint_module.atomic_write_text(tmp_path / "metrics.csv", "epoch\n")
+    checkpoint_module.atomic_save({"epoch": 1}, tmp_path / "checkpoint.pt")
+    for name in ("metrics.csv", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
