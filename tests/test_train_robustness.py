@@ -489,3 +489,23 @@ def test_atomic_writes_create_files_as_open_would(tmp_path):
     checkpoint_module.atomic_save({"epoch": 1}, tmp_path / "checkpoint.pt")
     for name in ("metrics.csv", "checkpoint.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_checkpoints_from_before_best_records_still_resume(tmp_path, reference_run, capsys):
+    """Without a best record the best epoch comes from the history, its weights from best.pt; when
+    best.pt is gone too, the run says that those weights are lost instead of inventing them."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    del checkpoint["best"]
+    torch.save(checkpoint, run / "checkpoint.pt")
+    best_before = file_digest(run / "best.pt")
+    assert main(["--out", str(run), "--resume"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert file_digest(run / "best.pt") == best_before  # best.pt of epoch 1 recognised and kept
+
+    (run / "best.pt").unlink()
+    assert main(["--out", str(run), "--resume"]) == 0
+    error = capsys.readouterr().err
+    assert "warning: the best weights (epoch 1, val top-1 60.00%) are lost" in error, error
+    assert not (run / "best.pt").exists()
