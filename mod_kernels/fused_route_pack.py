@@ -48,6 +48,7 @@ from mod_models.functional import fp32_region
 
 from ._utils import (
     cdiv,
+    check_backward_once,
     check_dtype,
     check_feature_map,
     check_same_device,
@@ -566,6 +567,7 @@ class RoutePackFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pass, grad_target, grad_xs, grad_w, grad_idx, grad_slot):
+        check_backward_once("route_pack")
         grad_pool = grad_fc1 = grad_fc2 = None
         if ctx.learned:
             slot, pooled, hidden, router_scores, fc1_weight, fc2_weight = ctx.saved_tensors

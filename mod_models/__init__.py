@@ -6,6 +6,7 @@ modules, and the builders below for the paper's model zoo.
 
 from .backend import BACKENDS, default_backend, set_backend
 from .blocks import ChannelRouter, MoDBasicBlock, MoDBlock, MoDBottleneck, MoDInvertedResidual
+from .deploy import fold_batch_norms, is_deployed, optimize_for_inference
 from .mobilenetv2 import mobilenet_v2_mod, mobilenet_v2_mod_l
 from .resnet import (
     resnet18_mod,
@@ -32,8 +33,11 @@ __all__ = [
     "PAPER_SPEEDUP",
     "build_model",
     "default_backend",
+    "fold_batch_norms",
+    "is_deployed",
     "mobilenet_v2_mod",
     "mobilenet_v2_mod_l",
+    "optimize_for_inference",
     "resnet101_mod",
     "resnet152_mod",
     "resnet18_mod",

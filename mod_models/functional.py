@@ -81,7 +81,10 @@ def check_feature_map(x: Tensor, channels: int | None = None, name: str = "x") -
 
 
 def is_channels_last(x: Tensor) -> bool:
-    """True when ``x`` is laid out NHWC (and that differs from NCHW)."""
+    """True when ``x`` is laid out NHWC (and that differs from NCHW). Under ``torch.func.vmap``,
+    which cannot report layouts, False: the layout only picks how the reference gathers."""
+    if torch._C._functorch.is_batchedtensor(x):
+        return False
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
@@ -141,6 +144,24 @@ def gather_channels(x: Tensor, idx: Tensor) -> Tensor:
         packed = nhwc.gather(3, idx[:, None, None, :].expand(batch, height, width, k))
         return packed.permute(0, 3, 1, 2)
     return x.gather(1, idx[:, :, None, None].expand(batch, k, height, width))
+
+
+def check_index_rows(idx: Tensor, channels: int, name: str = "idx") -> None:
+    """Raise ``ValueError`` unless every row of ``idx: [B, k]`` holds distinct channels in ``[0, channels)``.
+
+    Reads the values (a device sync on CUDA); shapes and dtypes are the caller's to check.
+    """
+    if idx.numel() == 0:
+        return
+    if bool(((idx < 0) | (idx >= channels)).any()):
+        raise ValueError(
+            f"{name} holds channel indices outside [0, {channels}): min {int(idx.min())}, max {int(idx.max())}"
+        )
+    ordered = idx.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    if bool(repeated.any()):
+        row = int(repeated.nonzero()[0, 0])
+        raise ValueError(f"{name} row {row} selects a channel twice: {idx[row].tolist()}")
 
 
 def fusion_targets(idx: Tensor, channels: int, fusion: str) -> Tensor:
