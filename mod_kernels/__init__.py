@@ -270,7 +270,7 @@ def scale_fuse(
     return scale_fuse_op(x, y, w, idx, selected_slot, fusion, relu)
 
 
-def fused_block(
+def fused_block_forward(
     x: Tensor,
     kind: str,
     params: Tensor,
@@ -309,12 +309,12 @@ def fused_block(
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     check_device_supported(x.device)
-    check_plain_autograd("fused_block", x, fc1_weight, fc2_weight, scores)
+    check_plain_autograd("fused_block_forward", x, fc1_weight, fc2_weight, scores)
     _check_activation_and_mode(activation, inplace)
     check_fused_block_inputs(x, kind, params, k, hidden, dilation, fusion, fc1_weight, fc2_weight, scores, has_expand)
     if _needs_autograd(x, params, fc1_weight, fc2_weight, scores):
         raise ValueError(
-            "fused_block is inference only, but an input requires grad; run under torch.no_grad() / "
+            "fused_block_forward is inference only, but an input requires grad; run under torch.no_grad() / "
             "torch.inference_mode(), or use the training path (routed_block)"
         )
     return fused_block_dispatch(

@@ -111,7 +111,7 @@ def is_channels_last(t: Tensor) -> bool:
 def empty_like_format(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
     """A new ``shape`` tensor in ``x``'s memory format (channels_last stays channels_last)."""
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype).contiguous(memory_format=fmt)
+    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype, memory_format=fmt)
 
 
 def hw_is_flat(*tensors: Tensor) -> bool:

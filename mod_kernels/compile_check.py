@@ -31,9 +31,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from . import fused_route_pack, fused_scale_fuse  # noqa: E402
+from . import fused_block, fused_route_pack, fused_scale_fuse  # noqa: E402
 
-KERNEL_MODULES = (fused_route_pack, fused_scale_fuse)
+KERNEL_MODULES = (fused_route_pack, fused_scale_fuse, fused_block)
 
 
 @dataclass
@@ -90,14 +90,18 @@ class LaunchRecorder:
 
 
 def model_block_shapes(names: tuple[str, ...], resolution: int) -> list[tuple]:
-    """Distinct ``(C, k, H, W, C_h, activation)`` of the MoD blocks of zoo models at ``resolution``."""
+    """Distinct ``(C, k, H, W, C_h, activation, kind, hidden, has_expand)`` of the MoD blocks of zoo
+    models at ``resolution`` (``kind``, ``hidden``: the fused deploy kernel's view of ``f_k``)."""
     import mod_models
 
     shapes = set()
 
     def hook(block, args):
         _, channels, height, width = args[0].shape
-        shapes.add((channels, block.k, height, width, block.router.fc1.out_features, block.activation))
+        shapes.add((
+            channels, block.k, height, width, block.router.fc1.out_features, block.activation,
+            block.fused_kind, block.reduced_width, getattr(block, "expand_ratio", 2) != 1,
+        ))
 
     for name in names:
         model = mod_models.build_model(name, backend="reference").to("meta").eval()
@@ -116,7 +120,7 @@ def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool
         launch_fuse_backward_input, launch_fuse_backward_slots, launch_fuse_copy, launch_fuse_inplace,
     )
 
-    channels, k, height, width, hidden, activation = shape
+    channels, k, height, width, hidden, activation, kind, reduced_width, has_expand = shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.zeros(1, channels, height, width, dtype=dtype).contiguous(memory_format=fmt)
     y = torch.zeros(1, k, height, width, dtype=dtype).contiguous(memory_format=fmt)
@@ -142,6 +146,14 @@ def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool
         launch_input_backward(x, target, y, slot, pooled, shape, dtype, channels_last, fusion)  # learned
         launch_input_backward(x, target, y, slot, None, shape, dtype, channels_last, fusion)  # random router
     launch_input_backward(None, None, y, slot, pooled, shape, dtype, channels_last, "first_k")  # route_pack alone
+    # The deployed block (folded batch norms): every fusion, both routers, in place and not.
+    params = torch.zeros(fused_block.params_numel(kind, k, reduced_width, has_expand))
+    for fusion in ("first_k", "last_k", "original"):
+        for inplace in (True, False):
+            for router in (dict(fc1_weight=fc1, fc2_weight=fc2, scores=None), dict(fc1_weight=None, fc2_weight=None, scores=pooled)):
+                fused_block.fused_block_unchecked(
+                    x, kind, params, k, reduced_width, 1, fusion, relu, inplace=inplace, has_expand=has_expand, **router
+                )
 
 
 def record_model_launches(

@@ -6,12 +6,13 @@ convolution; a deployed MoD block on the ``"triton"`` backend then runs as
 1. ``_pool_hidden_kernel``, grid ``(B / BLOCK_B, C / BLOCK_C, chunks of H x W)``: partial means
    of ``x`` over a chunk of positions, multiplied by the matching columns of the router's first
    layer, so that ``W1`` (linear) rides on the pool's partial sums and is spread over all the
-   pooling programs; one ``tl.dot`` per program serves ``BLOCK_B`` samples, so every weight tile
-   is read once per ``BLOCK_B`` samples. In-place affine fusions also copy the ``k`` target
-   channels to a small snapshot here (they pass through this program's registers anyway).
-2. ``_router_scores_kernel``, grid ``(B / BLOCK_B, channel groups)``: the partial hidden vectors
-   summed in a fixed order, ReLU, the second router layer for the program's channels (again one
-   ``tl.dot`` per ``BLOCK_B`` samples) and the sigmoid: ``scores [B, C]`` fp32.
+   pooling programs; a program keeps its ``W1`` tile in registers for its ``BLOCK_B`` samples, so
+   every weight tile is read once per ``BLOCK_B`` samples.
+2. ``_router_scores_kernel``, grid ``(B / BLOCK_B, channel groups + snapshot tiles)``: the partial
+   hidden vectors summed in a fixed order, ReLU, the second router layer for the program's
+   channels (one ``tl.dot`` per ``BLOCK_B`` samples) and the sigmoid: ``scores [B, C]`` fp32. For
+   in-place affine fusions, extra programs of the same launch copy the ``k`` target channels to a
+   small snapshot.
 3. ``_bottleneck_kernel`` / ``_basic_kernel`` / ``_inverted_kernel``, grid ``(B, H x W / BLOCK_P)``:
    each program takes the stable top-k of its sample's scores (``tl.topk`` of the same distinct
    64-bit keys as the routing kernels: ties to the lower channel, NaN first), gathers the k
@@ -22,7 +23,7 @@ convolution; a deployed MoD block on the ``"triton"`` backend then runs as
 
 Why a snapshot: writing the targets in place while other programs still read the selected
 channels' halo would race whenever a selected channel is also a target. The affine targets
-(``first_k``, ``last_k``) are known before the selection, so launch 1 copies them and launch 3
+(``first_k``, ``last_k``) are known before the selection, so launch 2 copies them and launch 3
 reads a selected target channel from that copy; ``"original"`` fusion (targets = the selection)
 cannot be copied before the selection exists, so it writes a new output tensor instead (every
 program copies its positions of the other channels). Without a snapshot the kernels read only
@@ -71,6 +72,9 @@ from .fused_route_pack import _key_scores, _score_keys
 
 BLOCK_KINDS = ("bottleneck", "basic", "inverted")
 FUSIONS = ("first_k", "last_k", "original")
+# Allocation of the launcher's new tensors (tests poison them to catch unwritten elements).
+_empty = torch.empty
+_empty_like_format = empty_like_format
 # Samples per router program: the rows of its tl.dot (tl.dot needs at least 16).
 ROUTER_BLOCK_B = 16
 POOL_STEPS_PER_PROGRAM = 4
@@ -78,8 +82,6 @@ POOL_STEPS_PER_PROGRAM = 4
 MAX_FUSED_K = {"bottleneck": 32, "basic": 16, "inverted": 32}
 MAX_FUSED_CHANNELS = 4096  # the per-program top-k sorts next_pow2(C) keys in registers
 MAX_FUSED_HIDDEN = 192  # inverted residual: expanded width t * k
-# Elements of the largest broadcast multiply-accumulate tile ([out, in, positions]) per program.
-TILE_BUDGET = 8192
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,19 +89,17 @@ TILE_BUDGET = 8192
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["HW_CHUNK", "K", "target_start"])
+@triton.jit(do_not_specialize=["HW_CHUNK"])
 def _pool_hidden_kernel(
     x_ptr,  # [B, C, H, W] block input, any float dtype
     fc1_ptr,  # [C_h, C] the router's first layer
     partial_ptr,  # [B, P, BLOCK_H] fp32 output: partial hidden pre-activations, P = chunks * C / BLOCK_C
-    snapshot_ptr,  # [B, K, H, W] output: copy of the fusion target channels (SNAPSHOT)
-    B, C, C_H, HW, W, HW_CHUNK, K, target_start,  # HW_CHUNK: positions per program, a multiple of BLOCK_HW
+    B, C, C_H, HW, W, HW_CHUNK,  # HW_CHUNK: positions per program, a multiple of BLOCK_HW
     stride_xb, stride_xc, stride_xh, stride_xw,
-    stride_sb, stride_sc, stride_sh, stride_sw,
     stride_f1h, stride_f1c,
     inv_hw,  # 1 / (H * W)
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_H: tl.constexpr,
-    HW_FLAT: tl.constexpr, SNAPSHOT: tl.constexpr,
+    HW_FLAT: tl.constexpr,
 ):
     b_block = tl.program_id(0)
     c_block = tl.program_id(1)
@@ -112,11 +112,9 @@ def _pool_hidden_kernel(
     fc1_t = tl.load(
         fc1_ptr + c[:, None] * stride_f1c + h[None, :] * stride_f1h, mask=c_mask[:, None] & h_mask[None, :], other=0.0
     ).to(tl.float32)
-    rows = tl.arange(0, BLOCK_B)
     first = b_block * BLOCK_B
-    means = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-    target_slot = c - target_start
-    is_target = c_mask & (target_slot >= 0) & (target_slot < K)
+    n_partials = tl.num_programs(1) * tl.num_programs(2)
+    p = chunk * tl.num_programs(1) + c_block
     for i in range(0, tl.minimum(BLOCK_B, B - first)):
         b64 = (first + i).to(tl.int64)
         acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
@@ -129,32 +127,47 @@ def _pool_hidden_kernel(
                 mask=mask, other=0.0,
             )
             acc += values.to(tl.float32)
-            if SNAPSHOT:
-                tl.store(
-                    snapshot_ptr + b64 * stride_sb + target_slot[:, None] * stride_sc
-                    + spatial_offset(hw, W, stride_sh, stride_sw, HW_FLAT)[None, :],
-                    values, mask=mask & is_target[:, None],
-                )
-        means = tl.where(rows[:, None] == i, (tl.sum(acc, axis=1) * inv_hw)[None, :], means)
-    partial = tl.dot(means, fc1_t, input_precision="ieee")
-    # Padded hidden columns stay exactly 0 (inf * 0 would make them NaN).
-    partial = tl.where(h_mask[None, :], partial, 0.0)
-    n_partials = tl.num_programs(1) * tl.num_programs(2)
-    p = chunk * tl.num_programs(1) + c_block
-    b = first + rows
-    out = partial_ptr + (b.to(tl.int64)[:, None] * n_partials + p) * BLOCK_H + h[None, :]
-    tl.store(out, partial, mask=(b < B)[:, None])
+        means = tl.sum(acc, axis=1) * inv_hw
+        partial = tl.sum(fc1_t * means[:, None], axis=0)
+        # Padded hidden entries stay exactly 0 (an infinite mean times a padded 0 would be NaN).
+        partial = tl.where(h_mask, partial, 0.0)
+        tl.store(partial_ptr + (b64 * n_partials + p) * BLOCK_H + h, partial)
 
 
-@triton.jit(do_not_specialize=["CHANNELS_PER_PROGRAM"])
+@triton.jit(do_not_specialize=["CHANNELS_PER_PROGRAM", "K", "target_start"])
 def _router_scores_kernel(
     partial_ptr,  # [B, P, BLOCK_H] fp32 partial hidden pre-activations (from _pool_hidden_kernel)
     fc2_ptr,  # [C, C_h] the router's second layer
     scores_ptr,  # [B, C] fp32 output: sigmoid(W2 relu(W1 mean_hw(x)))
+    x_ptr,  # [B, C, H, W] block input (SNAPSHOT programs)
+    snapshot_ptr,  # [B, K, H, W] output of the SNAPSHOT programs: x's fusion target channels
     B, C, C_H, P, CHANNELS_PER_PROGRAM,  # CHANNELS_PER_PROGRAM: a multiple of BLOCK_C
+    HW, W, K, target_start,
     stride_f2c, stride_f2h,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_sb, stride_sc, stride_sh, stride_sw,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    SNAPSHOT: tl.constexpr, K_POW2: tl.constexpr, SNAPSHOT_P: tl.constexpr, HW_FLAT: tl.constexpr,
 ):
+    score_programs = tl.cdiv(C, CHANNELS_PER_PROGRAM)
+    if SNAPSHOT:
+        if tl.program_id(1) >= score_programs:
+            # The extra programs copy the K target channels, SNAPSHOT_P positions each, per sample.
+            hw = (tl.program_id(1) - score_programs) * SNAPSHOT_P + tl.arange(0, SNAPSHOT_P)
+            j = tl.arange(0, K_POW2)
+            mask = (j < K)[:, None] & (hw < HW)[None, :]
+            first = tl.program_id(0) * BLOCK_B
+            for i in range(0, tl.minimum(BLOCK_B, B - first)):
+                b64 = (first + i).to(tl.int64)
+                values = tl.load(
+                    x_ptr + b64 * stride_xb + (target_start + j)[:, None] * stride_xc
+                    + spatial_offset(hw, W, stride_xh, stride_xw, HW_FLAT)[None, :], mask=mask,
+                )
+                tl.store(
+                    snapshot_ptr + b64 * stride_sb + j[:, None] * stride_sc
+                    + spatial_offset(hw, W, stride_sh, stride_sw, HW_FLAT)[None, :], values, mask=mask,
+                )
+            return
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b < B
     h = tl.arange(0, BLOCK_H)
@@ -458,7 +471,7 @@ def _inverted_kernel(
 
 
 class FusedBlockPlan(NamedTuple):
-    """Whether :func:`fused_block` takes a block (``fused``), and if not, why (``reason``)."""
+    """Whether :func:`mod_kernels.fused_block_forward` takes a block (``fused``), and if not, why (``reason``)."""
 
     fused: bool
     reason: str
@@ -514,29 +527,36 @@ def pack_params(convs: list[tuple[Tensor, Optional[Tensor]]]) -> Tensor:
 @functools.lru_cache(maxsize=None)
 def _pool_tiles(channels: int, hw: int, block_h: int, channels_last: bool) -> tuple[int, int, int]:
     """``(BLOCK_C, BLOCK_HW, num_warps)`` of ``_pool_hidden_kernel``: the contiguous axis gets the
-    long side of a tile of at most 4096 elements; ``BLOCK_C >= 16`` (the ``tl.dot``'s inner size)
-    and the ``[BLOCK_C, BLOCK_H]`` weight tile at most 8192 elements."""
+    long side of a tile of at most 2048 elements (8 per thread at 8 warps: the tile's 64-bit
+    pointers cost more registers than its values), and the ``[BLOCK_C, BLOCK_H]`` weight tile at
+    most 8192 elements."""
     cap_c = max(16, min(128, 8192 // block_h))
     if channels_last:
         block_c = max(16, min(next_pow2(channels), cap_c))
-        block_hw = max(2, min(next_pow2(hw), 4096 // block_c))
+        block_hw = max(2, min(next_pow2(hw), 2048 // block_c))
     else:
-        block_hw = max(2, min(next_pow2(hw), 256))
-        block_c = max(16, min(next_pow2(channels), cap_c, 4096 // block_hw))
-    return block_c, block_hw, 8 if block_c * block_hw >= 4096 else 4
+        block_hw = max(2, min(next_pow2(hw), 128))
+        block_c = max(16, min(next_pow2(channels), cap_c, 2048 // block_hw))
+    return block_c, block_hw, 8 if block_c * block_hw >= 2048 else 4
 
 
 def _block_tiles(kind: str, k_pow2: int, hidden_pow2: int, hw: int, channels: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_COPY)``: positions per program so that the widest broadcast
-    multiply-accumulate tile ``[out, in, BLOCK_P]`` stays within ``TILE_BUDGET`` elements."""
+    """``(BLOCK_P, BLOCK_COPY)``: positions per program of the fused block kernels.
+
+    Chosen from ptxas's register counts for sm_80/sm_90 (``python -m mod_kernels.compile_check``):
+    at most ~128 registers and no spills at 4 warps. The ``[k, BLOCK_P]`` gathered tiles (64-bit
+    pointers) and the ``[out, in, BLOCK_P]`` multiply-accumulate tiles set the budget: bottleneck
+    ``k * BLOCK_P <= 512`` and ``max(width * k, width^2) * BLOCK_P <= 4096``; basic (81 tap pairs)
+    ``k^2 * BLOCK_P <= 512``; inverted residual ``E_BLOCK * k * BLOCK_P <= 2048``.
+    """
     if kind == "bottleneck":
-        widest = max(hidden_pow2 * k_pow2, hidden_pow2 * hidden_pow2)
+        block_p = min(512 // k_pow2, 4096 // max(hidden_pow2 * k_pow2, hidden_pow2 * hidden_pow2))
     elif kind == "basic":
-        widest = k_pow2 * k_pow2
+        block_p = 512 // (k_pow2 * k_pow2)
     else:
-        widest = _expand_block(hidden_pow2) * k_pow2
-    block_p = max(16, min(256, TILE_BUDGET // widest, next_pow2(hw)))
-    block_copy = max(2, min(next_pow2(channels), 4096 // block_p))
+        block_p = 2048 // (_expand_block(hidden_pow2) * k_pow2)
+    block_p = max(16, min(256, block_p, next_pow2(hw)))
+    block_copy = max(2, min(next_pow2(channels), 2048 // block_p))
     return block_p, block_copy
 
 
@@ -563,7 +583,7 @@ def check_fused_block_inputs(
         raise ValueError("the inverted residual's depthwise convolution has no dilation")
     plan = fused_block_plan(kind, channels, k, hidden)
     if not plan.fused:
-        raise ValueError(f"fused_block does not take this block ({plan.reason}); run mod_kernels.routed_block")
+        raise ValueError(f"fused_block_forward does not take this block ({plan.reason}); run mod_kernels.routed_block")
     if not isinstance(params, Tensor) or params.dim() != 1 or params.dtype != torch.float32:
         raise TypeError("params must be the 1-D float32 vector pack_params returns")
     expected = params_numel(kind, k, hidden, has_expand)
@@ -600,7 +620,7 @@ def fused_block_unchecked(
     original = fusion == "original"
     inplace = inplace and not original
     target_start = channels - k if fusion == "last_k" else 0
-    snapshot = empty_like_format(x, (batch, k, height, width)) if inplace else x
+    snapshot = _empty_like_format(x, (batch, k, height, width)) if inplace else x
     learned = scores is None
     if learned:
         c_hidden = fc1_weight.shape[0]
@@ -609,28 +629,32 @@ def fused_block_unchecked(
         chunk = block_hw * POOL_STEPS_PER_PROGRAM
         chunks, c_blocks = cdiv(hw, chunk), cdiv(channels, block_c)
         b_blocks = cdiv(batch, ROUTER_BLOCK_B)
-        partial = torch.empty((batch, chunks * c_blocks, block_h), device=x.device, dtype=torch.float32)
+        partial = _empty((batch, chunks * c_blocks, block_h), device=x.device, dtype=torch.float32)
         _pool_hidden_kernel[(b_blocks, c_blocks, chunks)](
-            x, fc1_weight, partial, snapshot, batch, channels, c_hidden, hw, width, chunk, k, target_start,
-            *strides(x), *strides(snapshot), fc1_weight.stride(0), fc1_weight.stride(1), 1.0 / hw,
+            x, fc1_weight, partial, batch, channels, c_hidden, hw, width, chunk,
+            *strides(x), fc1_weight.stride(0), fc1_weight.stride(1), 1.0 / hw,
             BLOCK_B=ROUTER_BLOCK_B, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_H=block_h,
-            HW_FLAT=hw_is_flat(x, snapshot), SNAPSHOT=inplace, num_warps=num_warps,
+            HW_FLAT=hw_is_flat(x), num_warps=num_warps,
         )
-        scores = torch.empty((batch, channels), device=x.device, dtype=torch.float32)
+        scores = _empty((batch, channels), device=x.device, dtype=torch.float32)
         block_c2 = max(16, min(64, next_pow2(channels)))
         groups = max(1, min(cdiv(channels, block_c2), cdiv(256, b_blocks)))
         per_program = cdiv(cdiv(channels, groups), block_c2) * block_c2
-        _router_scores_kernel[(b_blocks, cdiv(channels, per_program))](
-            partial, fc2_weight, scores, batch, channels, c_hidden, chunks * c_blocks, per_program,
-            fc2_weight.stride(0), fc2_weight.stride(1),
-            BLOCK_B=ROUTER_BLOCK_B, BLOCK_C=block_c2, BLOCK_H=block_h, num_warps=4,
+        k_pow2 = max(2, next_pow2(k))
+        snapshot_p = max(16, min(next_pow2(hw), 2048 // k_pow2))
+        snapshot_programs = cdiv(hw, snapshot_p) if inplace else 0
+        _router_scores_kernel[(b_blocks, cdiv(channels, per_program) + snapshot_programs)](
+            partial, fc2_weight, scores, x, snapshot, batch, channels, c_hidden, chunks * c_blocks, per_program,
+            hw, width, k, target_start, fc2_weight.stride(0), fc2_weight.stride(1), *strides(x), *strides(snapshot),
+            BLOCK_B=ROUTER_BLOCK_B, BLOCK_C=block_c2, BLOCK_H=block_h, SNAPSHOT=inplace, K_POW2=k_pow2,
+            SNAPSHOT_P=snapshot_p, HW_FLAT=hw_is_flat(x, snapshot), num_warps=4,
         )
     elif inplace:
         snapshot.copy_(x.narrow(1, target_start, k))
-    idx = torch.empty((batch, k), device=x.device, dtype=torch.int64)
-    w = torch.empty((batch, k), device=x.device, dtype=torch.float32)
-    out = x if inplace else empty_like_format(x, tuple(x.shape))
-    k_pow2 = next_pow2(k)
+    idx = _empty((batch, k), device=x.device, dtype=torch.int64)
+    w = _empty((batch, k), device=x.device, dtype=torch.float32)
+    out = x if inplace else _empty_like_format(x, tuple(x.shape))
+    k_pow2 = max(2, next_pow2(k))  # tl.topk needs at least two slots
     hidden_pow2 = next_pow2(hidden)
     block_p, block_copy = _block_tiles(kind, k_pow2, hidden_pow2, hw, channels)
     common = dict(

@@ -418,7 +418,7 @@ def launch_input_backward(
     batch, channels, height, width = shape
     k = grad_xs.shape[1] if grad_xs is not None else (grad_target.shape[1] if grad_target is not None else 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grad_x = torch.empty(shape, device=selected_slot.device, dtype=dtype).contiguous(memory_format=fmt)
+    grad_x = torch.empty(shape, device=selected_slot.device, dtype=dtype, memory_format=fmt)
     gather_targets = fusion == "original"
     has_target = grad_pass is not None and not gather_targets
     if has_target and grad_target is None:
@@ -507,7 +507,7 @@ def input_backward_op(
 @input_backward_op.register_fake
 def _(grad_pass, grad_target, grad_xs, selected_slot, grad_pool, shape, dtype, channels_last, fusion):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, device=selected_slot.device, dtype=dtype).contiguous(memory_format=fmt)
+    return torch.empty(shape, device=selected_slot.device, dtype=dtype, memory_format=fmt)
 
 
 def affine_targets(x: Tensor, k: int, fusion: str) -> Tensor:

@@ -199,9 +199,13 @@ class MoDBlock(nn.Module):
         return mod_kernels.fused_block_plan(self.fused_kind, self.channels, self.k, self.reduced_width)
 
     def _fused_params(self) -> Tensor:
-        """The folded convolutions packed for the fused kernel, repacked when a weight changes."""
+        """The folded convolutions packed for the fused kernel, repacked (in eager mode) when a
+        weight changes; :func:`mod_models.optimize_for_inference` packs them once, so a compiled
+        forward reads the packed tensor like any other attribute."""
         import mod_kernels
 
+        if torch.compiler.is_compiling() and self._packed_params is not None:
+            return self._packed_params[1]
         tensors = [t for conv in self.folded_convs() for t in (conv.weight, conv.bias) if t is not None]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._packed_params is None or self._packed_params[0] != key:
@@ -248,7 +252,7 @@ class MoDBlock(nn.Module):
             router = dict(scores=MF.random_scores(x))
         else:
             router = dict(fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
-        out, idx, _, scores = mod_kernels.fused_block(
+        out, idx, _, scores = mod_kernels.fused_block_forward(
             x, self.fused_kind, self._fused_params(), self.k, self.reduced_width, dilation=self.dilation,
             fusion=self.fusion, activation=self.activation, inplace=self._inplace and MF.may_write_in_place(x),
             has_expand=getattr(self, "expand_ratio", 2) != 1, **router,

@@ -87,14 +87,14 @@ def _fold_pairs(module: nn.Module) -> Iterator[str]:
                 conv, norm = getattr(module, conv_name), getattr(module, norm_name)
                 if isinstance(conv, nn.Conv2d) and isinstance(norm, FOLDABLE_NORMS):
                     fold_conv_bn(conv, norm)
-                    setattr(module, norm_name, nn.Identity())
+                    setattr(module, norm_name, nn.Identity().eval())
                     yield norm_name
     if isinstance(module, nn.Sequential):
         children = list(module.named_children())
         for (_, first), (norm_name, second) in zip(children, children[1:]):
             if isinstance(first, nn.Conv2d) and isinstance(second, FOLDABLE_NORMS):
                 fold_conv_bn(first, second)
-                setattr(module, norm_name, nn.Identity())
+                setattr(module, norm_name, nn.Identity().eval())
                 yield norm_name
 
 
@@ -189,6 +189,8 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         if isinstance(module, MoDBlock):
             module.inplace = True
             module.deployed = True
+            if module.folded_convs() is not None:
+                module._fused_params()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if getattr(model, _DEPLOY_HOOK_ATTR, None) is None:

@@ -227,6 +227,8 @@ def may_write_in_place(x: Tensor) -> bool:
     (NCHW or channels_last; not an expanded or overlapping view) and is not an inference tensor
     outside inference mode (PyTorch forbids updating those)."""
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    if torch.compiler.is_compiling():  # the traced graph's mutation is PyTorch's to check
+        return dense
     return dense and not (x.is_inference() and not torch.is_inference_mode_enabled())
 
 
