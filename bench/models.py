@@ -105,17 +105,21 @@ def family_cases(baseline: str, mod_names: list[str], providers: list[ModelProvi
 
 
 @functools.lru_cache(maxsize=None)
-def network_gmacs(name: str, resolution: int) -> float:
-    """GMACs of one forward of zoo network ``name`` at batch 1 (built on the meta device: no weights)."""
+def network_size(name: str, resolution: int) -> tuple[int, float]:
+    """``(modules, GMACs at batch 1)`` of zoo network ``name`` (built on the meta device: no weights)."""
     with torch.device("meta"):
         model = build_model(name, backend="reference") if name in MOD_BUILDERS else build_model(name)
-    return count_macs(model, resolution) / 1e9
+    return sum(1 for _ in model.modules()), count_macs(model, resolution) / 1e9
 
 
 def case_weight(network: str, provider: str, batch: int, resolution: int) -> float:
-    """Expected cost of one case relative to others, for progress estimates: its GMACs times the batch,
-    plus a fixed part (building, checking, per-op overhead), doubled for ONNX Runtime (two exports)."""
-    weight = network_gmacs(network, resolution) * batch + 0.4
+    """Expected cost of one case relative to others, for progress estimates. At the CPU model table's
+    batch 1 a case's time (building, checks, warm-up, timed calls, an export) follows the network's
+    number of modules far more than its MACs (a 2-core VM: mobilenet_v2's family, 0.3 GMACs, took
+    as long as resnet50's, 4.1 GMACs); MACs times the batch take over at large batches. ONNX
+    Runtime counts double (two exports)."""
+    modules, gmacs = network_size(network, resolution)
+    weight = modules / 50 + 0.1 * gmacs * batch
     return 2 * weight if provider == "onnxruntime" else weight
 
 
@@ -401,12 +405,15 @@ def bench_family(
                     warmup=timer.cpu_warmup, budget=budget,
                 )
             for i, timing in timings.items():
+                _put_timing(cases[i].record, timing, "")
+            # The family's timed cases finish together: each line gets its count, the last the time estimate.
+            marks = [finished(cases[i].record) for i in timings]
+            for n, (i, timing) in enumerate(timings.items()):
                 r = cases[i].record
-                _put_timing(r, timing, "")
                 shown = f"{r['role'].removeprefix('floor_')} floor of {r['of_model']}" if r["of_model"] else r["model"]
-                before, after = finished(r)
+                before, after = marks[n]
                 log(f"{before} {timing.median_ms:9.3f} ms [{timing.p20_ms:.3f}, {timing.p80_ms:.3f}]  "
-                    f"{shown} | {r['provider']}{after}")
+                    f"{shown} | {r['provider']}{after if n == len(marks) - 1 else ''}")
     for case in cases:
         case.run = None
     _free(device)
