@@ -9,7 +9,8 @@ Read at test time, so the checks follow the README as it changes:
 * every ``python -m MODULE`` / ``torchrun ... -m MODULE`` in a ```bash block or in inline code
   names an importable module, and the project's own modules answer ``--help``; ``python -m
   bench`` commands parse with the benchmark's own argument parser; ``bash FILE`` names a file of
-  the repository; every ``".[extra]"`` is an extra of pyproject.toml;
+  the repository; every ``".[extra]"`` is an extra of pyproject.toml and every ``mod-*``
+  command one of its console scripts;
 * inline usage such as ```mod_models.features.mod_feature_extractor(...)``` resolves after a
   plain ``import mod_models``;
 * the quick start is two commands and CI runs the second one verbatim.
@@ -101,7 +102,7 @@ def shell_commands(text: str) -> list[str]:
             continue
         for line in block.code.replace("\\\n", " ").splitlines():
             commands += [part.strip() for part in line.split("#", 1)[0].split("&&") if part.strip()]
-    commands += [span.strip() for span in inline_code(text) if re.match(r"(python3? |torchrun |bash )", span.strip())]
+    commands += [span.strip() for span in inline_code(text) if re.match(r"(python3? |torchrun |bash |mod-\w+ )", span.strip())]
     return commands
 
 
@@ -187,13 +188,16 @@ def test_commands_name_modules_and_files_that_exist():
     assert {"bench", "pytest"} <= modules, modules
     missing = sorted(m for m in modules if importlib.util.find_spec(m) is None)
     assert not missing, f"README names modules that do not exist: {missing}"
-    scripts = [shlex.split(c)[1] for c in commands if c.startswith("bash ")]
-    assert scripts and all((ROOT / s).is_file() for s in scripts), scripts
+    shell_scripts = [shlex.split(c)[1] for c in commands if c.startswith("bash ")]
+    assert shell_scripts and all((ROOT / s).is_file() for s in shell_scripts), shell_scripts
     if tomllib is None:
         pytest.skip("reading pyproject.toml's extras needs tomllib (Python >= 3.11)")
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     named = {e.strip() for group in re.findall(r'\.\[([\w,\s-]+)\]', readme_text()) for e in group.split(",")}
     assert named and named <= extras, f"README names extras {sorted(named - extras)} that pyproject.toml lacks"
+    scripts = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("scripts", {}))
+    used = {shlex.split(c)[0] for c in commands if c.startswith("mod-")}
+    assert used <= scripts, f"README runs commands {sorted(used - scripts)} that pyproject.toml does not install"
 
 
 def test_bench_commands_parse():
