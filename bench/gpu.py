@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = R.write(records, meta, out_dir, stem)
     from .plot import plot
 
-    png = plot(records, out_dir / f"{stem}.png", title=f"{device} (bench.gpu)")
+    png = plot(records, out_dir / f"{stem}.png", title=f"{device} (bench.gpu{' dry run' if args.dry_run else ''})")
     for part in parts:
         part.unlink()
     print_summary(records, meta)

@@ -109,13 +109,13 @@ def test_plain_install_runs_the_quick_benchmark_under_the_working_directory(buil
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    check = textwrap.dedent(f"""\
+    check = textwrap.dedent("""\
         import importlib.metadata as md, json
         import bench, mod_models
         dist = md.distribution("mod-cnn")
-        scripts = {{ep.name: ep for ep in dist.entry_points if ep.group == "console_scripts"}}
-        print(json.dumps({{"bench": bench.__file__, "mod_models": mod_models.__file__,
-                          "version": dist.version, "callable": {{n: callable(ep.load()) for n, ep in scripts.items()}}}}))
+        scripts = {ep.name: ep for ep in dist.entry_points if ep.group == "console_scripts"}
+        print(json.dumps({"bench": bench.__file__, "mod_models": mod_models.__file__,
+                          "version": dist.version, "callable": {n: callable(ep.load()) for n, ep in scripts.items()}}))
         """)
     work = tmp_path / "work"
     work.mkdir()
