@@ -4,6 +4,9 @@ See ``mod_models.functional`` for the method as small ops, ``mod_models.blocks``
 modules, and the builders below for the paper's model zoo.
 """
 
+__version__ = "0.1.0"  # the single source of the version: pyproject.toml reads it from here
+
+from . import features  # noqa: F401  (``mod_models.features.mod_feature_extractor`` after ``import mod_models``)
 from .backend import BACKENDS, default_backend, set_backend
 from .blocks import ChannelRouter, MoDBasicBlock, MoDBlock, MoDBottleneck, MoDInvertedResidual
 from .deploy import fold_batch_norms, is_deployed, optimize_for_inference
@@ -31,6 +34,7 @@ __all__ = [
     "MoDBottleneck",
     "MoDInvertedResidual",
     "PAPER_SPEEDUP",
+    "__version__",
     "build_model",
     "default_backend",
     "fold_batch_norms",
