@@ -18,7 +18,21 @@ from .resnet import (
     resnet101_mod,
     resnet152_mod,
 )
+from .torchvision_api import WeightLoadReport, load_torchvision_weights, register_with_torchvision
 from .zoo import BASELINE_OF, MOD_BUILDERS, PAPER_SPEEDUP, build_model
+
+
+def _register_with_torchvision() -> None:
+    """``torchvision.models.get_model("resnet50_mod")`` works once ``mod_models`` is imported."""
+    import warnings
+
+    try:
+        register_with_torchvision()
+    except RuntimeError as error:  # torchvision changed its private registry: say so, keep the package usable
+        warnings.warn(str(error), RuntimeWarning, stacklevel=2)
+
+
+_register_with_torchvision()
 
 __all__ = [
     "BACKENDS",
@@ -30,8 +44,10 @@ __all__ = [
     "MoDBottleneck",
     "MoDInvertedResidual",
     "PAPER_SPEEDUP",
+    "WeightLoadReport",
     "build_model",
     "default_backend",
+    "load_torchvision_weights",
     "mobilenet_v2_mod",
     "mobilenet_v2_mod_l",
     "resnet101_mod",
@@ -43,5 +59,6 @@ __all__ = [
     "resnet50_mod",
     "resnet75_mod",
     "resnet86_mod",
+    "register_with_torchvision",
     "set_backend",
 ]
