@@ -11,14 +11,19 @@ later block. A block with ``inplace=True`` (built so, or switched to it for depl
 refuses to be traced, because the graph may return its input (``"layer1.0"`` feeding the MoD
 block ``"layer1.1"``). :func:`mod_feature_extractor` switches ``inplace`` off on every MoD block
 of the model it is given (the extractor shares those modules) and then traces it.
+
+:func:`mod_resnet_backbone` builds the MoD ResNet that :mod:`mod_models.detection` and
+:mod:`mod_models.segmentation` put under torchvision's Faster R-CNN and FCN heads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.resnet import ResNet
 
 from .blocks import MoDBlock
 
@@ -73,3 +78,48 @@ def mod_feature_extractor(
         **kwargs,
     )
 
+
+def mod_resnet_backbone(
+    backbone_name: str,
+    *,
+    task: str,
+    weights: object = None,
+    weights_backbone: object = None,
+    progress: object = True,
+    backbone_kwargs: Optional[Mapping[str, Any]] = None,
+    **fixed: Any,
+) -> ResNet:
+    """A MoD ResNet to put under a dense-task head (``task`` names the caller in errors).
+
+    Args:
+        backbone_name: a MoD ResNet variant (``"resnet50_mod"``, ...).
+        weights, weights_backbone: must be None (no pretrained MoD weights exist; load torchvision
+            weights into the standard blocks with :func:`mod_models.load_torchvision_weights`).
+        progress: accepted for torchvision compatibility and ignored.
+        backbone_kwargs: keywords of the MoD builder (``capacity``, ``fusion``, ``router``,
+            ``backend``, ``inplace``, ``norm_layer``, ...).
+        **fixed: keywords the task sets itself (e.g. ``replace_stride_with_dilation``); passing
+            one of them in ``backbone_kwargs`` too is an error.
+    """
+    from .resnet import RESNET_MOD_CONFIGS
+    from .zoo import MOD_BUILDERS
+
+    if weights is not None:
+        raise ValueError(f"{task}: no pretrained MoD weights exist; pass weights=None, got {weights!r}")
+    if weights_backbone is not None:
+        raise ValueError(
+            f"{task}: no pretrained MoD backbone weights exist; pass weights_backbone=None, got {weights_backbone!r} "
+            "(mod_models.load_torchvision_weights loads a torchvision checkpoint into the standard blocks)"
+        )
+    if not isinstance(progress, bool):
+        raise TypeError(f"{task}: progress must be True or False, got {progress!r}")
+    if backbone_name not in RESNET_MOD_CONFIGS:
+        raise ValueError(f"{task}: backbone_name must be a MoD ResNet, one of {list(RESNET_MOD_CONFIGS)}, got {backbone_name!r}")
+    if backbone_kwargs is None:
+        backbone_kwargs = {}
+    if not isinstance(backbone_kwargs, Mapping):
+        raise TypeError(f"{task}: backbone_kwargs must be a dict of builder keywords, got {type(backbone_kwargs).__name__}")
+    clashes = sorted(set(fixed) & set(backbone_kwargs)) + sorted({"weights", "progress"} & set(backbone_kwargs))
+    if clashes:
+        raise ValueError(f"{task}: backbone_kwargs must not set {clashes}: {task} sets them itself")
+    return MOD_BUILDERS[backbone_name](**fixed, **backbone_kwargs)
