@@ -6,9 +6,7 @@ Each entry point is the builder of :mod:`mod_models` (keyword arguments as there
 must be None, ``progress`` is accepted and ignored).
 """
 
-dependencies = ["torch", "torchvision"]
-
-from mod_models import (  # noqa: E402,F401  (torch.hub lists the public callables of this module)
+from mod_models import (  # noqa: F401  (torch.hub lists the public callables of this module)
     mobilenet_v2_mod,
     mobilenet_v2_mod_l,
     resnet18_mod,
@@ -21,3 +19,5 @@ from mod_models import (  # noqa: E402,F401  (torch.hub lists the public callabl
     resnet101_mod,
     resnet152_mod,
 )
+
+dependencies = ["torch", "torchvision"]

@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 from torch import nn
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.resnet import ResNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.resnet import ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .features import mod_resnet_backbone
@@ -60,7 +60,9 @@ def resnet_fpn(
         "2": .. H/16 .., "3": .. H/32 .., "pool": .. H/64 ..}`` for the default four stages.
     """
     if not isinstance(backbone, ResNet):
-        raise TypeError(f"backbone must be a torchvision ResNet (e.g. mod_models.resnet50_mod()), got {type(backbone).__name__}")
+        raise TypeError(
+            f"backbone must be a torchvision ResNet (e.g. mod_models.resnet50_mod()), got {type(backbone).__name__}"
+        )
     freeze_backbone_layers(backbone, trainable_layers)
     if returned_layers is None:
         returned_layers = [1, 2, 3, 4]

@@ -114,11 +114,15 @@ def mod_resnet_backbone(
     if not isinstance(progress, bool):
         raise TypeError(f"{task}: progress must be True or False, got {progress!r}")
     if backbone_name not in RESNET_MOD_CONFIGS:
-        raise ValueError(f"{task}: backbone_name must be a MoD ResNet, one of {list(RESNET_MOD_CONFIGS)}, got {backbone_name!r}")
+        raise ValueError(
+            f"{task}: backbone_name must be a MoD ResNet, one of {list(RESNET_MOD_CONFIGS)}, got {backbone_name!r}"
+        )
     if backbone_kwargs is None:
         backbone_kwargs = {}
     if not isinstance(backbone_kwargs, Mapping):
-        raise TypeError(f"{task}: backbone_kwargs must be a dict of builder keywords, got {type(backbone_kwargs).__name__}")
+        raise TypeError(
+            f"{task}: backbone_kwargs must be a dict of builder keywords, got {type(backbone_kwargs).__name__}"
+        )
     clashes = sorted(set(fixed) & set(backbone_kwargs)) + sorted({"weights", "progress"} & set(backbone_kwargs))
     if clashes:
         raise ValueError(f"{task}: backbone_kwargs must not set {clashes}: {task} sets them itself")

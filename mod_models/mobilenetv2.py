@@ -125,5 +125,7 @@ def _make_builder(name: str, setting: list[list[int]], model_class: type[MobileN
     return builder
 
 
+MOBILENET_V2_MOD_SETTINGS = {"mobilenet_v2_mod": MOBILENET_V2_SETTING, "mobilenet_v2_mod_l": MOBILENET_V2_L_SETTING}
+
 mobilenet_v2_mod = _make_builder("mobilenet_v2_mod", MOBILENET_V2_SETTING)
 mobilenet_v2_mod_l = _make_builder("mobilenet_v2_mod_l", MOBILENET_V2_L_SETTING)

@@ -85,7 +85,8 @@ def resnet_stage_info(model: ResNet) -> list[dict[str, Any]]:
     for stage_name in STAGES:
         first = getattr(model, stage_name)[0]
         reduction *= first.stride
-        info.append(dict(module=stage_name, num_chs=first.conv1.out_channels * type(first).expansion, reduction=reduction))
+        channels = first.conv1.out_channels * type(first).expansion
+        info.append(dict(module=stage_name, num_chs=channels, reduction=reduction))
     return info
 
 

@@ -55,7 +55,9 @@ def fcn_mod(
     task = f"fcn_mod({backbone_name!r})"
     if backbone_name in RESNET_MOD_CONFIGS and RESNET_MOD_CONFIGS[backbone_name][0] is not Bottleneck:
         bottlenecks = [name for name, (block, _) in RESNET_MOD_CONFIGS.items() if block is Bottleneck]
-        raise ValueError(f"{task}: FCN dilates layer3 and layer4, which needs a Bottleneck ResNet, one of {bottlenecks}")
+        raise ValueError(
+            f"{task}: FCN dilates layer3 and layer4, which needs a Bottleneck ResNet, one of {bottlenecks}"
+        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"{task}: num_classes must be an int >= 1, got {num_classes!r}")
     if aux_loss is not None and not isinstance(aux_loss, bool):

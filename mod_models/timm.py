@@ -32,12 +32,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Optional, Union
 
-import timm  # noqa: F401  (this module is timm's integration; ImportError here means: pip install timm)
 import torch
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from torch import Tensor, nn
+
+try:
+    from timm.layers import SelectAdaptivePool2d
+    from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+except ImportError as error:  # the rest of mod_models works without timm
+    raise ImportError(f"mod_models.timm needs timm (pip install timm): {error}") from error
 from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -144,7 +147,9 @@ class _TimmInterface:
             _check_checkpointing_allowed(self)
         self.grad_checkpointing = enable
 
-    def _run_blocks(self, blocks: Union[nn.Sequential, list[nn.Sequential]], x: Tensor, *, flatten: bool = False) -> Tensor:
+    def _run_blocks(
+        self, blocks: Union[nn.Sequential, list[nn.Sequential]], x: Tensor, *, flatten: bool = False
+    ) -> Tensor:
         """Run ``blocks`` (a Sequential, or stages with ``flatten=True``), one checkpoint per block when
         gradient checkpointing is on and autograd records (under ``no_grad`` there is nothing to save)."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -160,7 +165,8 @@ class _TimmInterface:
         if num_classes == 0:
             return nn.Identity()
         reference = next(self.parameters())
-        return nn.Linear(self.num_features * pool.feat_mult(), num_classes, device=reference.device, dtype=reference.dtype)
+        width = self.num_features * pool.feat_mult()
+        return nn.Linear(width, num_classes, device=reference.device, dtype=reference.dtype)
 
     def _set_head_size(self, pool: SelectAdaptivePool2d) -> None:
         self.head_hidden_size = self.num_features * pool.feat_mult()
@@ -243,7 +249,8 @@ class TimmMoDResNet(_TimmInterface, ResNet):
         self._set_head_size(self.avgpool)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """``[B, in_chans, H, W]`` -> the last stage's map ``[B, num_features, H/32, W/32]`` (less with dilation)."""
+        """``[B, in_chans, H, W]`` -> the last stage's map ``[B, num_features, H/32, W/32]``
+        (``H/8`` with ``replace_stride_with_dilation=[False, True, True]``)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self._run_blocks([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
 
@@ -284,7 +291,9 @@ class TimmMoDMobileNetV2(_TimmInterface, MobileNetV2):
         **kwargs: Any,
     ) -> None:
         if "dropout" in kwargs:
-            raise ValueError(f"pass drop_rate (timm's name for the classifier dropout), not dropout={kwargs['dropout']!r}")
+            raise ValueError(
+                f"pass drop_rate (timm's name for the classifier dropout), not dropout={kwargs['dropout']!r}"
+            )
         _check_int("num_classes", num_classes, 0)
         _check_int("in_chans", in_chans, 1)
         _check_pool(global_pool, num_classes)
@@ -368,7 +377,7 @@ def _pretrained_cfg(name: str, *, first_conv: str, classifier: str) -> dict[str,
         classifier=classifier,
         paper_ids="arXiv:2409.17016",
         paper_name="CNN Mixture-of-Depths",
-        description=f"{name}: torchvision architecture with every second block of a stage a MoD block; no pretrained weights",
+        description=f"{name}: torchvision architecture, every second block of a stage MoD; no pretrained weights",
     )
 
 
@@ -377,9 +386,9 @@ def _timm_builder(name: str) -> tuple[Callable[..., nn.Module], dict[str, Any], 
     if name in _resnet.RESNET_MOD_CONFIGS:
         cfg = _pretrained_cfg(name, first_conv="conv1", classifier="fc")
         return _resnet._make_builder(name, model_class=TimmMoDResNet), cfg, {}
-    settings = {"mobilenet_v2_mod": _mobilenetv2.MOBILENET_V2_SETTING, "mobilenet_v2_mod_l": _mobilenetv2.MOBILENET_V2_L_SETTING}
     cfg = _pretrained_cfg(name, first_conv="features.0.0", classifier="classifier.1")
-    builder = _mobilenetv2._make_builder(name, settings[name], model_class=TimmMoDMobileNetV2)
+    setting = _mobilenetv2.MOBILENET_V2_MOD_SETTINGS[name]
+    builder = _mobilenetv2._make_builder(name, setting, model_class=TimmMoDMobileNetV2)
     return builder, cfg, {"flatten_sequential": True}  # feature modules are features.N
 
 
@@ -399,7 +408,9 @@ def _make_entrypoint(name: str, builder: Callable[..., nn.Module], feature_cfg: 
         device = kwargs.pop("device", None)
         dtype = _check_dtype(kwargs.pop("dtype", None))
         device = torch.device(device) if device is not None else None
-        norm_layer = _norm_layer_with(kwargs.pop("norm_layer", None), kwargs.pop("bn_momentum", None), kwargs.pop("bn_eps", None))
+        norm_layer = _norm_layer_with(
+            kwargs.pop("norm_layer", None), kwargs.pop("bn_momentum", None), kwargs.pop("bn_eps", None)
+        )
         if norm_layer is not None:
             kwargs["norm_layer"] = norm_layer
         model = build_model_with_cfg(builder, name, pretrained=False, feature_cfg=dict(feature_cfg), **kwargs)

@@ -74,7 +74,8 @@ def register_with_torchvision(builders: Mapping[str, Callable[..., nn.Module]] =
         existing = registry.get(name)
         if existing is not None and not _same_builder(existing, builder):
             warnings.warn(
-                f"torchvision already registers a model named {name!r} ({existing.__module__}.{existing.__qualname__}); "
+                f"torchvision already registers a model named {name!r} "
+                f"({existing.__module__}.{existing.__qualname__}); "
                 f"mod_models leaves it, so torchvision.models.get_model({name!r}) does not build the MoD variant",
                 RuntimeWarning,
                 stacklevel=2,
@@ -105,7 +106,10 @@ class WeightLoadReport:
     missing: list[str]
 
     def __str__(self) -> str:
-        return f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}, left {len(self.missing)} model tensors as initialised"
+        return (
+            f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}, "
+            f"left {len(self.missing)} model tensors as initialised"
+        )
 
 
 def _owner(key: str) -> str:
@@ -115,7 +119,10 @@ def _owner(key: str) -> str:
 
 def _check_state_dict(state_dict: object) -> Mapping[str, Tensor]:
     if isinstance(state_dict, nn.Module):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got a {type(state_dict).__name__}; pass its .state_dict()")
+        raise TypeError(
+            f"state_dict must be a mapping of names to tensors, got a {type(state_dict).__name__}; "
+            "pass its .state_dict()"
+        )
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     for key, value in state_dict.items():

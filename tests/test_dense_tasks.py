@@ -2,7 +2,7 @@
 
 Both models train a few SGD steps on a tiny generated set (coloured rectangles on noise: boxes
 for Faster R-CNN, masks for FCN) and must lower their loss; then inference must return outputs
-of the documented form. One intra-op thread keeps the steps fast on a shared CPU.
+of the documented form. One intra-op thread (tests/single_thread.py) keeps the steps fast on a shared CPU.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from single_thread import one_intra_op_thread  # noqa: F401  (fixture)
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.segmentation.fcn import FCN
 
@@ -18,16 +19,10 @@ from mod_models import MoDBlock
 from mod_models.detection import fasterrcnn_mod_fpn, fasterrcnn_resnet50_mod_fpn, resnet_fpn
 from mod_models.segmentation import fcn_mod, fcn_resnet50_mod
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 IMAGE = 64  # detection image side
 MASK_IMAGE = 32  # segmentation image side
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rectangles(count: int, size: int, seed: int):
@@ -118,7 +113,7 @@ def test_fcn_loss_falls_and_logits_are_well_formed():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(float(loss))
+        history.append(loss.item())
     assert history[-1] < 0.5 * history[0], [round(value, 3) for value in history]
 
     model.eval()
@@ -138,7 +133,9 @@ def test_fcn_backbone_is_dilated_with_torchvision_keys():
     blocks = {name: m for name, m in model.backbone.named_modules() if isinstance(m, MoDBlock)}
     dilations = {name: block.conv2.dilation[0] for name, block in blocks.items()}
     # torchvision's replace_stride_with_dilation=[False, True, True]: layer3 dilation 2, layer4 dilation 4.
-    assert dilations == {"layer1.1": 1, "layer2.1": 1, "layer2.3": 1, "layer3.1": 2, "layer3.3": 2, "layer3.5": 2, "layer4.1": 4}
+    assert dilations == {
+        "layer1.1": 1, "layer2.1": 1, "layer2.3": 1, "layer3.1": 2, "layer3.3": 2, "layer3.5": 2, "layer4.1": 4
+    }
     keys = set(model.state_dict())
     assert "backbone.layer1.0.conv1.weight" in keys and "backbone.layer4.1.router.fc1.weight" in keys
     assert not any(key.startswith("backbone.fc.") for key in keys)
