@@ -22,7 +22,21 @@ from .resnet import (
     resnet101_mod,
     resnet152_mod,
 )
+from .torchvision_api import WeightLoadReport, load_torchvision_weights, register_with_torchvision
 from .zoo import BASELINE_OF, MOD_BUILDERS, PAPER_SPEEDUP, build_model
+
+
+def _register_with_torchvision() -> None:
+    """``torchvision.models.get_model("resnet50_mod")`` works once ``mod_models`` is imported."""
+    import warnings
+
+    try:
+        register_with_torchvision()
+    except RuntimeError as error:  # torchvision changed its private registry: say so, keep the package usable
+        warnings.warn(str(error), RuntimeWarning, stacklevel=2)
+
+
+_register_with_torchvision()
 
 __all__ = [
     "BACKENDS",
@@ -34,11 +48,13 @@ __all__ = [
     "MoDBottleneck",
     "MoDInvertedResidual",
     "PAPER_SPEEDUP",
+    "WeightLoadReport",
     "__version__",
     "build_model",
     "default_backend",
     "fold_batch_norms",
     "is_deployed",
+    "load_torchvision_weights",
     "mobilenet_v2_mod",
     "mobilenet_v2_mod_l",
     "optimize_for_inference",
@@ -51,5 +67,6 @@ __all__ = [
     "resnet50_mod",
     "resnet75_mod",
     "resnet86_mod",
+    "register_with_torchvision",
     "set_backend",
 ]

@@ -215,6 +215,8 @@ class MoDBlock(nn.Module):
         return self._packed_params[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: this block becomes one graph node
+            return trace_as_leaf(self, x)
         MF.check_feature_map(x, self.channels)
         self._check_input_dtype(x)
         if self.deployed:
@@ -306,6 +308,34 @@ class MoDBlock(nn.Module):
             f"channels={self.channels}, k={self.k}, capacity={self.capacity}, fusion={self.fusion!r}, "
             f"router={self.router_type!r}, backend={self.backend!r}"
         )
+
+
+def trace_as_leaf(block: MoDBlock, x: torch.fx.Proxy) -> torch.fx.Proxy:
+    """Record ``block`` as a single ``call_module`` node of the graph ``torch.fx`` is tracing.
+
+    A MoD block's forward is data-dependent Python (input checks, backend dispatch, the
+    in-place legality test), so it cannot be traced through. As one node, the traced graph
+    calls the block itself, which then runs exactly as in eager mode; this is what
+    ``torch.fx.symbolic_trace``, ``create_feature_extractor`` and ``get_graph_node_names``
+    do with any leaf module (the node is named by the block's path, e.g. ``"layer1.1"``).
+
+    Raises:
+        ValueError: the block has ``inplace=True``: a traced graph may hand the block's input
+            to other nodes (a returned feature, say), which the block would overwrite.
+        TypeError: the block is the root of the trace (there is no path to call it by).
+    """
+    path = x.tracer.path_of_module(block)
+    if not path:
+        raise TypeError(
+            f"{type(block).__name__} cannot be traced on its own by torch.fx (it is traced as a leaf "
+            "module); trace a model that contains it, e.g. torch.nn.Sequential(block)"
+        )
+    if block.inplace:
+        raise ValueError(
+            f"MoD block {path!r} has inplace=True: in a traced graph it would overwrite its input, which other "
+            "nodes may read or return; set inplace=False first (mod_models.features.disable_inplace(model))"
+        )
+    return x.tracer.create_proxy("call_module", path, (x,), {})
 
 
 def check_dilation(dilation: int) -> int:
