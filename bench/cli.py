@@ -270,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         if chosen_providers:
             providers = chosen_providers
         elif on_cuda or args.dry_run:
-            providers = [MOD_PROVIDERS["reference"], MOD_PROVIDERS["triton"]]
+            providers = [MOD_PROVIDERS[name] for name in ("triton+deploy", "reference+deploy", "reference", "triton")]
         else:
-            providers = [MOD_PROVIDERS["reference"]]
+            providers = [MOD_PROVIDERS["reference"], MOD_PROVIDERS["reference+deploy"]]
             meta["notes"].append("models on CPU: triton providers not run (Triton on CPU is its interpreter, "
                                  "a correctness tool, not a fast path)")
             if not small and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if use_compile and not args.providers:
             compiled = [MOD_PROVIDERS["reference+compile"]]
             if on_cuda or args.dry_run:
-                compiled.insert(0, MOD_PROVIDERS["triton+compile"])
+                compiled[:0] = [MOD_PROVIDERS["triton+deploy+compile"], MOD_PROVIDERS["triton+compile"]]
         if on_cuda:
             batches = args.batch_sizes or ([2, 1] if small else [64, 1])
             dtypes = args.dtype or (["bf16"] if small else ["bf16", "fp32"])
@@ -312,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         # Priority order (a budget cuts the tail): eager at the first dtype; compiled key models at
         # the first config; eager at the other dtypes; compiled key models at the other first-dtype
         # configs; compiled everything else.
-        phases: list[tuple[list, list, list, tuple]] = [(first_dtype, eager, names, floors)]
+        # The deploy rows come first (the deploy form is what serves a trained model).
+        deployed = [p for p in eager if p.deploy]
+        as_trained = [p for p in eager if not p.deploy]
+        phases: list[tuple[list, list, list, tuple]] = [(first_dtype, deployed, names, floors),
+                                                        (first_dtype, as_trained, names, floors)]
         if compiled:
             phases.append((first_dtype[:1], compiled, key_models, ("identity",)))
         phases.append((other_configs, eager, names, floors))
@@ -352,6 +356,30 @@ def main(argv: list[str] | None = None) -> int:
                               for c, net, _, prov in M.plan_cases(list(M.MOD_BUILDERS), full_configs, eager, floors))
             estimate = progress.seconds_for(full_weight)
             meta["full_estimate_s"] = estimate
+
+    # ----------------------------------------------------------------------------- launches
+    if "models" in sections:
+        from . import launches as L
+
+        section_start = time.monotonic()
+        # On a GPU the key models (every launch compiles its kernel once); on a CPU every model shown.
+        launch_models = ["resnet18_mod"] if small else ([m for m in KEY_MODELS if m in names] or names[:1]) if on_cuda else names
+        log(f"kernel launches: per block type and per forward of {', '.join(launch_models)} and their baselines")
+        try:
+            launch_records, note = L.measure(launch_models, on_cuda=on_cuda, log=log, every_variant=not small)
+            # Counted at batch 1 in fp32 NCHW (the count does not depend on the dtype or the layout).
+            records += [stamp({"dtype": "fp32", "batch": 1, "memory_format": "nchw", **record}, env)
+                        for record in launch_records]
+            meta["notes"].append(f"kernel launches {note}")
+            for record in launch_records:
+                if record["scope"] == "model" and record["network"] == "mod" and record["path"] == "triton+deploy":
+                    log(f"  {record['model']}: {record['launches']} launches per forward deployed on triton, "
+                        f"at most {record['max_per_mod_block']} per MoD block")
+        except Exception as error:  # noqa: BLE001 - reported in the results, never faked
+            meta["notes"].append(f"kernel launches not counted: {error}")
+            log(f"kernel launches not counted: {error}")
+        meta["sections"]["launches"] = time.monotonic() - section_start
+        save()
 
     if meta["load_average"] is not None:
         meta["load_average"] = meta["load_average"][:1] + [list(os.getloadavg())]

@@ -5,13 +5,17 @@ cannot take the others down; each child saves its records every few seconds, so 
 killed at its deadline still leaves what it measured), in this order by default:
 
 1. kernels  ``python -m bench --kernels``      (default 80 s)  copy bandwidth, then the kernel
-   microbenchmarks in priority order (B=64 bf16 channels_last eager reference + triton, each
-   timed as CUDA graph replays and as eager calls; torch.compile of the route+fuse chain; the
-   other dtype/format combinations; B=256 and B=1; more compiles) until the budget is spent;
+   microbenchmarks in priority order (first the whole inference block, deploy form vs the
+   reference eval block and its torch.compile, B=64 and B=1 bf16 channels_last; then B=64 bf16
+   channels_last eager reference + triton of every other op, each timed as CUDA graph replays
+   and as eager calls; torch.compile of the route+fuse chain; the other dtype/format
+   combinations; B=256 and B=1; more compiles) until the budget is spent;
 2. models   ``python -m bench --models-only``  (default 110 s) bf16 channels_last: batch 64
    eager, batch 64 as CUDA graph replays, batch 1 as CUDA graph replays (the resnet50 family
-   first), eager reference and triton for every variant, baseline and floors; then
-   torch.compile for resnet75_mod / resnet50_mod, then fp32 and the rest;
+   first), the deploy rows first (triton+deploy and reference+deploy beside torchvision's
+   deploy form), then eager reference and triton as trained, baseline and floors; then
+   torch.compile for resnet75_mod / resnet50_mod, then fp32 and the rest; then the kernel
+   launch counts of the key models;
 3. profile  ``python -m bench.profile_gpu``    (default 20 s) where an eager model's time goes;
 4. tests    ``python -m pytest -q -m "not slow" tests/test_kernels.py`` (default 50 s; GPU-only
    tests first, failures printed as they happen; ``--tests tests`` runs the whole suite but

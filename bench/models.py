@@ -96,7 +96,7 @@ def family_cases(baseline: str, mod_names: list[str], providers: list[ModelProvi
                  include_baseline: bool = True) -> list[tuple[str, str, str]]:
     """``(network, role, provider)`` of every case :func:`bench_family` measures, in its order; a
     floor's network is its MoD model."""
-    modes = sorted({p.compiled for p in providers})
+    modes = sorted({p.mode_key for p in providers})
     cases = [(baseline, "baseline", PLAIN_PROVIDERS[c].name) for c in modes] if include_baseline else []
     for name in mod_names:
         cases += [(name, "mod", p.name) for p in sorted(providers, key=lambda p: p.name != REFERENCE.name)]
@@ -268,7 +268,7 @@ def bench_family(
     if config.cuda_graph and not on_cuda:
         raise ValueError("CUDA graphs need a CUDA device")
     x = make_input(config, seed)
-    modes = sorted({p.compiled for p in providers})
+    modes = sorted({p.mode_key for p in providers})
     compile_cost = [timer.compile_estimate_s]
 
     def finished(record: dict) -> tuple[str, str]:
@@ -377,8 +377,8 @@ def bench_family(
     with thread_setting(config.threads):
         log(f" family {baseline}: {config.label()}")
         if include_baseline:
-            for compiled in modes:
-                cases.append(run_case(baseline, "baseline", PLAIN_PROVIDERS[compiled]))
+            for mode in modes:
+                cases.append(run_case(baseline, "baseline", PLAIN_PROVIDERS[mode]))
         for name in mod_names:
             reference_output = reference_selection = None
             for provider in sorted(providers, key=lambda p: p.name != REFERENCE.name):
@@ -393,8 +393,8 @@ def bench_family(
                                     reference_selection=reference_selection)
                 cases.append(case)
             for floor in floors:
-                for compiled in modes:
-                    cases.append(run_case(name, f"floor_{floor}", PLAIN_PROVIDERS[compiled], of_model=name))
+                for mode in modes:
+                    cases.append(run_case(name, f"floor_{floor}", PLAIN_PROVIDERS[mode], of_model=name))
 
         pending = {i: c.run for i, c in enumerate(cases) if c.run is not None}
         if pending:

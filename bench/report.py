@@ -433,6 +433,10 @@ def _kernel_targets(kernel: list[dict]) -> list[dict]:
     host = "host_median_ms"
 
     return [
+        check("GPU whole inference block, B=64: deploy form (fused) >= 2x torch.compile of the reference eval block",
+              "block.deploy", "reference+compile", 2.0),
+        check("GPU whole inference block, B=64: deploy form (fused) vs the eager reference eval block (speedup)",
+              "block.deploy", "reference", 1.0),
         check("GPU route+pack+fuse forward, B=64: fused >= 3x eager reference", "route_fuse.fwd", "reference", 3.0),
         check("GPU route+pack+fuse forward+backward, B=64: fused >= 2x eager reference",
               "route_fuse.fwdbwd", "reference", 2.0),
@@ -454,6 +458,7 @@ def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
     derived = model_derived(records)
     if on_gpu:
         overheads, r75, r75_graph, paper_short = [], [], [], []
+        d75, d75_graph = [], []
         fused_without = 0
         for key, rows in derived.items():
             if key[0] != "cuda":
@@ -473,11 +478,21 @@ def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
                         reachable = f", floor allows {row['ceiling'] / paper:.2f}x" if row["ceiling"] else ""
                         paper_short.append((f"{r['model']} {r['provider']} ({title}{reachable})", row["speedup"] / paper))
                     if r["model"] == "resnet75_mod" and r["baseline"] == "resnet50":
+                        deployed = r["provider"] == "triton+deploy"
+                        floor = f", floor allows {row['ceiling']:.2f}x" if row["ceiling"] else ""
                         if key[1] == 64 and key[2] == "bf16" and key[3] == "channels_last":
                             r75.append((f"{r['provider']} ({title})", row["speedup"]))
+                            if deployed and key[5]:
+                                d75.append((f"{r['provider']} vs resnet50 deploy ({title}{floor})", row["speedup"]))
                         if key[1] == 1 and key[5]:
                             r75_graph.append((f"{r['provider']} ({title})", row["speedup"]))
+                            if deployed and key[2] == "bf16":
+                                d75_graph.append((f"{r['provider']} vs resnet50 deploy ({title}{floor})", row["speedup"]))
         out += [
+            _target("GPU resnet75_mod deploy vs resnet50 deploy, batch 64 bf16 channels_last, CUDA graph replays: >= 1.15x",
+                    d75, 1.15),
+            _target("GPU resnet75_mod deploy vs resnet50 deploy, batch 1 bf16, CUDA graph replays: >= 1.0x",
+                    d75_graph, 1.0),
             _target("GPU models, fused backend: MoD overhead over the identity floor <= 5%", overheads, 0.05,
                     higher_is_better=False, unit="%", without=fused_without),
             _target("GPU resnet75_mod vs resnet50, batch 64 bf16 channels_last (fused, best mode): >= 1.20x",
@@ -553,6 +568,11 @@ def markdown(records: list[dict], meta: dict) -> str:
         lines += ["## Models", "", MODEL_LEGEND, ""]
         for title, body in models:
             lines += [f"### {title}", "", body, ""]
+    launch_records = [r for r in records if r.get("section") == "launches"]
+    if launch_records:
+        from .launches import launch_markdown
+
+        lines += ["## Kernel launches", "", launch_markdown(launch_records), ""]
     kernels = kernel_tables(records)
     if kernels:
         lines += ["## Kernel microbenchmarks", "", KERNEL_LEGEND, ""]

@@ -1,6 +1,6 @@
 """MoD blocks: route the top-k channels of each sample through a narrow conv block.
 
-Every block computes (SPEC.md section 2)::
+Every block computes (the method in full: :mod:`mod_models.functional`)::
 
     s   = router(x)                      # [B, C] fp32 scores (or random keys)
     idx = top-k(s)                       # [B, k] stable, descending

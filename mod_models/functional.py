@@ -1,12 +1,39 @@
-"""The MoD method as small functional reference ops (SPEC.md section 2).
+"""The MoD method as small functional reference ops.
 
-This module is the single source of truth for what a MoD block computes. The
-modules in :mod:`mod_models.blocks`, the tests and the benchmarks import these
-functions; the fused Triton kernels in :mod:`mod_kernels` are checked against
-them.
+CNN Mixture-of-Depths (R. Cakaj, J. Mehnert, B. Yang, "CNN Mixture-of-Depths", ACCV 2024,
+arXiv:2409.17016), as this project implements it. A MoD block's input is ``x: [B, C, H, W]``;
+with capacity ``c``, it processes ``k = C // c`` channels per sample (``k >= 1``):
 
-Shapes: ``x`` is a feature map ``[B, C, H, W]``; ``k = C // capacity`` channels
-are processed per sample; ``idx`` and ``w`` are ``[B, k]``.
+1. **Router** (squeeze-excitation style, both layers without bias, computed in fp32 even under
+   autocast): ``z = mean_hw(x) [B, C]``, ``h = relu(z W1^T)`` with ``W1: [C_h, C]``,
+   ``C_h = max(C // 16, 1)``, and scores ``s = sigmoid(h W2^T) [B, C]`` with ``W2: [C, C_h]``.
+   No auxiliary loss, noise or temperature. The paper's random-routing baseline replaces ``s``
+   by uniform random keys and scales by 1.
+2. **Selection**: per sample the ``k`` highest scores, in slot order of a stable descending sort
+   (``torch.sort(s, descending=True, stable=True)[:, :k]``): higher score first, ties to the
+   lower channel index, NaN above every number (so every row gets ``k`` distinct in-range
+   channels whatever the input holds). ``idx: [B, k]``, ``w = s.gather(1, idx)``. The selection
+   is not differentiated; gradients reach the router through ``w``.
+3. **Pack**: ``xs[b, j] = x[b, idx[b, j]]`` ``[B, k, H, W]``.
+4. **Reduced block** ``f_k`` on ``xs`` (stride 1, no downsample; convolutions without bias, each
+   followed by batch norm): ResNet Bottleneck 1x1 ``k -> max(k // 4, 1)``, ReLU, 3x3, ReLU,
+   1x1 ``-> k``; ResNet BasicBlock 3x3 ``k -> k``, ReLU, 3x3; MobileNetV2 inverted residual 1x1
+   ``k -> 6k``, ReLU6, 3x3 depthwise, ReLU6, 1x1 ``-> k`` (linear bottleneck).
+5. **Scale and fuse**: ``y = f_k(xs) * w``; each slot ``j`` is added into a target channel
+   ``t[b, j]`` and every other channel passes through: ``out[b, t] = act(x[b, t] + y[b, j])``.
+   Targets: ``"first_k"`` (``t = j``, the paper's default), ``"last_k"`` (``t = C - k + j``) or
+   ``"original"`` (``t = idx[b, j]``, each processed channel goes home). ``act`` is ReLU for the
+   ResNet blocks (as after a standard residual add) and none for MobileNetV2. Targets are
+   distinct within a sample, so the fusion needs no atomics and is deterministic.
+
+Shapes never depend on the data (``k`` is fixed), so a MoD network keeps a static graph.
+
+This module is the single source of truth for what a MoD block computes. The modules in
+:mod:`mod_models.blocks`, the tests and the benchmarks import these functions; the fused Triton
+kernels in :mod:`mod_kernels` are checked against them.
+
+Shapes: ``x`` is a feature map ``[B, C, H, W]``; ``k = C // capacity`` channels are processed per
+sample; ``idx`` and ``w`` are ``[B, k]``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""MoD MobileNetV2 (SPEC.md section 3): inside every ``[t, c, n, s]`` group, blocks 1, 3, ... are MoD.
+"""MoD MobileNetV2: inside every ``[t, c, n, s]`` group, blocks 1, 3, ... are MoD (``capacity = 16``).
+
+As in the paper (Cakaj et al., ACCV 2024): ``mobilenet_v2_mod`` is torchvision's MobileNetV2
+setting with MoD blocks alternating inside each group; ``mobilenet_v2_mod_l`` the paper's wider
+setting (both tables below).
 
 Everything else is torchvision's ``MobileNetV2``; the standard inverted residuals keep
 their module names (``features.N``), so their weights load from a torchvision checkpoint.

@@ -1,4 +1,25 @@
-"""MoD ResNets (SPEC.md section 3): torchvision's ResNet with every second block of a stage a MoD block.
+"""MoD ResNets: torchvision's ResNet with every second block of a stage a MoD block.
+
+The paper's placement (Cakaj et al., ACCV 2024): in every stage (``layer1`` .. ``layer4``) blocks
+alternate standard / MoD starting with a standard block, so the first block of a stage (stride
+and width change) is always standard; MoD blocks replace blocks, the depth is unchanged, and
+``capacity = 64`` (``k = C / 64``). The variant names are the paper's; they do not follow the
+usual layer-count formula, and the stage lists below are authoritative.
+
+=============  ===========  ===============
+variant        block        blocks per stage
+=============  ===========  ===============
+resnet18_mod   BasicBlock   2, 2, 2, 2
+resnet26_mod   BasicBlock   2, 2, 3, 4
+resnet34_mod   BasicBlock   3, 4, 6, 3
+resnet42_mod   BasicBlock   3, 3, 6, 6
+resnet50_mod   Bottleneck   3, 4, 6, 3
+resnet75_mod   Bottleneck   3, 4, 14, 3
+resnet86_mod   Bottleneck   3, 4, 18, 3
+resnet101_mod  Bottleneck   3, 4, 23, 3
+resnet152_mod  Bottleneck   3, 8, 36, 3
+=============  ===========  ===============
+
 
 Blocks 0, 2, 4, ... of each stage are torchvision's own ``BasicBlock`` / ``Bottleneck``
 (same module names, so a torchvision checkpoint's standard blocks load by name);
@@ -18,7 +39,7 @@ from .builder_args import check_builder_args
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
-# name: (standard block, blocks per stage). The names are the paper's (SPEC.md section 3).
+# name: (standard block, blocks per stage), the table in the module docstring.
 RESNET_MOD_CONFIGS: dict[str, tuple[type[Union[BasicBlock, Bottleneck]], tuple[int, int, int, int]]] = {
     "resnet18_mod": (BasicBlock, (2, 2, 2, 2)),
     "resnet26_mod": (BasicBlock, (2, 2, 3, 4)),

@@ -1,6 +1,6 @@
 """Test helpers: one tensor comparison that says where and how much, and a naive MoD reference.
 
-The naive reference below is written from SPEC.md section 2 with per-sample, per-slot Python
+The naive reference below is written from the method (mod_models/functional.py's docstring) with per-sample, per-slot Python
 loops and row/scalar torch ops, deliberately *not* reusing :mod:`mod_models.functional`, so
 the tests compare the library against an independent statement of the method. It is slow and
 only meant for small shapes. Every function is differentiable (plain torch ops, no in-place
@@ -87,7 +87,7 @@ def assert_close(actual: Tensor, expected: Tensor, *, atol: float, rtol: float, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Naive reference of the MoD routing / packing / fusion (SPEC.md section 2).
+# Naive reference of the MoD routing / packing / fusion.
 # ----------------------------------------------------------------------------------------------
 
 

@@ -123,6 +123,22 @@ def test_quick_run_writes_json_and_markdown_with_metadata(quick_run: dict) -> No
     assert payload["meta"]["env"]["device"] in markdown and f"mod-cnn {__version__}" in markdown
 
 
+def test_quick_run_counts_launches_and_has_deploy_rows(quick_run: dict) -> None:
+    payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
+    records = payload["records"]
+    deploy = [r for r in records if r["section"] == "model" and r["status"] == "ok" and r["mode"] == "deploy"]
+    assert {r["role"] for r in deploy} == {"baseline", "mod", "floor_identity", "floor_static"}
+    assert all(r["agreement"]["ok"] for r in deploy if r["role"] == "mod")
+    launches = [r for r in records if r["section"] == "launches"]
+    blocks = [r for r in launches if r["scope"] == "block" and r["path"] == "triton+deploy"]
+    assert {r["kind"] for r in blocks} == {"bottleneck", "basic", "inverted"} and max(r["launches"] for r in blocks) <= 3
+    (model,) = [r for r in launches if r["scope"] == "model" and r["path"] == "triton+deploy"]
+    baseline_deploy = [r for r in launches if r["scope"] == "model" and r["network"] == "torchvision" and r["path"] == "deploy"]
+    assert model["max_per_mod_block"] <= 3 and model["launches"] < baseline_deploy[0]["launches"]
+    markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
+    assert "## Kernel launches" in markdown and "| resnet18_mod (resnet18) |" in markdown
+
+
 def _disagreeing(model: torch.nn.Module):
     return lambda x: model(x) * 1.5
 
