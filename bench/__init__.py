@@ -1,13 +1,16 @@
 """Benchmarks of CNN Mixture-of-Depths: whole models and the fused kernels, on the machine at hand.
 
-``python -m bench`` runs the default plan for the device it finds (CPU: the model table at
-batch 1; GPU: kernel microbenchmarks and the model table) and writes JSON, Markdown and a
-PNG under ``bench/results/``. ``python -m bench.gpu`` is the budgeted GPU script (tests
+``python -m bench`` (or ``mod-bench``) runs the short table on the device it finds (one MoD
+variant per baseline family; ``--full`` for every variant, on a GPU with the kernel
+microbenchmarks) and writes JSON, Markdown and a PNG under ``runs/bench/`` of the current
+directory; ``bench/results/`` holds the project's published results, written only when asked
+(``--out-dir bench/results``). ``python -m bench.gpu`` is the budgeted GPU script (tests
 included). The modules, from the bottom up:
 
 * :mod:`bench.env`       -- device, versions, date: the metadata stamped on every record.
-* :mod:`bench.timing`    -- latency samples (CUDA events, ``triton.testing.do_bench``, ``perf_counter``),
-  medians with spread, CUDA-graph capture, copy bandwidth, time budgets.
+* :mod:`bench.timing`    -- latency samples (CUDA events, ``triton.testing.do_bench``,
+  ``torch.utils.benchmark``), medians with spread, CUDA-graph capture, copy bandwidth, time
+  budgets, overall progress with an estimate of the time left.
 * :mod:`bench.agreement` -- output comparison and the tolerances a speedup is conditional on.
 * :mod:`bench.traffic`   -- the bytes each fused op must move (for GB/s).
 * :mod:`bench.floors`    -- the identity floor and the static-selection floor of a MoD model.

@@ -1,16 +1,24 @@
-"""``python -m bench``: the benchmark on the machine at hand.
+"""``python -m bench`` (or ``mod-bench``): the benchmark on the machine at hand.
 
-Defaults by device:
+What runs (flags such as ``--models`` and ``--threads`` override each part):
 
-* CPU: the model table (reference backend, batch 1, 224x224, fp32 NCHW, one thread and all
-  threads), every MoD variant with its torchvision baseline and both floors. Kernel
-  microbenchmarks are GPU work; on CPU they run only as a smoke test (``--kernels``/``--quick``).
-* CUDA: kernel microbenchmarks (resnet50_mod / resnet75_mod stage shapes, B = 64, 256, 1,
-  bf16 and fp32, channels_last and NCHW) and the model table (batch 64 and batch 1 with CUDA
-  graphs, bf16 and fp32 channels_last; reference and triton, eager and compiled).
+* default, the short table: one MoD variant per baseline family (resnet18_mod, resnet50_mod,
+  mobilenet_v2_mod); on a CPU at one thread, a few minutes on 2 cores.
+* ``--full``: the whole table. CPU: every MoD variant at one thread and at all threads.
+  CUDA: kernel microbenchmarks (resnet50_mod stage shapes, B = 64, 256, 1, bf16 and fp32,
+  channels_last and NCHW) and every variant at batch 64 and batch 1 with CUDA graphs.
+* ``--quick``: a smoke run in seconds (tiny shapes; the numbers mean little).
 
-Results: ``<out-dir>/<device>.json`` (every record, with device, versions, dtype, batch,
-memory format, threads and date), ``<device>.md`` and ``<device>.png``.
+Each MoD model runs beside its torchvision baseline and both floors: on a CPU with the
+reference backend and (with the export extra) ONNX Runtime; on CUDA reference and triton,
+eager and compiled. Kernel microbenchmarks are GPU work; on a CPU they run only as a smoke test
+(``--kernels``/``--quick``).
+
+Results: ``<out-dir>/<device>[-short|-quick|-dry-run].json`` (every record, with device,
+versions, dtype, batch, memory format, threads and date), ``.md`` and ``.png``. The default
+out-dir is ``runs/bench`` under the current directory (git-ignored in this repository), so a
+run never overwrites the project's published results in ``bench/results``; publishing a run
+is a separate, explicit step: ``python -m bench --full --out-dir bench/results``.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from pathlib import Path
 
 from .env import enable_triton_interpreter_without_cuda
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT_DIR = Path("runs", "bench")  # relative: under the directory the command runs in
+PUBLISHED_DIR = Path("bench", "results")  # the project's committed results (in a source checkout)
 KEY_MODELS = ("resnet75_mod", "resnet50_mod")  # the targets' models: compiled first when time is short
+SHORT_MODELS = ("resnet18_mod", "resnet50_mod", "mobilenet_v2_mod")  # the default: one per baseline family
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--kernels", action="store_true", help="kernel microbenchmarks only")
     what.add_argument("--models-only", action="store_true", help="model table only")
-    p.add_argument("--models", nargs="+", default=None, help="MoD variants (default: all)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"MoD variants (default: {' '.join(SHORT_MODELS)}; with --full all)")
     p.add_argument("--providers", nargs="+", default=None,
                    help="MoD model providers: reference, reference+compile, triton, triton+compile "
                         "(default: CPU reference; CUDA all four)")
@@ -49,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-format", nargs="+", default=None, choices=["nchw", "channels_last"],
                    help="model memory formats (CPU nchw; CUDA channels_last)")
     p.add_argument("--resolution", type=int, default=None, help="input height and width (224)")
-    p.add_argument("--threads", nargs="+", default=None,
-                   help="CPU thread counts, integers or 'all' (default: 1 all)")
+    p.add_argument("--threads", nargs="+", default=None, type=_thread_count,
+                   help="CPU thread counts, positive integers or 'all' (default: 1; with --full: 1 all)")
     p.add_argument("--floors", nargs="*", default=None, choices=["identity", "static"],
                    help="floors to measure (default both; none: pass the flag alone)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: no CUDA graphs (default: batches <= 8 are timed as graph replays, "
@@ -64,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_budget, default="default",
                    help="seconds, or 'none'; cases that no longer fit are recorded as skipped "
                         "(default: none on CPU, 1200 on CUDA)")
-    p.add_argument("--quick", action="store_true", help="CI smoke run: tiny shapes, seconds")
-    p.add_argument("--dry-run", action="store_true",
-                   help="exercise the GPU plan's code paths with tiny shapes on any device (no results to keep)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    p.add_argument("--name", default=None, help="file stem (default: the device, plus -quick / -dry-run)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="the whole table (default: the short table)")
+    mode.add_argument("--quick", action="store_true", help="CI smoke run: tiny shapes, seconds")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="exercise the GPU plan's code paths with tiny shapes on any device (no results to keep)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
+                   help=f"where results go (default: {DEFAULT_OUT_DIR}/ under the current directory; "
+                        f"{PUBLISHED_DIR} in a checkout publishes them as the project's)")
+    p.add_argument("--name", default=None, help="file stem (default: the device, plus -short / -quick / -dry-run)")
     p.add_argument("--part", default=None, help="write only <out-dir>/part-<PART>.json (used by bench.gpu)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -84,13 +99,19 @@ def _budget(text: str):
     return value
 
 
+def _thread_count(text: str) -> str:
+    if text != "all" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"a thread count is a positive integer or 'all', not {text!r}")
+    return text
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
 
-def _threads(values: list[str] | None, default_all: int) -> list[int]:
+def _threads(values: list[str], default_all: int) -> list[int]:
     out = []
-    for v in values or ["1", "all"]:
+    for v in values:
         n = default_all if v == "all" else int(v)
         if n not in out:
             out.append(n)
@@ -98,6 +119,7 @@ def _threads(values: list[str] | None, default_all: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     parser = build_parser()
     args = parser.parse_args(argv)
     # Before anything imports Triton: its own @jit helpers (tl.sort, reductions) must be created
@@ -116,26 +138,33 @@ def main(argv: list[str] | None = None) -> int:
     from . import models as M
     from . import plot as P
     from . import report as R
-    from .env import collect_env, device_slug, resolve_device, stamp
+    from .env import collect_env, cuda_text, resolve_device, result_stem, stamp
     from .providers import MOD_PROVIDERS, parse_providers
-    from .timing import Budget, copy_bandwidth
+    from .timing import Budget, Progress, copy_bandwidth, format_duration
 
+    unknown_models = [name for name in args.models or () if name not in M.MOD_BUILDERS]
+    if unknown_models:
+        parser.error(f"unknown MoD model(s) {unknown_models}; expected some of {list(M.MOD_BUILDERS)}")
+    try:
+        chosen_providers = parse_providers(args.providers) if args.providers else None
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))
     all_threads = torch.get_num_threads()
-    device = resolve_device(args.device)
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.backends.cudnn.benchmark = True
     small = args.quick or args.dry_run
+    mode = "dry-run" if args.dry_run else "quick" if args.quick else "full" if args.full else "short"
     if args.budget == "default":
         args.budget = 1200.0 if on_cuda and not small else None
     elif args.budget == "none":
         args.budget = None
     budget = Budget(args.budget)
-    started = time.monotonic()
     env = collect_env(device)
     meta: dict = {
         "env": env, "command": " ".join(["python -m bench", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
-        "mode": "dry-run" if args.dry_run else "quick" if args.quick else "full",
+        "mode": mode,
         "load_average": [list(os.getloadavg())] if hasattr(os, "getloadavg") else None,
         "notes": [], "sections": {},
     }
@@ -143,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         meta["notes"].append("DRY RUN: tiny shapes to exercise the code paths; the numbers mean nothing.")
     elif args.quick:
         meta["notes"].append("QUICK (smoke) run: tiny shapes; the numbers mean little.")
+    elif mode == "short" and not args.models:
+        meta["notes"].append(f"SHORT table (the default): {', '.join(SHORT_MODELS)}; `python -m bench --full` "
+                             "measures every variant.")
     sections = ["kernels"] if args.kernels else ["models"] if args.models_only else (
         ["kernels", "models"] if on_cuda or small else ["models"])
     if not on_cuda and "kernels" not in sections and not args.models_only:
@@ -153,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_default = (on_cuda and not args.quick) or args.dry_run
     use_compile = compile_default if args.compile is None else args.compile
     records: list[dict] = []
-    stem = args.name or device_slug(device) + ("-dry-run" if args.dry_run else "-quick" if args.quick else "")
+    stem = args.name or result_stem(env["device_slug"], mode)
     out_dir: Path = args.out_dir
     part_path = out_dir / f"part-{args.part}.json" if args.part else None
     last_save = [time.monotonic()]
@@ -166,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / f"{part_path.stem}.md").unlink(missing_ok=True)
         last_save[0] = time.monotonic()
 
-    log(f"bench: {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
-        f"sections {sections} | budget {args.budget or 'none'} s")
+    log(f"bench ({mode}): {env['device']} | mod-cnn {env['mod_cnn']} | torch {env['torch']} | triton {env['triton']} | "
+        f"{cuda_text(env)} | sections {sections} | budget {f'{args.budget:.0f} s' if args.budget else 'none'} | "
+        f"results -> {out_dir}")
 
     # ------------------------------------------------------------------------------ kernels
     if "kernels" in sections:
@@ -223,23 +256,23 @@ def main(argv: list[str] | None = None) -> int:
                                          timer=timer, seed=args.seed, log=log, on_task=keep)
         records[first:] = kernel_records
         meta["sections"]["kernels"] = time.monotonic() - section_start
-        log(f"kernels: {time.monotonic() - section_start:.0f} s")
+        log("section " + R.sections_text({"kernels": meta["sections"]["kernels"]}))
         save(force=True)
 
     # ------------------------------------------------------------------------------- models
     if "models" in sections:
         section_start = time.monotonic()
-        names = args.models or (["resnet18_mod"] if small else list(M.MOD_BUILDERS))
+        names = args.models or (["resnet18_mod"] if small else list(M.MOD_BUILDERS) if args.full else list(SHORT_MODELS))
         if not args.models and on_cuda:  # the targets' family (resnet50 baseline) first, when time is short
             names = sorted(names, key=lambda name: M.BASELINE_OF[name] != M.BASELINE_OF[KEY_MODELS[0]])
         resolution = args.resolution or (32 if args.dry_run else 64 if args.quick else 224)
         floors = tuple(args.floors) if args.floors is not None else ("identity", "static")
-        if args.providers:
-            providers = parse_providers(args.providers)
+        if chosen_providers:
+            providers = chosen_providers
         elif on_cuda or args.dry_run:
-            providers = [MOD_PROVIDERS["reference"], MOD_PROVIDERS["triton"]]
+            providers = [MOD_PROVIDERS[name] for name in ("triton+deploy", "reference+deploy", "reference", "triton")]
         else:
-            providers = [MOD_PROVIDERS["reference"]]
+            providers = [MOD_PROVIDERS["reference"], MOD_PROVIDERS["reference+deploy"]]
             meta["notes"].append("models on CPU: triton providers not run (Triton on CPU is its interpreter, "
                                  "a correctness tool, not a fast path)")
             if not small and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
@@ -251,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if use_compile and not args.providers:
             compiled = [MOD_PROVIDERS["reference+compile"]]
             if on_cuda or args.dry_run:
-                compiled.insert(0, MOD_PROVIDERS["triton+compile"])
+                compiled[:0] = [MOD_PROVIDERS["triton+deploy+compile"], MOD_PROVIDERS["triton+compile"]]
         if on_cuda:
             batches = args.batch_sizes or ([2, 1] if small else [64, 1])
             dtypes = args.dtype or (["bf16"] if small else ["bf16", "fp32"])
@@ -261,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             batches = args.batch_sizes or [1]
             dtypes = args.dtype or ["fp32"]
             formats = args.memory_format or ["nchw"]
-            threads = _threads(args.threads, all_threads) if not small else _threads(args.threads or ["1"], all_threads)
+            threads = _threads(args.threads or (["1", "all"] if args.full else ["1"]), all_threads)
         configs = M.default_configs(
             device.type, batch_sizes=batches, dtypes=dtypes, memory_formats=formats, resolution=resolution,
             threads=threads, cuda_graph_max_batch=0 if args.no_cuda_graphs else 8,
@@ -279,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         # Priority order (a budget cuts the tail): eager at the first dtype; compiled key models at
         # the first config; eager at the other dtypes; compiled key models at the other first-dtype
         # configs; compiled everything else.
-        phases: list[tuple[list, list, list, tuple]] = [(first_dtype, eager, names, floors)]
+        # The deploy rows come first (the deploy form is what serves a trained model).
+        deployed = [p for p in eager if p.deploy]
+        as_trained = [p for p in eager if not p.deploy]
+        phases: list[tuple[list, list, list, tuple]] = [(first_dtype, deployed, names, floors),
+                                                        (first_dtype, as_trained, names, floors)]
         if compiled:
             phases.append((first_dtype[:1], compiled, key_models, ("identity",)))
         phases.append((other_configs, eager, names, floors))
@@ -288,9 +325,18 @@ def main(argv: list[str] | None = None) -> int:
             rest = [m for m in names if m not in key_models]
             phases.append((first_dtype, compiled, rest, ("identity",)))
             phases.append((other_configs, compiled, names, ("identity",)))
+        phases = [phase for phase in phases if all(phase[:3])]
+        plan = [case for configs_, providers_, names_, floors_ in phases
+                for case in M.plan_cases(names_, configs_, providers_, floors_)]
+        progress = Progress(len(plan), sum(M.case_weight(net, prov, c.batch, c.resolution) for c, net, _, prov in plan))
+        log(f"models: {len(plan)} case(s) (network x provider x config), "
+            f"{len({(c, M.BASELINE_OF[net] if role != 'baseline' else net) for c, net, role, _ in plan})} family run(s)")
+
+        def on_case(record: dict) -> tuple[str, str]:
+            return progress.advance(M.case_weight(record["model"], record["provider"], record["batch"],
+                                                  record["resolution"]))
+
         for phase_configs, phase_providers, phase_names, phase_floors in phases:
-            if not phase_configs or not phase_providers or not phase_names:
-                continue
             first = len(records)
 
             def keep_models(so_far: list[dict], first: int = first) -> None:
@@ -299,10 +345,41 @@ def main(argv: list[str] | None = None) -> int:
 
             records[first:] = M.run_models(phase_names, phase_configs, phase_providers, env=env, cache=cache,
                                            budget=budget, timer=timer, floors=phase_floors, seed=args.seed, log=log,
-                                           on_family=keep_models)
+                                           on_family=keep_models, on_case=on_case)
             save()
         meta["sections"]["models"] = time.monotonic() - section_start
-        log(f"models: {time.monotonic() - section_start:.0f} s")
+        log("section " + R.sections_text({"models": meta["sections"]["models"]}))
+        if mode == "short" and not on_cuda:
+            full_configs = M.default_configs("cpu", batch_sizes=batches, dtypes=dtypes, memory_formats=formats,
+                                             resolution=resolution, threads=_threads(["1", "all"], all_threads))
+            full_weight = sum(M.case_weight(net, prov, c.batch, c.resolution)
+                              for c, net, _, prov in M.plan_cases(list(M.MOD_BUILDERS), full_configs, eager, floors))
+            estimate = progress.seconds_for(full_weight)
+            meta["full_estimate_s"] = estimate
+
+    # ----------------------------------------------------------------------------- launches
+    if "models" in sections:
+        from . import launches as L
+
+        section_start = time.monotonic()
+        # On a GPU the key models (every launch compiles its kernel once); on a CPU every model shown.
+        launch_models = ["resnet18_mod"] if small else ([m for m in KEY_MODELS if m in names] or names[:1]) if on_cuda else names
+        log(f"kernel launches: per block type and per forward of {', '.join(launch_models)} and their baselines")
+        try:
+            launch_records, note = L.measure(launch_models, on_cuda=on_cuda, log=log, every_variant=not small)
+            # Counted at batch 1 in fp32 NCHW (the count does not depend on the dtype or the layout).
+            records += [stamp({"dtype": "fp32", "batch": 1, "memory_format": "nchw", **record}, env)
+                        for record in launch_records]
+            meta["notes"].append(f"kernel launches {note}")
+            for record in launch_records:
+                if record["scope"] == "model" and record["network"] == "mod" and record["path"] == "triton+deploy":
+                    log(f"  {record['model']}: {record['launches']} launches per forward deployed on triton, "
+                        f"at most {record['max_per_mod_block']} per MoD block")
+        except Exception as error:  # noqa: BLE001 - reported in the results, never faked
+            meta["notes"].append(f"kernel launches not counted: {error}")
+            log(f"kernel launches not counted: {error}")
+        meta["sections"]["launches"] = time.monotonic() - section_start
+        save()
 
     if meta["load_average"] is not None:
         meta["load_average"] = meta["load_average"][:1] + [list(os.getloadavg())]
@@ -320,7 +397,24 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(records, meta)
     for path in paths.values():
         log(f"wrote {path}")
+    for line in closing_lines(mode, meta, out_dir, n_models=len(M.MOD_BUILDERS), format_duration=format_duration):
+        log(line)
     return 0
+
+
+def closing_lines(mode: str, meta: dict, out_dir: Path, *, n_models: int, format_duration) -> list[str]:
+    """What to do next: the whole table after the short one, and how a run becomes the project's results."""
+    lines = []
+    if mode == "short":
+        estimate = meta.get("full_estimate_s")
+        about = f", about {format_duration(estimate)} here at this run's speed" if estimate else ""
+        lines.append(f"This was the short table ({len(SHORT_MODELS)} of {n_models} MoD variants"
+                     f"{', 1 thread' if meta.get('env', {}).get('device_type') == 'cpu' else ''}). "
+                     f"The whole table: python -m bench --full{about}.")
+    if out_dir.resolve() != PUBLISHED_DIR.resolve() and PUBLISHED_DIR.is_dir() and mode in ("short", "full"):
+        lines.append(f"Results stay in {out_dir}/ (not tracked by git). To publish a run as the project's results: "
+                     f"python -m bench --full --out-dir {PUBLISHED_DIR}, then commit them.")
+    return lines
 
 
 def print_summary(records: list[dict], meta: dict) -> None:
@@ -336,7 +430,8 @@ def print_summary(records: list[dict], meta: dict) -> None:
     chain = [r for r in records if r.get("section") == "kernel" and r.get("op", "").startswith("route_fuse")]
     for title, body in R.kernel_tables(chain):
         print(f"## kernels (route+pack+fuse only; all ops in the .md), {title}\n{body}\n")
-    print("; ".join(f"{k} {v:.0f} s" for k, v in meta.get("sections", {}).items()))
+    if meta.get("sections"):
+        print("time: " + R.sections_text(meta["sections"]))
 
 
 if __name__ == "__main__":

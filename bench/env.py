@@ -16,7 +16,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Keys copied into every record (record-specific keys such as dtype, batch, memory format
 # and threads are set by the benchmark that makes the record).
-RECORD_ENV_KEYS = ("device", "device_type", "torch", "torchvision", "triton", "cuda", "date", "git_commit")
+RECORD_ENV_KEYS = ("device", "device_type", "torch", "torchvision", "triton", "cuda", "date", "git_commit", "mod_cnn")
+# File-name suffix of each kind of run (python -m bench's modes); a full run has none.
+MODE_SUFFIX = {"full": "", "short": "-short", "quick": "-quick", "dry-run": "-dry-run"}
 
 
 def enable_triton_interpreter_without_cuda() -> None:
@@ -62,6 +64,33 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
 
 
+def result_stem(slug: str, mode: str) -> str:
+    """The one naming rule of result files: the device's slug, then the mode's suffix
+    (``cpu-amd-epyc-2cpu``, ``cpu-amd-epyc-2cpu-short``, ``nvidia-h200-dry-run``, ...)."""
+    if mode not in MODE_SUFFIX:
+        raise ValueError(f"unknown run mode {mode!r}; expected one of {list(MODE_SUFFIX)}")
+    return slug + MODE_SUFFIX[mode]
+
+
+def package_version() -> str:
+    """The installed mod-cnn version (``mod_models.__version__``)."""
+    from mod_models import __version__
+
+    return __version__
+
+
+def cuda_text(env: dict[str, Any]) -> str:
+    """What a reader should know about CUDA: the runtime in use on a GPU run; elsewhere the CUDA
+    version torch was built with, said as such (``torch built with CUDA 13.0; no GPU``)."""
+    built = env.get("cuda")
+    if env.get("device_type") == "cuda":
+        return f"CUDA {built}" + (f" (driver {env['cuda_driver']})" if env.get("cuda_driver") else "")
+    if not built:
+        return "CPU-only torch build"
+    where = "GPU present, not used" if env.get("gpu_available") else "no GPU"
+    return f"torch built with CUDA {built}; {where}"
+
+
 def _version(module_name: str) -> str | None:
     try:
         module = __import__(module_name)
@@ -78,6 +107,14 @@ def git_commit() -> str | None:
     if os.environ.get("MOD_BENCH_COMMIT"):
         return os.environ["MOD_BENCH_COMMIT"]
     try:
+        # An installed copy (site-packages) may sit inside some other repository: only a source
+        # checkout of this project, whose top level holds this package, has a commit to report.
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+            check=False,
+        )
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO_ROOT:
+            return None
         head = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
             check=False,
@@ -98,10 +135,13 @@ def collect_env(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "device": device_name(device),
         "device_type": device.type,
+        "device_slug": device_slug(device),
+        "mod_cnn": package_version(),
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
         "triton": _version("triton"),
-        "cuda": torch.version.cuda,
+        "cuda": torch.version.cuda,  # the CUDA version torch was built with (None: a CPU-only build)
+        "gpu_available": torch.cuda.is_available(),
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -1,6 +1,6 @@
 """The floors a MoD model is measured against.
 
-* **Identity floor** (the issue's floor): the same network with every MoD block replaced by
+* **Identity floor**: the same network with every MoD block replaced by
   ``nn.Identity``. No MoD implementation can beat it, since a MoD block's output is its input
   plus a correction; the MoD overhead of a backend is ``(t_model - t_identity) / t_identity``.
 * **Static floor**: every MoD block replaced by :class:`StaticSelectionBlock`, which runs the

@@ -5,19 +5,23 @@ cannot take the others down; each child saves its records every few seconds, so 
 killed at its deadline still leaves what it measured), in this order by default:
 
 1. kernels  ``python -m bench --kernels``      (default 80 s)  copy bandwidth, then the kernel
-   microbenchmarks in priority order (B=64 bf16 channels_last eager reference + triton, each
-   timed as CUDA graph replays and as eager calls; torch.compile of the route+fuse chain; the
-   other dtype/format combinations; B=256 and B=1; more compiles) until the budget is spent;
+   microbenchmarks in priority order (first the whole inference block, deploy form vs the
+   reference eval block and its torch.compile, B=64 and B=1 bf16 channels_last; then B=64 bf16
+   channels_last eager reference + triton of every other op, each timed as CUDA graph replays
+   and as eager calls; torch.compile of the route+fuse chain; the other dtype/format
+   combinations; B=256 and B=1; more compiles) until the budget is spent;
 2. models   ``python -m bench --models-only``  (default 110 s) bf16 channels_last: batch 64
    eager, batch 64 as CUDA graph replays, batch 1 as CUDA graph replays (the resnet50 family
-   first), eager reference and triton for every variant, baseline and floors; then
-   torch.compile for resnet75_mod / resnet50_mod, then fp32 and the rest;
+   first), the deploy rows first (triton+deploy and reference+deploy beside torchvision's
+   deploy form), then eager reference and triton as trained, baseline and floors; then
+   torch.compile for resnet75_mod / resnet50_mod, then fp32 and the rest; then the kernel
+   launch counts of the key models;
 3. profile  ``python -m bench.profile_gpu``    (default 20 s) where an eager model's time goes;
 4. tests    ``python -m pytest -q -m "not slow" tests/test_kernels.py`` (default 50 s; GPU-only
    tests first, failures printed as they happen; ``--tests tests`` runs the whole suite but
    tests/test_bench.py, the CPU smoke test of this package).
 
-Everything lands in ``--out-dir`` (default ``$OUT``, else ``bench/results``):
+Everything lands in ``--out-dir`` (default ``$OUT``, else ``runs/bench`` under the current directory):
 ``<device>.json``, ``<device>.md``, ``<device>.png``, ``pytest.log`` (and ``gpu.log`` when run
 through ``bench/gpu.sh``): at most 5 files. Cases the budget did not reach are recorded as
 skipped. ``--dry-run`` runs the same sections with tiny shapes (on the CPU too) to check the
@@ -47,7 +51,7 @@ def log(message: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
-    default_out = os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results")
+    default_out = os.environ.get("OUT") or str(Path("runs", "bench"))
     p.add_argument("--out-dir", type=Path, default=Path(default_out))
     p.add_argument("--budget", type=float, default=320.0,
                    help="total seconds for all sections, child start-ups included (each ~25 s)")
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"bench.gpu: {time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {smi} | budget {args.budget:.0f} s"
         f" | sections {args.sections}{' | DRY RUN' if args.dry_run else ''}")
 
-    extra = args.bench_args.split() + (["--dry-run"] if args.dry_run else [])
+    extra = args.bench_args.split() + (["--dry-run"] if args.dry_run else ["--full"])
     section_budgets = {"kernels": args.kernel_budget, "models": args.model_budget, "tests": args.test_budget,
                        "profile": args.profile_budget}
     elapsed: dict[str, float] = {}
@@ -179,14 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         meta["tests"] = tests_info
         meta.setdefault("notes", []).append(f"tests: `{tests_info['command']}` -> exit {tests_info['exit_code']}, "
                                              f"{tests_info['summary']}")
+    from .env import result_stem
+
     device = meta.get("env", {}).get("device", "device")
-    stem = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ("-dry-run" if args.dry_run else "")
-    if meta.get("env", {}).get("device_type") == "cpu" and not args.dry_run:
-        stem = "cpu-" + stem
+    stem = result_stem(meta["env"]["device_slug"], "dry-run" if args.dry_run else "full")
     paths = R.write(records, meta, out_dir, stem)
     from .plot import plot
 
-    png = plot(records, out_dir / f"{stem}.png", title=f"{device} (bench.gpu)")
+    png = plot(records, out_dir / f"{stem}.png", title=f"{device} (bench.gpu{' dry run' if args.dry_run else ''})")
     for part in parts:
         part.unlink()
     print_summary(records, meta)

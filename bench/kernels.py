@@ -13,6 +13,10 @@ Ops (``OPS``), each at one feature shape ``[B, C, H, W]`` with ``k = C // capaci
 * ``block.fwd``          the whole :class:`~mod_models.blocks.MoDBottleneck` (eval, in place)
 * ``block.bwd``          its backward (train mode), from a stored forward
 * ``block.fwdbwd``       forward + backward (train mode)
+* ``block.deploy``       the whole block at inference: ``reference`` is the eval block as trained
+                         (unfolded batch norms, in place), ``reference+compile`` its
+                         ``torch.compile``, ``triton`` the deploy form
+                         (:func:`mod_models.optimize_for_inference`: three launches)
 
 Providers: ``reference`` (the unfused ops of :mod:`mod_models.functional`, eager),
 ``reference+compile`` (the same under ``torch.compile``, static shapes) and ``triton`` (the
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+import mod_models
 from mod_models import build_model
 from mod_models import functional as MF
 from mod_models.blocks import MoDBlock, MoDBottleneck, last_norm
@@ -56,7 +61,7 @@ from .timing import Budget, Timing, time_cpu, time_do_bench
 
 OPS = (
     "route_pack.fwd", "route_pack.bwd", "scale_fuse.fwd", "scale_fuse.bwd",
-    "route_fuse.fwd", "route_fuse.fwdbwd", "block.fwd", "block.bwd", "block.fwdbwd",
+    "route_fuse.fwd", "route_fuse.fwdbwd", "block.fwd", "block.bwd", "block.fwdbwd", "block.deploy",
 )
 GRAD_OPS = {"route_pack.bwd", "scale_fuse.bwd", "route_fuse.fwdbwd", "block.bwd", "block.fwdbwd"}
 # Backward-only ops replay a graph recorded outside the timed call, on the default stream, so
@@ -303,11 +308,31 @@ def prepare(op: str, provider: str, inputs: Inputs, k: int) -> Prepared:
 
         return Prepared(step, step)
 
+    if op == "block.deploy":
+        block = copy.deepcopy(i.block).eval()
+        block.inplace = True
+        if triton:
+            mod_models.optimize_for_inference(block)
+        block.backend = "triton" if triton else "reference"
+        fn = wrap(block)
+        checked = (fn(i.x.clone(memory_format=torch.preserve_format)).detach().clone(),)
+        timed = copy.deepcopy(i.block).eval()  # keep the in-place timing loop finite (module docstring)
+        timed.inplace = True
+        with torch.no_grad():
+            last_norm(timed).weight.mul_(BLOCK_TIMING_NORM_SCALE)
+        if triton:
+            mod_models.optimize_for_inference(timed)
+        timed.backend = block.backend
+        timed_fn = wrap(timed)
+        buffer = i.x.clone(memory_format=torch.preserve_format)
+        return Prepared(lambda: timed_fn(buffer), lambda: checked)
+
     if op.startswith("block."):
         block = copy.deepcopy(i.block)
         block.backend = "triton" if triton else "reference"
         if op == "block.fwd":
             block.eval()
+            block.inplace = True
             fn = wrap(block)
             checked = (fn(i.x.clone(memory_format=torch.preserve_format)).detach().clone(),)
             with torch.no_grad():  # keep the in-place timing loop finite (module docstring)
@@ -524,8 +549,10 @@ def gpu_plan(
 ) -> list[KernelTask]:
     """Tasks in priority order (a time budget cuts the tail):
 
+    deploy. the whole inference block (``block.deploy``: the deploy form vs the reference eval block
+       and its torch.compile) at the first dtype/format (bf16 channels_last), at B = 64 and B = 1;
     0. the first batch size (64: the targets' shapes) at the first dtype/format (bf16
-       channels_last): every op, eager reference + triton;
+       channels_last): every other op, eager reference + triton;
     1. torch.compile of the route+fuse chain there;
     2. the first batch size at the other dtype/format combinations, eager reference + triton;
     3. the other batch sizes, eager reference + triton;
@@ -542,7 +569,13 @@ def gpu_plan(
     chain = tuple(op for op in compile_ops if op.startswith("route_fuse") and op in ops)
     others = tuple(op for op in compile_ops if not op.startswith("route_fuse") and op in ops)
     eager = ("reference", "triton")
-    tasks = [KernelTask(s, op, eager, 0) for s in shapes(first, combos[:1]) for op in ops]
+    deploy_providers = ("reference", "triton") + (("reference+compile",) if compile else ())
+    tasks = []
+    if "block.deploy" in ops:
+        tasks += [KernelTask(s, "block.deploy", deploy_providers, -1)
+                  for b in dict.fromkeys((first, 1)) for s in shapes(b, combos[:1])]
+        ops = tuple(op for op in ops if op != "block.deploy")
+    tasks += [KernelTask(s, op, eager, 0) for s in shapes(first, combos[:1]) for op in ops]
     if compile:
         tasks += [KernelTask(s, op, ("reference+compile",), 1) for s in shapes(first, combos[:1]) for op in chain]
     tasks += [KernelTask(s, op, eager, 2) for s in shapes(first, combos[1:]) for op in ops]

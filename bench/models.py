@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import time
 import zlib
@@ -47,6 +48,9 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 Log = Callable[[str], None]
+# Called once per finished case (timed, skipped, unavailable or failed) with its record; returns the
+# text to put before and after the case's log line (overall progress, see bench.timing.Progress).
+OnCase = Callable[[dict], tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,45 @@ class TimerSettings:
     cuda_reps: int = 15
     cuda_max_ms: float = 600.0
     compile_estimate_s: float = 60.0  # assumed cost of a whole-model compile before one was measured
+
+
+def family_cases(baseline: str, mod_names: list[str], providers: list[ModelProvider],
+                 floors: tuple[str, ...] = ("identity", "static"),
+                 include_baseline: bool = True) -> list[tuple[str, str, str]]:
+    """``(network, role, provider)`` of every case :func:`bench_family` measures, in its order; a
+    floor's network is its MoD model."""
+    modes = sorted({p.mode_key for p in providers})
+    cases = [(baseline, "baseline", PLAIN_PROVIDERS[c].name) for c in modes] if include_baseline else []
+    for name in mod_names:
+        cases += [(name, "mod", p.name) for p in sorted(providers, key=lambda p: p.name != REFERENCE.name)]
+        cases += [(name, f"floor_{floor}", PLAIN_PROVIDERS[c].name) for floor in floors for c in modes]
+    return cases
+
+
+@functools.lru_cache(maxsize=None)
+def network_size(name: str, resolution: int) -> tuple[int, float]:
+    """``(modules, GMACs at batch 1)`` of zoo network ``name`` (built on the meta device: no weights)."""
+    with torch.device("meta"):
+        model = build_model(name, backend="reference") if name in MOD_BUILDERS else build_model(name)
+    return sum(1 for _ in model.modules()), count_macs(model, resolution) / 1e9
+
+
+def case_weight(network: str, provider: str, batch: int, resolution: int) -> float:
+    """Expected cost of one case relative to others, for progress estimates. At the CPU model table's
+    batch 1 a case's time (building, checks, warm-up, timed calls, an export) follows the network's
+    number of modules far more than its MACs (a 2-core VM: mobilenet_v2's family, 0.3 GMACs, took
+    as long as resnet50's, 4.1 GMACs); MACs times the batch take over at large batches. ONNX
+    Runtime counts double (two exports)."""
+    modules, gmacs = network_size(network, resolution)
+    weight = modules / 50 + 0.1 * gmacs * batch
+    return 2 * weight if provider == "onnxruntime" else weight
+
+
+def plan_cases(names: list[str], configs: list[ModelConfig], providers: list[ModelProvider],
+               floors: tuple[str, ...] = ("identity", "static")) -> list[tuple[ModelConfig, str, str, str]]:
+    """``(config, network, role, provider)`` of every case :func:`run_models` measures, in its order."""
+    return [(config, *case) for config in configs for baseline, mod_names in families(names).items()
+            for case in family_cases(baseline, mod_names, providers, floors)]
 
 
 def families(names: list[str]) -> dict[str, list[str]]:
@@ -215,16 +258,22 @@ def bench_family(
     include_baseline: bool = True,
     seed: int = 0,
     log: Log = print,
+    on_case: OnCase | None = None,
 ) -> list[dict]:
-    """Measure one baseline family under one config; returns one record per (network, provider)."""
+    """Measure one baseline family under one config; returns one record per (network, provider), in
+    the order of :func:`family_cases`. ``on_case`` is called as each case finishes."""
     budget = budget or Budget(None)
     device = torch.device(config.device)
     on_cuda = device.type == "cuda"
     if config.cuda_graph and not on_cuda:
         raise ValueError("CUDA graphs need a CUDA device")
     x = make_input(config, seed)
-    modes = sorted({p.compiled for p in providers})
+    modes = sorted({p.mode_key for p in providers})
     compile_cost = [timer.compile_estimate_s]
+
+    def finished(record: dict) -> tuple[str, str]:
+        before, after = on_case(record) if on_case is not None else ("", "")
+        return f"{before:>2s}", f"   ({after})" if after else ""
 
     def run_case(name: str, role: str, provider: ModelProvider, *, of_model: str | None = None,
                  keep_reference: bool = False, reference_output: Tensor | None = None,
@@ -245,7 +294,8 @@ def bench_family(
         if not budget.allows(cost):
             record.update(status="skipped", reason="time budget", budget_left_s=round(max(budget.left(), 0.0), 1),
                           estimated_cost_s=round(cost, 1))
-            log(f"  skip  {label}: {record['reason']}")
+            before, after = finished(record)
+            log(f"{before} skip  {label}: {record['reason']}{after}")
             return _Case(record)
         source = (of_model, role) if of_model else (name, "model")
         track_selection = keep_reference and not provider.compiled and provider.runs_torch_modules
@@ -270,7 +320,8 @@ def bench_family(
                 _set_record_selection(model, False)
         except Exception as error:  # noqa: BLE001 - a provider that raises is reported, never faked
             record.update(status="unavailable", reason=error_text(error))
-            log(f"  n/a   {label}: {record['reason']}")
+            before, after = finished(record)
+            log(f"{before} n/a   {label}: {record['reason']}{after}")
             _free(device)
             return _Case(record)
 
@@ -284,7 +335,8 @@ def bench_family(
                 out, run = static_out, replay
             except Exception as error:  # noqa: BLE001
                 record.update(status="error", reason="CUDA graph capture failed: " + error_text(error))
-                log(f"  error {label}: {record['reason']}")
+                before, after = finished(record)
+                log(f"{before} error {label}: {record['reason']}{after}")
                 _free(device)
                 return _Case(record)
         if keep_reference:
@@ -309,10 +361,12 @@ def bench_family(
                 timing = time_cuda_events(run, warmup=timer.cuda_warmup, reps=timer.cuda_reps, max_ms=timer.cuda_max_ms,
                                           min_reps=min(6, timer.cuda_reps))
             _put_timing(record, timing, "CUDA graph replay, " if config.cuda_graph else "")
-            log(f"  {timing.median_ms:9.3f} ms [{timing.p20_ms:.3f}, {timing.p80_ms:.3f}]  {label}")
+            before, after = finished(record)
+            log(f"{before} {timing.median_ms:9.3f} ms [{timing.p20_ms:.3f}, {timing.p80_ms:.3f}]  {label}{after}")
         except Exception as error:  # noqa: BLE001
             record.update(status="error", reason=error_text(error))
-            log(f"  error {label}: {record['reason']}")
+            before, after = finished(record)
+            log(f"{before} error {label}: {record['reason']}{after}")
         fn = run = model = None  # release the model (and its graph) before the next case
         if provider.compiled:
             torch._dynamo.reset()
@@ -323,8 +377,8 @@ def bench_family(
     with thread_setting(config.threads):
         log(f" family {baseline}: {config.label()}")
         if include_baseline:
-            for compiled in modes:
-                cases.append(run_case(baseline, "baseline", PLAIN_PROVIDERS[compiled]))
+            for mode in modes:
+                cases.append(run_case(baseline, "baseline", PLAIN_PROVIDERS[mode]))
         for name in mod_names:
             reference_output = reference_selection = None
             for provider in sorted(providers, key=lambda p: p.name != REFERENCE.name):
@@ -339,8 +393,8 @@ def bench_family(
                                     reference_selection=reference_selection)
                 cases.append(case)
             for floor in floors:
-                for compiled in modes:
-                    cases.append(run_case(name, f"floor_{floor}", PLAIN_PROVIDERS[compiled], of_model=name))
+                for mode in modes:
+                    cases.append(run_case(name, f"floor_{floor}", PLAIN_PROVIDERS[mode], of_model=name))
 
         pending = {i: c.run for i, c in enumerate(cases) if c.run is not None}
         if pending:
@@ -351,10 +405,15 @@ def bench_family(
                     warmup=timer.cpu_warmup, budget=budget,
                 )
             for i, timing in timings.items():
+                _put_timing(cases[i].record, timing, "")
+            # The family's timed cases finish together: each line gets its count, the last the time estimate.
+            marks = [finished(cases[i].record) for i in timings]
+            for n, (i, timing) in enumerate(timings.items()):
                 r = cases[i].record
-                _put_timing(r, timing, "")
                 shown = f"{r['role'].removeprefix('floor_')} floor of {r['of_model']}" if r["of_model"] else r["model"]
-                log(f"  {timing.median_ms:9.3f} ms [{timing.p20_ms:.3f}, {timing.p80_ms:.3f}]  {shown} | {r['provider']}")
+                before, after = marks[n]
+                log(f"{before} {timing.median_ms:9.3f} ms [{timing.p20_ms:.3f}, {timing.p80_ms:.3f}]  "
+                    f"{shown} | {r['provider']}{after if n == len(marks) - 1 else ''}")
     for case in cases:
         case.run = None
     _free(device)
@@ -490,10 +549,12 @@ def run_models(
     seed: int = 0,
     log: Log = print,
     on_family: Callable[[list[dict]], None] | None = None,
+    on_case: OnCase | None = None,
 ) -> list[dict]:
     """Every family of ``names`` under every config (configs in the order given).
 
-    ``on_family(records)`` is called after every family with the records so far (periodic saving).
+    ``on_family(records)`` is called after every family with the records so far (periodic saving),
+    ``on_case(record)`` after every case (progress).
     """
     cache = cache or ModelCache(seed)
     records: list[dict] = []
@@ -503,7 +564,7 @@ def run_models(
         for baseline, mod_names in groups.items():
             records += bench_family(
                 baseline, mod_names, config, providers, cache=cache, env=env, budget=budget, timer=timer,
-                floors=floors, seed=seed, log=log,
+                floors=floors, seed=seed, log=log, on_case=on_case,
             )
             if on_family is not None:
                 on_family(records)

@@ -1,21 +1,27 @@
 """The speedup PNG: MoD vs baseline per model config (paper's ratio marked), fused vs unfused per kernel shape.
 
 Needs matplotlib (the ``bench`` extra); without it :func:`plot` prints why and returns ``None``.
-Only ratios the report would print are drawn (measured, and outputs agreed).
+Only ratios the report would print are drawn (measured, and outputs agreed). A provider without
+any ratio in a panel gets no legend entry; the panel's note says why it is not drawn, and an
+``x`` on the axis marks a model whose ratio is missing where its provider has others.
+Legends sit beside the axes, so they never cover a bar.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .report import agreed, config_title, model_derived, ok, paper_ratio
+from .report import agreed, config_title, model_derived, ok, paper_ratio, status_text
 
 PROVIDER_COLORS = {
     "reference": "#7f7f7f", "reference+compile": "#1f77b4", "triton": "#d62728", "triton+compile": "#ff7f0e",
+    "onnxruntime": "#2ca02c",
 }
+MAX_BAR_WIDTH = 0.3  # in units of one model's slot: a panel of one model gets a bar, not a wall
 
 
 def plot(records: list[dict], path: Path, title: str = "") -> Path | None:
+    """Write the PNG of ``records`` to ``path``; None (and a printed reason) when there is nothing to draw."""
     try:
         import matplotlib
 
@@ -24,56 +30,108 @@ def plot(records: list[dict], path: Path, title: str = "") -> Path | None:
     except ImportError:
         print("plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
         return None
+    fig = figure(records, title)
+    if fig is None:
+        print("plot skipped: no ratio was measured")
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def figure(records: list[dict], title: str = ""):
+    """The matplotlib figure :func:`plot` saves (None when no ratio was measured)."""
+    import matplotlib.pyplot as plt
 
     model_panels = [(key, rows) for key, rows in model_derived(records).items() if any(r["speedup"] for r in rows)]
     kernel_panel = _kernel_series(records)
     panels = len(model_panels) + (1 if kernel_panel else 0)
     if panels == 0:
-        print("plot skipped: no ratio was measured")
         return None
-    fig, axes = plt.subplots(panels, 1, figsize=(11, 3.2 * panels), squeeze=False)
+    slots = max([len({r["record"]["model"] for r in rows}) for _, rows in model_panels] + [len(kernel_panel[0])
+                                                                                           if kernel_panel else 0])
+    width = 11 if slots >= 6 else 4.5 + 1.1 * slots  # a panel of one or two models needs no wide canvas
+    fig, axes = plt.subplots(panels, 1, figsize=(width, 3.4 * panels), squeeze=False, layout="constrained")
     for ax, (key, rows) in zip(axes[:, 0], model_panels):
-        models = list(dict.fromkeys(r["record"]["model"] for r in rows))
-        providers = list(dict.fromkeys(r["record"]["provider"] for r in rows))
-        width = 0.8 / max(len(providers), 1)
-        for j, provider in enumerate(providers):
-            values = []
-            for model in models:
-                match = [r for r in rows if r["record"]["model"] == model and r["record"]["provider"] == provider]
-                values.append(match[0]["speedup"] if match and match[0]["speedup"] else 0.0)
-            positions = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(models))]
-            ax.bar(positions, values, width, label=provider, color=PROVIDER_COLORS.get(provider))
-        paper = [paper_ratio(m, key[0]) for m in models]
-        marked = [(i, p) for i, p in enumerate(paper) if p]
-        if marked:
-            ax.hlines([p for _, p in marked], [i - 0.45 for i, _ in marked], [i + 0.45 for i, _ in marked],
-                      colors="black", linewidth=2, label="paper", zorder=3)
-        ax.axhline(1.0, color="black", linewidth=0.6)
-        ax.set_xticks(range(len(models)))
-        ax.set_xticklabels(models, rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("baseline / MoD")
-        ax.set_title(config_title(key), fontsize=9)
-        ax.legend(fontsize=7, ncol=5)
+        _model_panel(ax, key, rows)
     if kernel_panel:
         ax = axes[-1, 0]
         labels, series = kernel_panel
-        width = 0.8 / max(len(series), 1)
+        width = min(0.8 / len(series), MAX_BAR_WIDTH)
         for j, (name, values) in enumerate(series.items()):
             positions = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
             ax.bar(positions, [v or 0.0 for v in values], width, label=name)
+            _mark_missing(ax, [p for p, v in zip(positions, values) if not v])
         ax.axhline(1.0, color="black", linewidth=0.6)
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        _x_axis(ax, labels)
         ax.set_ylabel("reference / fused")
         ax.set_title("route+pack+fuse (MoD block minus its convolutions): fused speedup", fontsize=9)
-        ax.legend(fontsize=7, ncol=4)
+        _legend(ax)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _model_panel(ax, key: tuple, rows: list[dict]) -> None:
+    models = list(dict.fromkeys(r["record"]["model"] for r in rows))
+    providers = list(dict.fromkeys(r["record"]["provider"] for r in rows))
+    values = {(r["record"]["model"], r["record"]["provider"]): r["speedup"] for r in rows}
+    drawn = [p for p in providers if any(values.get((m, p)) for m in models)]
+    not_drawn = {p: _why_no_ratio([r for r in rows if r["record"]["provider"] == p]) for p in providers if p not in drawn}
+    width = min(0.8 / len(drawn), MAX_BAR_WIDTH)
+    for j, provider in enumerate(drawn):
+        heights = [values.get((m, provider)) or 0.0 for m in models]
+        positions = [i + (j - (len(drawn) - 1) / 2) * width for i in range(len(models))]
+        ax.bar(positions, heights, width, label=provider, color=PROVIDER_COLORS.get(provider))
+        _mark_missing(ax, [p for p, h in zip(positions, heights) if not h])
+    paper = [paper_ratio(m, key[0]) for m in models]
+    marked = [(i, p) for i, p in enumerate(paper) if p]
+    if marked:
+        half = min(0.45, (len(drawn) * width) / 2 + 0.08)
+        ax.hlines([p for _, p in marked], [i - half for i, _ in marked], [i + half for i, _ in marked],
+                  colors="black", linewidth=2, label="paper", zorder=3)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    _x_axis(ax, models)
+    ax.set_ylabel("baseline / MoD")
+    ax.set_title(config_title(key), fontsize=9)
+    if not_drawn:
+        note = "not drawn: " + "; ".join(f"{p} ({why})" for p, why in not_drawn.items())
+        ax.set_xlabel(note, fontsize=7, color="#555555", loc="left")
+    _legend(ax)
+
+
+def _why_no_ratio(rows: list[dict]) -> str:
+    """Why a provider has no ratio in a panel, in a few words."""
+    records = [r["record"] for r in rows]
+    if any(r.get("interpreter") for r in records):
+        return "Triton interpreter, not a speed"
+    if any(ok(r) and not agreed(r) for r in records):
+        return "outputs differ"
+    if any(ok(r) for r in records) and not any(ok(r["baseline_record"]) for r in rows):
+        return "no baseline in its mode; see 'vs ref' in the table"
+    reasons = list(dict.fromkeys(status_text(r) for r in records if not ok(r)))
+    return ", ".join(reasons[:2]) if reasons else "not measured"
+
+
+def _mark_missing(ax, positions: list[float]) -> None:
+    if positions:
+        ax.plot(positions, [0.0] * len(positions), "x", color="#555555", markersize=5, clip_on=False, zorder=4)
+
+
+def _x_axis(ax, labels: list[str]) -> None:
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+
+
+def _legend(ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    missing = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    if missing:
+        handles.append(missing[0])
+        labels.append("no ratio")
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _kernel_series(records: list[dict]):

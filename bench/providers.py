@@ -1,10 +1,12 @@
 """Who runs a model: the providers of the model table.
 
 A provider turns a model (already on its device, dtype and memory format) into a callable
-``x -> logits``. MoD models have four: the pure PyTorch ``reference`` backend and the fused
-``triton`` backend, each eager or under ``torch.compile``. Networks without MoD blocks (the
-torchvision baselines and the floors) run ``eager`` or ``compile``; a MoD provider is compared
-with the baseline and floors of its own mode.
+``x -> logits``. MoD models have the pure PyTorch ``reference`` backend and the fused ``triton``
+backend, each as trained (eager or under ``torch.compile``) or in the deploy form
+(``+deploy``: :func:`mod_models.optimize_for_inference`). Networks without MoD blocks (the
+torchvision baselines and the floors) run ``eager``, ``compile``, ``deploy`` (batch norms
+folded by the same utility) or ``deploy+compile``; a MoD provider is compared with the baseline
+and floors of its own mode.
 
 A provider that cannot run raises :class:`Unavailable` (or whatever the backend raises, which
 the benchmark reports as unavailable); nothing falls back silently.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mod_models import set_backend
+from mod_models import optimize_for_inference, set_backend
 from mod_models.analysis import recording_selections
 from mod_models.blocks import MoDBlock
 
@@ -63,18 +65,29 @@ class ModelProvider:
     """How a model runs.
 
     Attributes:
-        name: label in the tables (``"reference"``, ``"triton+compile"``, ``"eager"``, ...).
+        name: label in the tables (``"reference"``, ``"triton+deploy"``, ``"eager"``, ...).
         backend: MoD backend to set (``None`` for networks without MoD blocks).
         compiled: wrap the model in ``torch.compile`` (static shapes).
+        deploy: run the deploy form (:func:`mod_models.optimize_for_inference`: batch norms folded,
+            in-place fusion, the fused three-launch MoD block on the triton backend).
     """
 
     name: str
     backend: str | None = None
     compiled: bool = False
+    deploy: bool = False
 
     @property
     def mode(self) -> str:
+        """``"eager"``, ``"compile"``, ``"deploy"`` or ``"deploy+compile"``: what a MoD provider is
+        compared with (the baseline and floors of the same mode)."""
+        if self.deploy:
+            return "deploy+compile" if self.compiled else "deploy"
         return "compile" if self.compiled else "eager"
+
+    @property
+    def mode_key(self) -> tuple[bool, bool]:
+        return self.compiled, self.deploy
 
     @property
     def runs_torch_modules(self) -> bool:
@@ -94,6 +107,8 @@ class ModelProvider:
             if not has_mod_blocks(model):
                 raise ValueError(f"provider {self.name!r} sets a MoD backend, but the model has no MoD blocks")
             set_backend(model, self.backend)
+        if self.deploy:
+            optimize_for_inference(model.eval())
         if self.compiled:
             configure_dynamo()
             return torch.compile(model, dynamic=False)
@@ -195,12 +210,22 @@ REFERENCE = ModelProvider("reference", backend="reference")
 REFERENCE_COMPILED = ModelProvider("reference+compile", backend="reference", compiled=True)
 TRITON = ModelProvider("triton", backend="triton")
 TRITON_COMPILED = ModelProvider("triton+compile", backend="triton", compiled=True)
+REFERENCE_DEPLOY = ModelProvider("reference+deploy", backend="reference", deploy=True)
+TRITON_DEPLOY = ModelProvider("triton+deploy", backend="triton", deploy=True)
+REFERENCE_DEPLOY_COMPILED = ModelProvider("reference+deploy+compile", backend="reference", compiled=True, deploy=True)
+TRITON_DEPLOY_COMPILED = ModelProvider("triton+deploy+compile", backend="triton", compiled=True, deploy=True)
 ONNXRUNTIME = OnnxRuntimeProvider("onnxruntime")
-MOD_PROVIDERS = {p.name: p for p in (REFERENCE, REFERENCE_COMPILED, TRITON, TRITON_COMPILED, ONNXRUNTIME)}
+MOD_PROVIDERS = {p.name: p for p in (
+    REFERENCE, REFERENCE_COMPILED, TRITON, TRITON_COMPILED, REFERENCE_DEPLOY, TRITON_DEPLOY,
+    REFERENCE_DEPLOY_COMPILED, TRITON_DEPLOY_COMPILED, ONNXRUNTIME,
+)}
 
 EAGER = ModelProvider("eager")
 COMPILED = ModelProvider("compile", compiled=True)
-PLAIN_PROVIDERS = {False: EAGER, True: COMPILED}
+DEPLOY = ModelProvider("deploy", deploy=True)
+DEPLOY_COMPILED = ModelProvider("deploy+compile", compiled=True, deploy=True)
+# The baseline and floors of each mode, keyed by (compiled, deploy).
+PLAIN_PROVIDERS = {p.mode_key: p for p in (EAGER, COMPILED, DEPLOY, DEPLOY_COMPILED)}
 
 
 def parse_providers(names: list[str]) -> list[ModelProvider]:

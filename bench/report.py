@@ -1,8 +1,9 @@
-"""Tables and files: Markdown for people, JSON for machines, the issue's targets checked.
+"""Tables and files: Markdown for people, JSON for machines, the project's targets checked.
 
 Everything shown is derived from the measured records; a ratio is printed only where both of
 its times were measured and, for two implementations of the same MoD model or op, their
-outputs agreed. The paper's ratios (SPEC.md section 5) are quoted beside, labelled as such.
+outputs agreed. The paper's ratios (Cakaj, Mehnert, Yang, ACCV 2024) are quoted beside,
+labelled as such. :func:`table` is the package's one Markdown-table writer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from mod_models import PAPER_SPEEDUP
 
 from . import RESULTS_SCHEMA
+from .env import cuda_text
 
 OUTPUTS_DIFFER = "outputs differ"
 
@@ -29,12 +31,12 @@ MODEL_LEGEND = """\
   its selections can be read (eager triton, onnxruntime) the check is *teacher forcing*: the
   reference rerun on the provider's selections must give its logits (tight tolerance), and
   every selection must be a top-k of that run's scores up to a near-tie (score tolerance), so a
-  legitimate flip at a near-tie passes and a broken kernel does not. Elsewhere (torch.compile,
-  CUDA graph replays of the eager triton model are checked through the eager call that was
-  captured, whose output the replay must reproduce). For torch.compile it is the relative L2
-  of the logits. `agreement.method` in the JSON says which; near-tie flips are listed below
-  the table.
-- **paper**: baseline/MoD ratio reported by the paper (SPEC.md section 5) on its CPU or GPU.
+  legitimate flip at a near-tie passes and a broken kernel does not. A CUDA graph replay of
+  the eager triton model is checked through the eager call that was captured, whose output the
+  replay must reproduce; torch.compile, whose selections cannot be read, by the relative L2 of
+  the logits. `agreement.method` in the JSON says which; near-tie flips are listed below the
+  table.
+- **paper**: baseline/MoD ratio reported by the paper (Cakaj, Mehnert, Yang, ACCV 2024) on its CPU or GPU.
 - **ceiling**: baseline time / identity-floor time, the best ratio any MoD implementation could
   reach on this machine (the floor has no MoD cost at all); a paper ratio above it cannot be
   reproduced here, whatever the kernels.
@@ -100,6 +102,37 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def sections_text(sections: dict[str, float]) -> str:
+    """``kernels 3.6 s, models 1.4 s, other 0.9 s; total 5.9 s``: where a run's time went.
+
+    With a ``total`` entry the other entries are its parts, and the time they do not cover is
+    shown as ``other`` (start-up and setup). The parts are rounded so that the
+    printed parts add up to the printed total exactly: each is the difference of the rounded
+    running sums (0.1 s steps under a minute, else 1 s)."""
+    total = sections.get("total")
+    parts = [(name, float(seconds)) for name, seconds in sections.items() if name != "total"]
+    if total is None:
+        return ", ".join(f"{name} {_seconds(seconds, 1.0 if seconds >= 60 else 0.1)}" for name, seconds in parts)
+    step = 1.0 if total >= 60 else 0.1
+    other = total - sum(seconds for _, seconds in parts)
+    if other < -1e-6:
+        raise ValueError(f"the parts ({sum(s for _, s in parts):.3f} s) exceed the total ({total:.3f} s)")
+    shown, running, previous = [], 0.0, 0
+    for name, seconds in parts:
+        running += seconds
+        steps = round(running / step)
+        shown.append(f"{name} {_seconds((steps - previous) * step, step)}")
+        previous = steps
+    total_steps = round(total / step)  # >= previous: the parts add up to no more than the total
+    if total_steps > previous:
+        shown.append(f"other {_seconds((total_steps - previous) * step, step)}")
+    return ", ".join(shown) + f"; total {_seconds(total_steps * step, step)}"
+
+
+def _seconds(value: float, step: float) -> str:
+    return f"{value:.0f} s" if step >= 1 else f"{value:.1f} s"
+
+
 def fmt_ratio(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.2f}x"
 
@@ -109,7 +142,13 @@ def fmt_pct(value: float | None) -> str:
 
 
 def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A Markdown table; ``align`` has one letter per column, ``l`` or ``r``."""
     align = align or "l" * len(header)
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(f"align must be one 'l' or 'r' per column ({len(header)}), got {align!r}")
+    ragged = [row for row in rows if len(row) != len(header)]
+    if ragged:
+        raise ValueError(f"every row needs {len(header)} cells; got a row of {len(ragged[0])}: {ragged[0]}")
     sep = ["---:" if a == "r" else "---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -131,7 +170,7 @@ def config_title(key: tuple) -> str:
     parts = [device_type.upper() if device_type else "?", f"batch {batch}", dtype, memory_format, f"{resolution}x{resolution}"]
     if cuda_graph:
         parts.append("CUDA graphs")
-    if threads is not None:
+    if threads is not None and device_type != "cuda":  # host threads mean nothing to a GPU model's time
         parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
     return ", ".join(str(p) for p in parts)
 
@@ -355,7 +394,7 @@ def _target(name: str, values: list[tuple[str, float]], threshold: float, *, hig
 
 
 def targets(records: list[dict]) -> list[dict]:
-    """The issue's targets, each checked on what was measured (or marked not measured)."""
+    """The project's performance targets, each checked on what was measured (or marked not measured)."""
     out: list[dict] = []
     kernel = [r for r in records if r.get("section") == "kernel" and not r.get("interpreter")]
     on_gpu = any(r.get("device_type") == "cuda" for r in records)
@@ -394,6 +433,10 @@ def _kernel_targets(kernel: list[dict]) -> list[dict]:
     host = "host_median_ms"
 
     return [
+        check("GPU whole inference block, B=64: deploy form (fused) >= 2x torch.compile of the reference eval block",
+              "block.deploy", "reference+compile", 2.0),
+        check("GPU whole inference block, B=64: deploy form (fused) vs the eager reference eval block (speedup)",
+              "block.deploy", "reference", 1.0),
         check("GPU route+pack+fuse forward, B=64: fused >= 3x eager reference", "route_fuse.fwd", "reference", 3.0),
         check("GPU route+pack+fuse forward+backward, B=64: fused >= 2x eager reference",
               "route_fuse.fwdbwd", "reference", 2.0),
@@ -415,6 +458,7 @@ def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
     derived = model_derived(records)
     if on_gpu:
         overheads, r75, r75_graph, paper_short = [], [], [], []
+        d75, d75_graph = [], []
         fused_without = 0
         for key, rows in derived.items():
             if key[0] != "cuda":
@@ -434,11 +478,21 @@ def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
                         reachable = f", floor allows {row['ceiling'] / paper:.2f}x" if row["ceiling"] else ""
                         paper_short.append((f"{r['model']} {r['provider']} ({title}{reachable})", row["speedup"] / paper))
                     if r["model"] == "resnet75_mod" and r["baseline"] == "resnet50":
+                        deployed = r["provider"] == "triton+deploy"
+                        floor = f", floor allows {row['ceiling']:.2f}x" if row["ceiling"] else ""
                         if key[1] == 64 and key[2] == "bf16" and key[3] == "channels_last":
                             r75.append((f"{r['provider']} ({title})", row["speedup"]))
+                            if deployed and key[5]:
+                                d75.append((f"{r['provider']} vs resnet50 deploy ({title}{floor})", row["speedup"]))
                         if key[1] == 1 and key[5]:
                             r75_graph.append((f"{r['provider']} ({title})", row["speedup"]))
+                            if deployed and key[2] == "bf16":
+                                d75_graph.append((f"{r['provider']} vs resnet50 deploy ({title}{floor})", row["speedup"]))
         out += [
+            _target("GPU resnet75_mod deploy vs resnet50 deploy, batch 64 bf16 channels_last, CUDA graph replays: >= 1.15x",
+                    d75, 1.15),
+            _target("GPU resnet75_mod deploy vs resnet50 deploy, batch 1 bf16, CUDA graph replays: >= 1.0x",
+                    d75_graph, 1.0),
             _target("GPU models, fused backend: MoD overhead over the identity floor <= 5%", overheads, 0.05,
                     higher_is_better=False, unit="%", without=fused_without),
             _target("GPU resnet75_mod vs resnet50, batch 64 bf16 channels_last (fused, best mode): >= 1.20x",
@@ -479,10 +533,11 @@ def markdown(records: list[dict], meta: dict) -> str:
     env = meta.get("env", {})
     lines = [f"# MoD benchmark: {env.get('device', '?')}", ""]
     lines.append(
-        f"Measured {env.get('date', '?')} on **{env.get('device', '?')}**; torch {env.get('torch')}, "
-        f"torchvision {env.get('torchvision')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"
-        + (f" (driver {env.get('cuda_driver')})" if env.get("cuda_driver") else "")
-        + f", cuDNN {env.get('cudnn')}, Python {env.get('python')}, commit {env.get('git_commit')}."
+        f"Measured {env.get('date', '?')} on **{env.get('device', '?')}**"
+        + (f" with mod-cnn {env['mod_cnn']}" if env.get("mod_cnn") else "") + "; "
+        f"torch {env.get('torch')}, torchvision {env.get('torchvision')}, triton {env.get('triton')}, {cuda_text(env)}"
+        + (f", cuDNN {env.get('cudnn')}" if env.get("device_type") == "cuda" else "")
+        + f", Python {env.get('python')}, commit {env.get('git_commit')}."
     )
     if meta.get("command"):
         lines.append(f"Command: `{meta['command']}`.")
@@ -500,12 +555,12 @@ def markdown(records: list[dict], meta: dict) -> str:
     if copy:
         lines.append(f"Copy bandwidth ({copy['what']}): **{copy['gbps']:.0f} GB/s**.")
     if meta.get("sections"):
-        lines.append("Sections: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["sections"].items()) + ".")
+        lines.append("Time: " + sections_text(meta["sections"]) + ".")
     lines.append("")
 
     target_rows = targets(records)
     if target_rows:
-        lines += ["## Targets (issue 4)", "", table(["target", "status", "measured"],
+        lines += ["## Targets", "", table(["target", "status", "measured"],
                   [[t["target"], t["status"], t["measured"]] for t in target_rows]), ""]
 
     models = model_tables(records)
@@ -513,6 +568,11 @@ def markdown(records: list[dict], meta: dict) -> str:
         lines += ["## Models", "", MODEL_LEGEND, ""]
         for title, body in models:
             lines += [f"### {title}", "", body, ""]
+    launch_records = [r for r in records if r.get("section") == "launches"]
+    if launch_records:
+        from .launches import launch_markdown
+
+        lines += ["## Kernel launches", "", launch_markdown(launch_records), ""]
     kernels = kernel_tables(records)
     if kernels:
         lines += ["## Kernel microbenchmarks", "", KERNEL_LEGEND, ""]

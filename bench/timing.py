@@ -3,23 +3,38 @@
 Every timer here takes a zero-argument callable whose inputs were built before the call (no
 tensor is created in the timed region by the benchmark itself) and returns a :class:`Timing`.
 
-* CPU: :func:`time_cpu_interleaved` -- ``time.perf_counter`` around each call, the cases of one
-  comparison timed round-robin so that a drift of the machine hits all of them alike.
+* CPU: :func:`time_cpu_interleaved` -- ``torch.utils.benchmark.Timer.blocked_autorange`` for
+  each case in turn, the cases of one comparison timed round-robin so that a drift of the
+  machine hits all of them alike (:func:`time_cpu` is the same for one case).
 * CUDA, whole models: :func:`time_cuda_events` -- one pair of CUDA events per call.
 * CUDA, kernels: :func:`time_do_bench` -- ``triton.testing.do_bench`` (L2 flushed before each
   call) or, for small cases, ``do_bench_cudagraph`` (calls replayed from one CUDA graph).
 * :func:`capture_cuda_graph` records a callable into a CUDA graph (batch-1 model latency).
 * :func:`copy_bandwidth` measures the device's copy bandwidth, the yardstick for GB/s.
+* :func:`percentile` is the one quantile helper of the package; :class:`Budget` a deadline,
+  :class:`Progress` the overall progress of a run with an estimate of the time left.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on
+# a machine with a CUDA toolkit but no GPU; nothing here compiles C++, so that one import is muted.
+_cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+_cpp_level = _cpp_logger.level
+_cpp_logger.setLevel(logging.ERROR)
+try:
+    from torch.utils import benchmark as torch_benchmark
+finally:
+    _cpp_logger.setLevel(_cpp_level)
 
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -51,12 +66,12 @@ class Timing:
 
 
 def percentile(samples: list[float], q: float) -> float:
-    """Linear-interpolated quantile ``q`` in [0, 1] (numpy's default method)."""
-    ordered = sorted(samples)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """Linear-interpolated quantile ``q`` in [0, 1] of ``samples`` (``numpy.quantile``)."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {q}")
+    return float(np.quantile(np.asarray(samples, dtype=np.float64), q))
 
 
 class Budget:
@@ -99,54 +114,58 @@ def time_cpu_interleaved(
 ) -> dict[Hashable, Timing]:
     """Time CPU callables in interleaved rounds: each round visits every case in turn.
 
-    In a round a case gets one untimed call (its weights and buffers back into the caches the
-    previous case evicted), then ``samples_per_round`` timed samples. A sample is the mean of
-    ``m`` back-to-back calls, ``m`` chosen per case so a sample lasts at least ``min_sample_ms``
-    (sub-millisecond calls are otherwise dominated by timer noise). Interleaving makes a drift
-    of the machine (clock, other load) hit all cases of a comparison alike.
+    Each case gets a ``torch.utils.benchmark.Timer`` (``time.perf_counter``, as many threads as
+    torch uses now). In a round, ``blocked_autorange`` first sizes a block of back-to-back calls so
+    that the timer's own overhead is negligible (untimed calls that also bring the case's weights
+    back into the caches the previous case evicted), then times blocks for ``samples_per_round -
+    0.5`` times one call's time (at least ``min_sample_ms`` each: sub-millisecond calls get
+    several calls per block); a sample is one block's time per call, so a round adds about
+    ``samples_per_round`` samples of a slow case and at least one of any case. Interleaving makes
+    a drift of the machine (clock, other load) hit all cases of a comparison alike.
 
     Args:
         cases: key -> callable.
         rounds: number of rounds (stops early, after at least 2, when ``budget`` runs out).
-        warmup: untimed calls per case before the first round (at least; see ``warmup_ms``).
+        warmup: untimed calls per case before the first round (at least 2; see ``warmup_ms``).
         warmup_ms: keep warming a case until this much time has passed (at most 5 s).
     """
-    calls: dict[Hashable, int] = {}
+    if rounds < 1 or samples_per_round < 1:
+        raise ValueError(f"rounds and samples_per_round must be >= 1, got {rounds} and {samples_per_round}")
+    threads = torch.get_num_threads()
+    timers: dict[Hashable, torch_benchmark.Timer] = {}
+    block_s: dict[Hashable, float] = {}
     for key, fn in cases.items():
-        warm_start = time.perf_counter()
-        done = 0
-        while done < warmup - 1 or (time.perf_counter() - warm_start) * 1e3 < min(warmup_ms, 5000.0):
+        for _ in range(warmup - 2):
             fn()
-            done += 1
-        start = time.perf_counter()
-        fn()
-        once_ms = (time.perf_counter() - start) * 1e3
-        calls[key] = max(1, min(10000, math.ceil(min_sample_ms / max(once_ms, 1e-6))))
+        timer = torch_benchmark.Timer("fn()", globals={"fn": fn}, timer=time.perf_counter, num_threads=threads)
+        # The rest of the warm-up (two calls at least, ``warmup_ms`` in all) also estimates one call's time.
+        warm = timer.blocked_autorange(min_run_time=min(warmup_ms, 5000.0) * 1e-3)
+        timers[key] = timer
+        block_s[key] = max(warm.median, min_sample_ms * 1e-3)
     samples: dict[Hashable, list[float]] = {key: [] for key in cases}
+    calls: dict[Hashable, set[int]] = {key: set() for key in cases}
     for round_index in range(rounds):
         if round_index >= 2 and budget is not None and not budget.allows():
             break
-        for key, fn in cases.items():
-            m = calls[key]
-            for _ in range(m):
-                fn()
-            for _ in range(samples_per_round):
-                start = time.perf_counter()
-                for _ in range(m):
-                    fn()
-                samples[key].append((time.perf_counter() - start) * 1e3 / m)
+        for key, timer in timers.items():
+            # Half a block short of the target, so a block slightly faster than the estimate adds no extra block.
+            measurement = timer.blocked_autorange(min_run_time=(samples_per_round - 0.5) * block_s[key])
+            samples[key] += [t * 1e3 for t in measurement.times]
+            calls[key].add(measurement.number_per_run)
         if progress is not None:
             progress(f"round {round_index + 1}/{rounds}")
     return {
-        key: Timing.from_samples(values, f"perf_counter, interleaved rounds, {calls[key]} call(s) per sample")
+        key: Timing.from_samples(values, "torch.utils.benchmark blocked_autorange, interleaved rounds, "
+                                 f"{'/'.join(str(c) for c in sorted(calls[key]))} call(s) per sample")
         for key, values in samples.items()
     }
 
 
 def time_cpu(fn: Callable[[], object], *, reps: int = 10, warmup: int = 10, warmup_ms: float = 200.0,
              min_sample_ms: float = 1.0) -> Timing:
-    """A single CPU case (``time.perf_counter``): ``reps`` samples after at least ``warmup`` calls and
-    ``warmup_ms`` of calls (the first calls of small ops are often many times slower)."""
+    """A single CPU case (:func:`time_cpu_interleaved` with one round): about ``reps`` samples after at
+    least ``warmup`` calls and ``warmup_ms`` of calls (the first calls of small ops are often many
+    times slower)."""
     return time_cpu_interleaved({0: fn}, rounds=1, samples_per_round=reps, warmup=warmup, warmup_ms=warmup_ms,
                                 min_sample_ms=min_sample_ms)[0]
 
@@ -254,3 +273,56 @@ def copy_bandwidth(device: torch.device, *, nbytes: int = 1 << 30, quick: bool =
         "timing": timing.as_dict(),
         "what": f"dst.copy_(src), fp32 buffers of {numel * 4 / 2**20:.0f} MiB, bytes read + written",
     }
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m10s``, ``1h02m``: a duration for a progress line (whole seconds)."""
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"a duration must be finite and >= 0, got {seconds}")
+    total = round(seconds)
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    return f"{total // 3600}h{total % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Overall progress of a run of ``total`` cases and an estimate of the time left.
+
+    Every case has a weight, its expected cost relative to the others (``total_weight`` in all).
+    The estimate assumes the weight still to run goes at the speed measured so far:
+    ``elapsed * (total_weight - done_weight) / done_weight``.
+    """
+
+    def __init__(self, total: int, total_weight: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if total < 0 or not total_weight > 0:
+            raise ValueError(f"progress needs total >= 0 cases and a positive total weight, got {total}, {total_weight}")
+        self.total, self.total_weight, self.clock = total, total_weight, clock
+        self.start = clock()
+        self.done = 0
+        self.done_weight = 0.0
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def seconds_for(self, weight: float) -> float | None:
+        """Seconds ``weight`` takes at the speed measured so far (None before any case finished)."""
+        if self.done_weight <= 0:
+            return None
+        return self.elapsed() * weight / self.done_weight
+
+    def eta(self) -> float | None:
+        return self.seconds_for(max(self.total_weight - self.done_weight, 0.0))
+
+    def advance(self, weight: float) -> tuple[str, str]:
+        """One more case of ``weight`` finished: ``("[12/40]", "1m05s elapsed, ETA ~3m10s")``."""
+        self.done += 1
+        self.done_weight += weight
+        eta = self.eta()
+        width = len(str(self.total))
+        left = "done" if self.done >= self.total else f"ETA ~{format_duration(eta)}" if eta is not None else "ETA ?"
+        return f"[{self.done:>{width}}/{self.total}]", f"{format_duration(self.elapsed())} elapsed, {left}"

@@ -43,10 +43,20 @@ route+fuse forward+backward       route+pack fwd + scale+fuse fwd out of place
                                   + 4*e_w*C*C_h + 8*B*k + 8*B*C (+ 8*B*k)  router weights and
                                                        their grads, w / grad_w, slots and scores
                                                        (+ idx)
+deployed block (inference)        e*B*N*(C + 2k)       read x once (pooling), read the k
+                                                       selected channels again, write the k
+                                                       target channels: the whole block, f_k
+                                                       included, in the deploy form
+                                  + 2*e_w*C*C_h        router weights read
+                                  + 12*B*k             idx (int64) + w (fp32) written
 ================================  =============================================================
 
-Whole-block ops (with the convolutions of ``f_k``) get no byte count: their time is not
-bandwidth-bound in a way this model describes.
+The deployed block's implementation moves ``2k`` planes more than its contract (a snapshot of the
+k target channels, written and read back, so that the in-place update cannot race with reads of
+the selected channels); the fewest bytes any implementation needs is the contract above, so its
+GB/s and copy fraction say how close the three launches come to one pass over the feature map.
+The training-mode whole-block ops get no byte count: their time is not bandwidth-bound in a way
+this model describes.
 """
 
 from __future__ import annotations
@@ -132,6 +142,11 @@ def route_fuse_forward_backward(s: FeatureShape, *, activation: str = "relu", fu
             + route_fuse_backward(s, activation=activation, fusion=fusion))
 
 
+def deployed_block_forward(s: FeatureShape) -> int:
+    """The whole deployed MoD block at inference (its contract: see the module docstring)."""
+    return _map(s, s.channels + 2 * s.k) + _router_weights(s) + (IDX_BYTES + SCORE_BYTES) * s.batch * s.k
+
+
 def op_bytes(op: str, s: FeatureShape, *, activation: str = "relu", fusion: str = "first_k") -> int | None:
     """Bytes for a kernel-benchmark op name (``None`` for whole-block ops)."""
     table = {
@@ -141,5 +156,6 @@ def op_bytes(op: str, s: FeatureShape, *, activation: str = "relu", fusion: str 
         "scale_fuse.bwd": lambda: scale_fuse_backward(s, activation=activation, fusion=fusion),
         "route_fuse.fwd": lambda: route_fuse_forward(s, fusion=fusion),
         "route_fuse.fwdbwd": lambda: route_fuse_forward_backward(s, activation=activation, fusion=fusion),
+        "block.deploy": lambda: deployed_block_forward(s),
     }
     return table[op]() if op in table else None

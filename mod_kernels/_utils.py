@@ -38,6 +38,39 @@ def check_device_supported(device: torch.device) -> None:
     raise RuntimeError(f"backend 'triton' does not support device {device}; use backend='reference'")
 
 
+def check_plain_autograd(op: str, *tensors: Tensor) -> None:
+    """Raise a clear error under ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``, ...) and
+    forward-mode AD: the fused kernels have reverse-mode formulas for plain autograd only (a
+    transform would otherwise fail deep inside PyTorch, or miss the kernels' contribution).
+    Skipped while a compiler traces (it sees the custom ops, not the transforms' state)."""
+    if torch.compiler.is_compiling():
+        return
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is not None:
+        transform = str(interpreter.key()).rsplit(".", 1)[-1].lower()
+        raise RuntimeError(
+            f"backend 'triton' ({op}): the fused MoD kernels do not support the torch.func transform "
+            f"{transform!r}; use backend='reference' (plain PyTorch) under torch.func transforms"
+        )
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+        t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        raise RuntimeError(
+            f"backend 'triton' ({op}): the fused MoD kernels do not support forward-mode AD (dual tensors); "
+            "use backend='reference'"
+        )
+
+
+def check_backward_once(op: str) -> None:
+    """Call at the start of a kernel backward: with ``create_graph=True`` (double backward) grad
+    mode is on, and the kernels' gradients would silently carry no graph of their own."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"backend 'triton' ({op}): double backward (create_graph=True, e.g. gradient penalties or "
+            "Hessian-vector products) through the fused MoD kernels is not supported; use backend='reference'"
+        )
+
+
 def check_feature_map(t: Tensor, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -78,7 +111,7 @@ def is_channels_last(t: Tensor) -> bool:
 def empty_like_format(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
     """A new ``shape`` tensor in ``x``'s memory format (channels_last stays channels_last)."""
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype).contiguous(memory_format=fmt)
+    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype, memory_format=fmt)
 
 
 def hw_is_flat(*tensors: Tensor) -> bool:
@@ -131,3 +164,21 @@ def spatial_offset(hw, W, stride_h, stride_w, HW_FLAT: tl.constexpr):
         return hw * stride_w
     else:
         return (hw // W) * stride_h + (hw % W) * stride_w
+
+
+@triton.jit
+def relu_keep_nan(x):
+    """``torch.relu``: negatives become 0, NaN stays NaN (``tl.maximum`` would return 0 for NaN)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def relu_grad(grad, out):
+    """``torch.relu``'s backward from its output: 0 where ``out <= 0``; passes through NaN outputs."""
+    return tl.where(out <= 0.0, 0.0, grad)
+
+
+@triton.jit
+def relu6_keep_nan(x):
+    """``torch.nn.functional.relu6``: clamps to [0, 6], NaN stays NaN."""
+    return tl.where(x < 0.0, 0.0, tl.where(x > 6.0, 6.0, x))

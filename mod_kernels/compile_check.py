@@ -29,18 +29,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from . import fused_route_pack, fused_scale_fuse  # noqa: E402
-
-KERNEL_MODULES = (fused_route_pack, fused_scale_fuse)
-
-
-@dataclass
-class RecordedLaunch:
-    kernel: JITFunction
-    args: tuple
-    kwargs: dict
+from .launch_plan import RecordedLaunch, all_kernels, record_model_launches  # noqa: E402
 
 
 @dataclass
@@ -56,108 +47,6 @@ class CompileResult:
     seconds: float = 0.0
     error: str | None = None
     signature: dict = field(default_factory=dict)
-
-
-def all_kernels() -> dict[str, JITFunction]:
-    kernels = {}
-    for module in KERNEL_MODULES:
-        for name, value in vars(module).items():
-            if isinstance(value, JITFunction) and name.endswith("_kernel"):
-                kernels[name] = value
-    return kernels
-
-
-class LaunchRecorder:
-    """Context manager replacing every kernel launch by a record of its arguments."""
-
-    def __init__(self) -> None:
-        self.launches: list[RecordedLaunch] = []
-        self._saved: dict[str, object] = {}
-
-    def __enter__(self) -> "LaunchRecorder":
-        for name, kernel in all_kernels().items():
-            self._saved[name] = kernel.__dict__.get("run")
-
-            def record(*args, grid, warmup, _kernel=kernel, **kwargs):
-                self.launches.append(RecordedLaunch(_kernel, args, kwargs))
-
-            kernel.run = record
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, kernel in all_kernels().items():
-            del kernel.run
-
-
-def model_block_shapes(names: tuple[str, ...], resolution: int) -> list[tuple]:
-    """Distinct ``(C, k, H, W, C_h, activation)`` of the MoD blocks of zoo models at ``resolution``."""
-    import mod_models
-
-    shapes = set()
-
-    def hook(block, args):
-        _, channels, height, width = args[0].shape
-        shapes.add((channels, block.k, height, width, block.router.fc1.out_features, block.activation))
-
-    for name in names:
-        model = mod_models.build_model(name, backend="reference").to("meta").eval()
-        for module in model.modules():
-            if isinstance(module, mod_models.MoDBlock):
-                module.register_forward_pre_hook(hook)
-        with torch.no_grad():
-            model(torch.empty(1, 3, resolution, resolution, device="meta"))
-    return sorted(shapes)
-
-
-def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool) -> None:
-    """Call every launcher a MoD block of ``shape`` uses, for every fusion and both routers."""
-    from .fused_route_pack import launch_input_backward, launch_route_pack, launch_router_backward, launch_select_pack
-    from .fused_scale_fuse import (
-        launch_fuse_backward_input, launch_fuse_backward_slots, launch_fuse_copy, launch_fuse_inplace,
-    )
-
-    channels, k, height, width, hidden, activation = shape
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.zeros(1, channels, height, width, dtype=dtype).contiguous(memory_format=fmt)
-    y = torch.zeros(1, k, height, width, dtype=dtype).contiguous(memory_format=fmt)
-    fc1 = torch.zeros(hidden, channels)
-    fc2 = torch.zeros(channels, hidden)
-    w = torch.zeros(1, k)
-    idx = torch.zeros(1, k, dtype=torch.int64)
-    slot = torch.zeros(1, channels, dtype=torch.int32)
-    pooled = torch.zeros(1, channels)
-    launch_route_pack(x, fc1, fc2, k)
-    launch_select_pack(x, pooled, k)
-    launch_router_backward(w, slot, pooled, torch.zeros(1, hidden), pooled, fc1, fc2, height * width)
-    shape = list(x.shape)
-    relu = activation == "relu"
-    for fusion in ("first_k", "last_k", "original"):
-        launch_fuse_copy(x, y, w, idx, slot, fusion, relu)
-        launch_fuse_inplace(x, y, w, idx, slot, fusion, relu)
-        launch_fuse_backward_slots(x, x, y, w, idx, fusion, relu, dtype)  # MoD blocks (paired backward)
-        launch_fuse_backward_slots(x, x, y, w, idx, fusion, relu)  # standalone scale_fuse
-        if relu:
-            launch_fuse_backward_input(x, x, slot, k, fusion)
-        target = None if fusion == "original" else y
-        launch_input_backward(x, target, y, slot, pooled, shape, dtype, channels_last, fusion)  # learned
-        launch_input_backward(x, target, y, slot, None, shape, dtype, channels_last, fusion)  # random router
-    launch_input_backward(None, None, y, slot, pooled, shape, dtype, channels_last, "first_k")  # route_pack alone
-
-
-def record_model_launches(
-    models: tuple[str, ...] = ("resnet18_mod", "resnet50_mod", "mobilenet_v2_mod", "mobilenet_v2_mod_l"),
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16),
-    resolution: int = 224,
-) -> list[RecordedLaunch]:
-    """Launches of every kernel at the MoD block shapes of ``models`` (the other ResNets share
-    their stage shapes), for each dtype and memory format, recorded, not executed."""
-    recorder = LaunchRecorder()
-    with recorder:
-        for shape in model_block_shapes(models, resolution):
-            for dtype in dtypes:
-                for channels_last in (False, True):
-                    exercise_block_kernels(shape, dtype, channels_last)
-    return recorder.launches
 
 
 def specialise(launch: RecordedLaunch, target: GPUTarget):
@@ -286,18 +175,20 @@ def format_report(results: list[CompileResult]) -> str:
         "",
         f"Triton {triton.__version__}, torch {torch.__version__}, `python -m mod_kernels.compile_check` "
         f"({time.strftime('%Y-%m-%d')}). One row per distinct launch specialisation of the zoo models "
-        "(resnet50_mod/resnet18_mod/mobilenet_v2_mod/mobilenet_v2_mod_l, fp32 and bf16, NCHW and "
-        "channels_last, all fusions, learned and random router, forward + backward + in-place inference).",
+        "(resnet50_mod/resnet18_mod/mobilenet_v2_mod/mobilenet_v2_mod_l, fp32, bf16 and fp16, NCHW and "
+        "channels_last, all fusions, learned and random router, forward + backward + in-place inference + "
+        "the deployed block). `pointer dtypes`: the element types of the kernel's pointer arguments, in order.",
         "",
-        "| kernel | sm | constexprs | warps | registers | spill st/ld (B) | shared (B) | compile (s) | status |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| kernel | sm | constexprs | pointer dtypes | warps | registers | spill st/ld (B) | shared (B) | compile (s) | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         constexprs = ", ".join(f"{k}={v}" for k, v in r.constexprs.items() if k != "num_warps")
+        pointers = ",".join(kind[1:] for kind in r.signature.values() if isinstance(kind, str) and kind.startswith("*"))
         spills = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
         status = "ok" if r.error is None else f"FAILED: {r.error}"
         lines.append(
-            f"| {r.kernel} | {r.arch} | {constexprs} | {r.num_warps} | "
+            f"| {r.kernel} | {r.arch} | {constexprs} | {pointers} | {r.num_warps} | "
             f"{r.registers if r.registers is not None else '-'} | {spills} | {r.shared_bytes or 0} | {r.seconds:.1f} | {status} |"
         )
     return "\n".join(lines) + "\n"

@@ -48,6 +48,7 @@ from mod_models.functional import fp32_region
 
 from ._utils import (
     cdiv,
+    check_backward_once,
     check_dtype,
     check_feature_map,
     check_same_device,
@@ -417,7 +418,7 @@ def launch_input_backward(
     batch, channels, height, width = shape
     k = grad_xs.shape[1] if grad_xs is not None else (grad_target.shape[1] if grad_target is not None else 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grad_x = torch.empty(shape, device=selected_slot.device, dtype=dtype).contiguous(memory_format=fmt)
+    grad_x = torch.empty(shape, device=selected_slot.device, dtype=dtype, memory_format=fmt)
     gather_targets = fusion == "original"
     has_target = grad_pass is not None and not gather_targets
     if has_target and grad_target is None:
@@ -506,7 +507,7 @@ def input_backward_op(
 @input_backward_op.register_fake
 def _(grad_pass, grad_target, grad_xs, selected_slot, grad_pool, shape, dtype, channels_last, fusion):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, device=selected_slot.device, dtype=dtype).contiguous(memory_format=fmt)
+    return torch.empty(shape, device=selected_slot.device, dtype=dtype, memory_format=fmt)
 
 
 def affine_targets(x: Tensor, k: int, fusion: str) -> Tensor:
@@ -566,6 +567,7 @@ class RoutePackFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pass, grad_target, grad_xs, grad_w, grad_idx, grad_slot):
+        check_backward_once("route_pack")
         grad_pool = grad_fc1 = grad_fc2 = None
         if ctx.learned:
             slot, pooled, hidden, router_scores, fc1_weight, fc2_weight = ctx.saved_tensors

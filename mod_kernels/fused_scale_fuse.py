@@ -18,7 +18,10 @@ Backward kernels:
   ``grad_w[b, j] = sum_hw g[b, t] * act'(out[b, t]) * y[b, j]`` and (for the MoD blocks' paired
   path) the targets' own gradient ``g[b, t] * act'``; it reads the k target channels only.
 * ``_fuse_backward_input_kernel`` (standalone :func:`scale_fuse` with ReLU): ``grad_x = g`` with
-  the target channels masked by ``out > 0``. Without an activation ``grad_x`` is ``g`` itself.
+  the target channels masked where ``out <= 0`` (``torch.relu``'s rule: a NaN output passes its
+  gradient). Without an activation ``grad_x`` is ``g`` itself.
+
+The fused ReLU is ``torch.relu`` exactly: NaN stays NaN forward, and its gradient passes.
 
 Two autograd paths share these kernels. The standalone op ``mod_kernels::scale_fuse`` has a
 self-contained backward (the dense ``grad_x`` above). :class:`ScaleFuseRoutedFunction`, used by
@@ -36,8 +39,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mod_models.functional import check_index_rows
+
 from ._utils import (
     cdiv,
+    check_backward_once,
     check_dtype,
     check_feature_map,
     check_same_device,
@@ -46,6 +52,8 @@ from ._utils import (
     empty_like_format,
     hw_is_flat,
     is_channels_last,
+    relu_grad,
+    relu_keep_nan,
     runs_eagerly,
     spatial_offset,
     strides,
@@ -100,7 +108,7 @@ def _fuse_inplace_kernel(
     fused = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
     fused += scale[:, None] * tl.load(y_at, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        fused = tl.maximum(fused, 0.0)
+        fused = relu_keep_nan(fused)
     tl.store(x_at, fused.to(x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -139,7 +147,7 @@ def _fuse_copy_kernel(
     scale = tl.load(w_ptr + b * stride_wb + slot * stride_wk, mask=c_mask & (slot >= 0), other=0.0)
     fused = x_in.to(tl.float32) + scale[:, None] * y_in.to(tl.float32)
     if RELU:
-        fused = tl.maximum(fused, 0.0)
+        fused = relu_keep_nan(fused)
     result = tl.where(is_target, fused.to(out_ptr.dtype.element_ty), x_in)
     out_at = out_ptr + b.to(tl.int64) * stride_ob + c[:, None] * stride_oc
     tl.store(out_at + spatial_offset(hw, W, stride_oh, stride_ow, HW_FLAT)[None, :], result, mask=mask)
@@ -185,7 +193,7 @@ def _fuse_backward_slots_kernel(
                 + spatial_offset(hw, W, stride_oh, stride_ow, HW_FLAT)[None, :],
                 mask=mask, other=0.0,
             )
-            grad = tl.where(out > 0, grad, 0.0)
+            grad = relu_grad(grad, out)
         y = tl.load(
             y_ptr + b64 * stride_yb + j[:, None] * stride_yc
             + spatial_offset(hw, W, stride_yh, stride_yw, HW_FLAT)[None, :],
@@ -233,7 +241,7 @@ def _fuse_backward_input_kernel(
         + spatial_offset(hw, W, stride_oh, stride_ow, HW_FLAT)[None, :],
         mask=is_target, other=1.0,
     )
-    grad = tl.where(out > 0, grad, 0.0).to(grad_x_ptr.dtype.element_ty)
+    grad = relu_grad(grad, out).to(grad_x_ptr.dtype.element_ty)
     grad_x_at = grad_x_ptr + b64 * stride_xb + c[:, None] * stride_xc
     tl.store(grad_x_at + spatial_offset(hw, W, stride_xh, stride_xw, HW_FLAT)[None, :], grad, mask=mask)
 
@@ -246,20 +254,22 @@ def _fuse_backward_input_kernel(
 def check_fuse_inputs(
     x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str, inplace: bool = False
 ) -> None:
+    """Shapes, dtypes, devices and layouts of the fusion's inputs (no values are read)."""
     check_feature_map(x, "x")
-    check_feature_map(y, "y")
     batch, channels, height, width = x.shape
-    k = y.shape[1]
-    if not 1 <= k <= channels:
-        raise ValueError(f"y has {k} channels; it must have 1 <= k <= C = {channels}")
-    check_shape(y, (batch, k, height, width), "y")
-    for name, t in (("w", w), ("idx", idx), ("selected_slot", selected_slot)):
+    for name, t in (("idx", idx), ("w", w), ("selected_slot", selected_slot)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if idx.dim() != 2 or idx.shape[0] != batch:
+        raise ValueError(f"idx must have shape [B, k] = [{batch}, k], got {tuple(idx.shape)}")
+    check_dtype(idx, torch.int64, "idx")
+    k = idx.shape[1]
+    if not 1 <= k <= channels:
+        raise ValueError(f"idx selects {k} channels per sample; it must be 1 <= k <= C = {channels}")
+    check_feature_map(y, "y")
+    check_shape(y, (batch, k, height, width), "y")
     check_shape(w, (batch, k), "w")
     check_dtype(w, torch.float32, "w")
-    check_shape(idx, (batch, k), "idx")
-    check_dtype(idx, torch.int64, "idx")
     check_shape(selected_slot, (batch, channels), "selected_slot")
     check_dtype(selected_slot, torch.int32, "selected_slot")
     if not selected_slot.is_contiguous() or not idx.is_contiguous():
@@ -269,6 +279,38 @@ def check_fuse_inputs(
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
     if inplace and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError("in-place fusion needs x contiguous (NCHW or channels_last); got a strided or expanded view")
+
+
+def check_fuse_selection(idx: Tensor, selected_slot: Tensor, channels: int) -> None:
+    """The values of a selection the kernels index with: ``idx [B, k]`` distinct channels in
+    ``[0, C)`` per row, and ``selected_slot [B, C]`` its inverse (``slot[b, idx[b, j]] == j``,
+    -1 on every other channel). Reads the values: a device sync on CUDA, so the MoD blocks, whose
+    selections come from the routing kernels, skip it."""
+    check_index_rows(idx, channels, "idx")
+    k = idx.shape[1]
+    if bool(((selected_slot < -1) | (selected_slot >= k)).any()):
+        raise ValueError(
+            f"selected_slot holds slots outside [-1, {k}): min {int(selected_slot.min())}, max {int(selected_slot.max())}"
+        )
+    slots = torch.arange(k, device=idx.device, dtype=selected_slot.dtype).expand_as(idx)
+    agrees = (selected_slot.gather(1, idx) == slots).all(dim=1) & ((selected_slot >= 0).sum(dim=1) == k)
+    if not bool(agrees.all()):
+        row = int((~agrees).nonzero()[0, 0])
+        raise ValueError(
+            f"selected_slot does not match idx in row {row}: selected_slot must be -1 except "
+            f"selected_slot[b, idx[b, j]] = j (idx row {row}: {idx[row].tolist()})"
+        )
+
+
+def check_not_in_place_on_autograd_inputs(op: str, **tensors: Tensor) -> None:
+    """In place is only for inputs autograd does not need: a write into them would lose gradients."""
+    needing = [name for name, t in tensors.items() if t.requires_grad]
+    if torch.is_grad_enabled() and needing:
+        raise ValueError(
+            f"{op}: in place (inplace=True) is only for inputs autograd does not need, but "
+            f"{', '.join(needing)} require{'s' if len(needing) == 1 else ''} grad; pass inplace=False, "
+            "or run under torch.no_grad()"
+        )
 
 
 def _target_start(fusion: str, channels: int, k: int) -> int:
@@ -361,7 +403,7 @@ def launch_fuse_backward_slots(
 
 
 def launch_fuse_backward_input(grad_out: Tensor, out: Tensor, selected_slot: Tensor, k: int, fusion: str) -> Tensor:
-    """``grad_x``: ``grad_out`` with the target channels masked by ``out > 0`` (ReLU fusion)."""
+    """``grad_x``: ``grad_out`` with the target channels zeroed where ``out <= 0`` (ReLU fusion)."""
     batch, channels, height, width = grad_out.shape
     grad_x = empty_like_format(out, tuple(out.shape), dtype=grad_out.dtype)
     block_c, block_hw, num_warps = dense_tiles(channels, height * width, is_channels_last(out))
@@ -434,6 +476,7 @@ def _scale_fuse_setup_context(ctx, inputs, output):
 
 
 def _scale_fuse_backward(ctx, grad_out):
+    check_backward_once("scale_fuse")
     out, y, w, idx, selected_slot = ctx.saved_tensors
     needs_x, needs_y, needs_w = ctx.needs_input_grad[:3]
     grad_x = grad_y = grad_w = None
@@ -474,6 +517,7 @@ class ScaleFuseRoutedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        check_backward_once("fuse_routed")
         out, y, w, idx = ctx.saved_tensors
         needs_x, _, needs_y, needs_w = ctx.needs_input_grad[:4]
         backward_slots = launch_fuse_backward_slots if runs_eagerly(grad_out) else scale_fuse_backward_slots_op

@@ -1,6 +1,6 @@
 """MoD blocks: route the top-k channels of each sample through a narrow conv block.
 
-Every block computes (SPEC.md section 2)::
+Every block computes (the method in full: :mod:`mod_models.functional`)::
 
     s   = router(x)                      # [B, C] fp32 scores (or random keys)
     idx = top-k(s)                       # [B, k] stable, descending
@@ -111,6 +111,9 @@ class MoDBlock(nn.Module):
         self.last_selection: Optional[Tensor] = None
         self.last_scores: Optional[Tensor] = None
         self._forced_selection: Optional[Tensor] = None
+        # Set by mod_models.optimize_for_inference: batch norms folded, inference only.
+        self.deployed = False
+        self._packed_params: Optional[tuple[tuple, Tensor]] = None
 
     @property
     def backend(self) -> str:
@@ -159,8 +162,65 @@ class MoDBlock(nn.Module):
         self._record_scores(scores)
         return idx, scores.gather(1, idx)
 
+    def first_conv(self) -> nn.Conv2d:
+        """The first convolution of ``f_k``: its weight's dtype is the dtype the block computes in."""
+        raise NotImplementedError
+
+    def _check_input_dtype(self, x: Tensor) -> None:
+        weight = self.first_conv().weight
+        if x.dtype != weight.dtype and not (
+            torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        ):
+            raise TypeError(
+                f"{type(self).__name__}: the input has dtype {x.dtype} but the block's parameters are "
+                f"{weight.dtype}; convert the model (e.g. model.to({x.dtype})) or run under torch.autocast"
+            )
+
+    # The fused deploy kernel's name for this block's reduced block (see mod_kernels.fused_block).
+    fused_kind: str = ""
+
+    @property
+    def reduced_width(self) -> int:
+        """The inner width of ``f_k`` (bottleneck width, expanded width, or ``k``)."""
+        raise NotImplementedError
+
+    def folded_convs(self) -> Optional[list[nn.Conv2d]]:
+        """The convolutions of ``f_k`` in order when it is exactly folded convolutions and the
+        activations the fused kernel computes (norms replaced by ``nn.Identity``), else None."""
+        raise NotImplementedError
+
+    def deploy_plan(self) -> "mod_kernels.FusedBlockPlan":
+        """How a deployed block runs on the ``"triton"`` backend: the fused kernel, or (with the
+        reason) the routing kernels, the folded convolutions and the fusion kernel."""
+        import mod_kernels
+
+        if self.folded_convs() is None:
+            return mod_kernels.FusedBlockPlan(False, "f_k is not folded convolutions (a norm that does not fold?)")
+        return mod_kernels.fused_block_plan(self.fused_kind, self.channels, self.k, self.reduced_width)
+
+    def _fused_params(self) -> Tensor:
+        """The folded convolutions packed for the fused kernel, repacked (in eager mode) when a
+        weight changes; :func:`mod_models.optimize_for_inference` packs them once, so a compiled
+        forward reads the packed tensor like any other attribute."""
+        import mod_kernels
+
+        if torch.compiler.is_compiling() and self._packed_params is not None:
+            return self._packed_params[1]
+        tensors = [t for conv in self.folded_convs() for t in (conv.weight, conv.bias) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if self._packed_params is None or self._packed_params[0] != key:
+            with torch.no_grad():
+                packed = mod_kernels.pack_params([(conv.weight, conv.bias) for conv in self.folded_convs()])
+            self._packed_params = (key, packed)
+        return self._packed_params[1]
+
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: this block becomes one graph node
+            return trace_as_leaf(self, x)
         MF.check_feature_map(x, self.channels)
+        self._check_input_dtype(x)
+        if self.deployed:
+            return self._forward_deployed(x)
         if resolve_backend(self.backend, x) == "triton":
             if self._forced_selection is not None:
                 raise ValueError(
@@ -168,6 +228,42 @@ class MoDBlock(nn.Module):
                     "fused Triton kernels, which choose their own selection; use backend='reference' to force one"
                 )
             return self._forward_fused(x)
+        return self._forward_reference(x)
+
+    def _forward_deployed(self, x: Tensor) -> Tensor:
+        if self.training:
+            raise RuntimeError(
+                f"{type(self).__name__} was deployed by optimize_for_inference (batch norms folded): "
+                "inference only; call .eval()"
+            )
+        if MF.autograd_needs(x, *self.parameters()):
+            raise RuntimeError(
+                f"{type(self).__name__} was deployed by optimize_for_inference: its forward does not support "
+                "autograd; run under torch.inference_mode() or torch.no_grad()"
+            )
+        if resolve_backend(self.backend, x) != "triton":
+            return self._forward_reference(x)
+        if self._forced_selection is not None:
+            raise ValueError(f"{type(self).__name__}: forced_selection needs backend='reference'")
+        plan = self.deploy_plan()
+        if not plan.fused:
+            return self._forward_fused(x)
+        import mod_kernels
+
+        if self.router is None:
+            router = dict(scores=MF.random_scores(x))
+        else:
+            router = dict(fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
+        out, idx, _, scores = mod_kernels.fused_block_forward(
+            x, self.fused_kind, self._fused_params(), self.k, self.reduced_width, dilation=self.dilation,
+            fusion=self.fusion, activation=self.activation, inplace=self._inplace and MF.may_write_in_place(x),
+            has_expand=getattr(self, "expand_ratio", 2) != 1, **router,
+        )
+        self._record(idx)
+        self._record_scores(scores)
+        return out
+
+    def _forward_reference(self, x: Tensor) -> Tensor:
         idx, w = self.route(x)
         self._record(idx)
         y = self.process(MF.gather_channels(x, idx))
@@ -177,19 +273,18 @@ class MoDBlock(nn.Module):
     def _forward_fused(self, x: Tensor) -> Tensor:
         import mod_kernels
 
+        inplace = self._inplace and MF.may_write_in_place(x) and not MF.autograd_needs(x, *self.parameters())
         if self.router is None:
-            routed = mod_kernels.route_pack(x, self.k, scores=MF.random_scores(x), fusion=self.fusion)
+            router = dict(scores=MF.random_scores(x))
         else:
-            router = self.router
-            routed = mod_kernels.route_pack(
-                x, self.k, fc1_weight=router.fc1.weight, fc2_weight=router.fc2.weight, fusion=self.fusion
-            )
-        self._record(routed.idx)
+            router = dict(fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
+        out, idx = mod_kernels.routed_block(
+            x, self.k, self.process, fusion=self.fusion, activation=self.activation, inplace=inplace, **router
+        )
+        self._record(idx)
         if self.record_selection:
             self.last_scores = None  # the kernels keep their scores to themselves
-        y = self.process(routed.xs)
-        inplace = self._may_write_input(x, y, routed.w)
-        return mod_kernels.fuse_routed(routed, y, activation=self.activation, inplace=inplace)
+        return out
 
     def _may_write_input(self, x: Tensor, y: Tensor, w: Tensor) -> bool:
         """In-place fusion happens only when asked for (``inplace=True``) and legal: autograd does
@@ -213,6 +308,34 @@ class MoDBlock(nn.Module):
             f"channels={self.channels}, k={self.k}, capacity={self.capacity}, fusion={self.fusion!r}, "
             f"router={self.router_type!r}, backend={self.backend!r}"
         )
+
+
+def trace_as_leaf(block: MoDBlock, x: torch.fx.Proxy) -> torch.fx.Proxy:
+    """Record ``block`` as a single ``call_module`` node of the graph ``torch.fx`` is tracing.
+
+    A MoD block's forward is data-dependent Python (input checks, backend dispatch, the
+    in-place legality test), so it cannot be traced through. As one node, the traced graph
+    calls the block itself, which then runs exactly as in eager mode; this is what
+    ``torch.fx.symbolic_trace``, ``create_feature_extractor`` and ``get_graph_node_names``
+    do with any leaf module (the node is named by the block's path, e.g. ``"layer1.1"``).
+
+    Raises:
+        ValueError: the block has ``inplace=True``: a traced graph may hand the block's input
+            to other nodes (a returned feature, say), which the block would overwrite.
+        TypeError: the block is the root of the trace (there is no path to call it by).
+    """
+    path = x.tracer.path_of_module(block)
+    if not path:
+        raise TypeError(
+            f"{type(block).__name__} cannot be traced on its own by torch.fx (it is traced as a leaf "
+            "module); trace a model that contains it, e.g. torch.nn.Sequential(block)"
+        )
+    if block.inplace:
+        raise ValueError(
+            f"MoD block {path!r} has inplace=True: in a traced graph it would overwrite its input, which other "
+            "nodes may read or return; set inplace=False first (mod_models.features.disable_inplace(model))"
+        )
+    return x.tracer.create_proxy("call_module", path, (x,), {})
 
 
 def check_dilation(dilation: int) -> int:
@@ -255,6 +378,22 @@ class MoDBottleneck(MoDBlock):
         self.conv3 = nn.Conv2d(width, self.k, kernel_size=1, bias=False)
         self.bn3 = norm_layer(self.k)
         self.relu = nn.ReLU(inplace=True)
+        self.dilation = dilation
+
+    fused_kind = "bottleneck"
+
+    @property
+    def reduced_width(self) -> int:
+        return self.conv1.out_channels
+
+    def folded_convs(self) -> Optional[list[nn.Conv2d]]:
+        norms = (self.bn1, self.bn2, self.bn3)
+        if all(isinstance(n, nn.Identity) for n in norms) and type(self.relu) is nn.ReLU:
+            return [self.conv1, self.conv2, self.conv3]
+        return None
+
+    def first_conv(self) -> nn.Conv2d:
+        return self.conv1
 
     def process(self, xs: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(xs)))
@@ -288,6 +427,21 @@ class MoDBasicBlock(MoDBlock):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(self.k, self.k, kernel_size=3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = norm_layer(self.k)
+        self.dilation = dilation
+
+    fused_kind = "basic"
+
+    @property
+    def reduced_width(self) -> int:
+        return self.k
+
+    def folded_convs(self) -> Optional[list[nn.Conv2d]]:
+        if isinstance(self.bn1, nn.Identity) and isinstance(self.bn2, nn.Identity) and type(self.relu) is nn.ReLU:
+            return [self.conv1, self.conv2]
+        return None
+
+    def first_conv(self) -> nn.Conv2d:
+        return self.conv1
 
     def process(self, xs: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(xs)))
@@ -336,6 +490,28 @@ class MoDInvertedResidual(MoDBlock):
         self.conv = nn.Sequential(*layers)
         self.out_channels = channels
 
+    fused_kind = "inverted"
+    dilation = 1
+
+    @property
+    def reduced_width(self) -> int:
+        return self.k * self.expand_ratio
+
+    def folded_convs(self) -> Optional[list[nn.Conv2d]]:
+        *stages, project, norm = self.conv
+        convs = []
+        for stage in stages:  # Conv2dNormActivation: conv, folded norm, ReLU6
+            conv, stage_norm, activation = stage
+            if not (isinstance(stage_norm, nn.Identity) and type(activation) is nn.ReLU6):
+                return None
+            convs.append(conv)
+        if not isinstance(norm, nn.Identity):
+            return None
+        return convs + [project]
+
+    def first_conv(self) -> nn.Conv2d:
+        return self.conv[0][0]
+
     def process(self, xs: Tensor) -> Tensor:
         return self.conv(xs)
 
@@ -364,18 +540,8 @@ def check_selection(
         raise ValueError(f"forced_selection has {selection.shape[0]} rows but the input batch is {batch}")
     if device is not None and selection.device != device:
         raise ValueError(f"forced_selection is on {selection.device} but the input is on {device}")
-    if not contents or selection.numel() == 0:
-        return
-    if bool(((selection < 0) | (selection >= channels)).any()):
-        raise ValueError(
-            f"forced_selection holds channel indices outside [0, {channels}): "
-            f"min {int(selection.min())}, max {int(selection.max())}"
-        )
-    ordered = selection.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-    if bool(repeated.any()):
-        row = int(repeated.nonzero()[0, 0])
-        raise ValueError(f"forced_selection row {row} selects a channel twice: {selection[row].tolist()}")
+    if contents:
+        MF.check_index_rows(selection, channels, "forced_selection")
 
 
 def init_conv_and_norm(module: nn.Module) -> None:

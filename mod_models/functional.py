@@ -1,12 +1,39 @@
-"""The MoD method as small functional reference ops (SPEC.md section 2).
+"""The MoD method as small functional reference ops.
 
-This module is the single source of truth for what a MoD block computes. The
-modules in :mod:`mod_models.blocks`, the tests and the benchmarks import these
-functions; the fused Triton kernels in :mod:`mod_kernels` are checked against
-them.
+CNN Mixture-of-Depths (R. Cakaj, J. Mehnert, B. Yang, "CNN Mixture-of-Depths", ACCV 2024,
+arXiv:2409.17016), as this project implements it. A MoD block's input is ``x: [B, C, H, W]``;
+with capacity ``c``, it processes ``k = C // c`` channels per sample (``k >= 1``):
 
-Shapes: ``x`` is a feature map ``[B, C, H, W]``; ``k = C // capacity`` channels
-are processed per sample; ``idx`` and ``w`` are ``[B, k]``.
+1. **Router** (squeeze-excitation style, both layers without bias, computed in fp32 even under
+   autocast): ``z = mean_hw(x) [B, C]``, ``h = relu(z W1^T)`` with ``W1: [C_h, C]``,
+   ``C_h = max(C // 16, 1)``, and scores ``s = sigmoid(h W2^T) [B, C]`` with ``W2: [C, C_h]``.
+   No auxiliary loss, noise or temperature. The paper's random-routing baseline replaces ``s``
+   by uniform random keys and scales by 1.
+2. **Selection**: per sample the ``k`` highest scores, in slot order of a stable descending sort
+   (``torch.sort(s, descending=True, stable=True)[:, :k]``): higher score first, ties to the
+   lower channel index, NaN above every number (so every row gets ``k`` distinct in-range
+   channels whatever the input holds). ``idx: [B, k]``, ``w = s.gather(1, idx)``. The selection
+   is not differentiated; gradients reach the router through ``w``.
+3. **Pack**: ``xs[b, j] = x[b, idx[b, j]]`` ``[B, k, H, W]``.
+4. **Reduced block** ``f_k`` on ``xs`` (stride 1, no downsample; convolutions without bias, each
+   followed by batch norm): ResNet Bottleneck 1x1 ``k -> max(k // 4, 1)``, ReLU, 3x3, ReLU,
+   1x1 ``-> k``; ResNet BasicBlock 3x3 ``k -> k``, ReLU, 3x3; MobileNetV2 inverted residual 1x1
+   ``k -> 6k``, ReLU6, 3x3 depthwise, ReLU6, 1x1 ``-> k`` (linear bottleneck).
+5. **Scale and fuse**: ``y = f_k(xs) * w``; each slot ``j`` is added into a target channel
+   ``t[b, j]`` and every other channel passes through: ``out[b, t] = act(x[b, t] + y[b, j])``.
+   Targets: ``"first_k"`` (``t = j``, the paper's default), ``"last_k"`` (``t = C - k + j``) or
+   ``"original"`` (``t = idx[b, j]``, each processed channel goes home). ``act`` is ReLU for the
+   ResNet blocks (as after a standard residual add) and none for MobileNetV2. Targets are
+   distinct within a sample, so the fusion needs no atomics and is deterministic.
+
+Shapes never depend on the data (``k`` is fixed), so a MoD network keeps a static graph.
+
+This module is the single source of truth for what a MoD block computes. The modules in
+:mod:`mod_models.blocks`, the tests and the benchmarks import these functions; the fused Triton
+kernels in :mod:`mod_kernels` are checked against them.
+
+Shapes: ``x`` is a feature map ``[B, C, H, W]``; ``k = C // capacity`` channels are processed per
+sample; ``idx`` and ``w`` are ``[B, k]``.
 """
 
 from __future__ import annotations
@@ -81,7 +108,10 @@ def check_feature_map(x: Tensor, channels: int | None = None, name: str = "x") -
 
 
 def is_channels_last(x: Tensor) -> bool:
-    """True when ``x`` is laid out NHWC (and that differs from NCHW)."""
+    """True when ``x`` is laid out NHWC (and that differs from NCHW). Under ``torch.func.vmap``,
+    which cannot report layouts, False: the layout only picks how the reference gathers."""
+    if torch._C._functorch.is_batchedtensor(x):
+        return False
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
@@ -141,6 +171,24 @@ def gather_channels(x: Tensor, idx: Tensor) -> Tensor:
         packed = nhwc.gather(3, idx[:, None, None, :].expand(batch, height, width, k))
         return packed.permute(0, 3, 1, 2)
     return x.gather(1, idx[:, :, None, None].expand(batch, k, height, width))
+
+
+def check_index_rows(idx: Tensor, channels: int, name: str = "idx") -> None:
+    """Raise ``ValueError`` unless every row of ``idx: [B, k]`` holds distinct channels in ``[0, channels)``.
+
+    Reads the values (a device sync on CUDA); shapes and dtypes are the caller's to check.
+    """
+    if idx.numel() == 0:
+        return
+    if bool(((idx < 0) | (idx >= channels)).any()):
+        raise ValueError(
+            f"{name} holds channel indices outside [0, {channels}): min {int(idx.min())}, max {int(idx.max())}"
+        )
+    ordered = idx.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    if bool(repeated.any()):
+        row = int(repeated.nonzero()[0, 0])
+        raise ValueError(f"{name} row {row} selects a channel twice: {idx[row].tolist()}")
 
 
 def fusion_targets(idx: Tensor, channels: int, fusion: str) -> Tensor:
@@ -206,6 +254,8 @@ def may_write_in_place(x: Tensor) -> bool:
     (NCHW or channels_last; not an expanded or overlapping view) and is not an inference tensor
     outside inference mode (PyTorch forbids updating those)."""
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    if torch.compiler.is_compiling():  # the traced graph's mutation is PyTorch's to check
+        return dense
     return dense and not (x.is_inference() and not torch.is_inference_mode_enabled())
 
 

@@ -1,4 +1,8 @@
-"""MoD MobileNetV2 (SPEC.md section 3): inside every ``[t, c, n, s]`` group, blocks 1, 3, ... are MoD.
+"""MoD MobileNetV2: inside every ``[t, c, n, s]`` group, blocks 1, 3, ... are MoD (``capacity = 16``).
+
+As in the paper (Cakaj et al., ACCV 2024): ``mobilenet_v2_mod`` is torchvision's MobileNetV2
+setting with MoD blocks alternating inside each group; ``mobilenet_v2_mod_l`` the paper's wider
+setting (both tables below).
 
 Everything else is torchvision's ``MobileNetV2``; the standard inverted residuals keep
 their module names (``features.N``), so their weights load from a torchvision checkpoint.
@@ -12,6 +16,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
 
 from .blocks import MoDInvertedResidual, init_conv_and_norm
+from .builder_args import check_builder_args
 
 MOBILENET_V2_SETTING = [
     # t, c, n, s
@@ -41,18 +46,19 @@ def _mobilenet_v2_mod(
     setting: list[list[int]],
     *,
     weights: None,
+    progress: bool,
     capacity: int,
     fusion: str,
     router: str,
     backend: Optional[str],
     inplace: bool,
+    model_class: type[MobileNetV2] = MobileNetV2,
     **kwargs: Any,
 ) -> MobileNetV2:
-    if weights is not None:
-        raise ValueError(f"{name}: no pretrained weights exist for MoD models; pass weights=None")
+    check_builder_args(name, weights=weights, progress=progress, num_classes=kwargs["num_classes"])
     if "inverted_residual_setting" in kwargs or "block" in kwargs:
         raise ValueError(f"{name}: inverted_residual_setting and block are fixed by the variant")
-    model = MobileNetV2(inverted_residual_setting=setting, **kwargs)
+    model = model_class(inverted_residual_setting=setting, **kwargs)
     norm_layer = kwargs.get("norm_layer")
     position = 1  # features[0] is the stem
     for expand_ratio, _, repeats, _ in setting:
@@ -75,10 +81,32 @@ def _mobilenet_v2_mod(
     return model
 
 
-def _make_builder(name: str, setting: list[list[int]]):
+def mobilenet_v2_stage_info(model: MobileNetV2) -> list[dict[str, Any]]:
+    """Where a torchvision MobileNetV2's feature maps are, in timm's ``feature_info`` format.
+
+    Returns ``[{"module": "features.N", "num_chs": C, "reduction": r}, ...]`` for the last block
+    before every stride-2 block and the last inverted residual (reductions 2, 4, 8, 16, 32; for
+    the standard setting 16, 24, 32, 96 and 320 channels). ``features[0]`` is the stem (stride 2),
+    ``features[-1]`` the 1x1 head convolution; MoD blocks have stride 1.
+    """
+    blocks = list(model.features)[1:-1]
+    info = []
+    reduction = 2
+    for index, block in enumerate(blocks):
+        reduction *= getattr(block, "stride", 1)
+        following = blocks[index + 1] if index + 1 < len(blocks) else None
+        if following is None or getattr(following, "stride", 1) != 1:
+            info.append(dict(module=f"features.{index + 1}", num_chs=block.out_channels, reduction=reduction))
+    return info
+
+
+def _make_builder(name: str, setting: list[list[int]], model_class: type[MobileNetV2] = MobileNetV2):
+    """The builder of variant ``name``; ``model_class`` is the ``MobileNetV2`` (sub)class it constructs."""
+
     def builder(
         *,
         weights: None = None,
+        progress: bool = True,
         num_classes: int = 1000,
         capacity: int = 16,
         fusion: str = "first_k",
@@ -88,8 +116,8 @@ def _make_builder(name: str, setting: list[list[int]]):
         **kwargs: Any,
     ) -> MobileNetV2:
         return _mobilenet_v2_mod(
-            name, setting, weights=weights, num_classes=num_classes, capacity=capacity, fusion=fusion,
-            router=router, backend=backend, inplace=inplace, **kwargs,
+            name, setting, weights=weights, progress=progress, num_classes=num_classes, capacity=capacity,
+            fusion=fusion, router=router, backend=backend, inplace=inplace, model_class=model_class, **kwargs,
         )
 
     builder.__name__ = builder.__qualname__ = name
@@ -100,6 +128,8 @@ def _make_builder(name: str, setting: list[list[int]]):
     )
     return builder
 
+
+MOBILENET_V2_MOD_SETTINGS = {"mobilenet_v2_mod": MOBILENET_V2_SETTING, "mobilenet_v2_mod_l": MOBILENET_V2_L_SETTING}
 
 mobilenet_v2_mod = _make_builder("mobilenet_v2_mod", MOBILENET_V2_SETTING)
 mobilenet_v2_mod_l = _make_builder("mobilenet_v2_mod_l", MOBILENET_V2_L_SETTING)

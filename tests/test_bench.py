@@ -1,14 +1,17 @@
 """The benchmark package: a CPU smoke run, speedups only where outputs agree, the byte formulas.
 
 ``python -m bench --quick`` must stay fast (seconds) and write JSON and Markdown whose every
-record names the device, versions, dtype, batch, memory format, threads and date.
+record names the device, versions, dtype, batch, memory format, threads and date, under
+``runs/bench`` of the directory it runs in (never into the project's published results).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,8 @@ import torch
 from torch import nn
 
 from bench import agreement as A
+from bench import cli
+from bench import models as M
 from bench import kernels as K
 from bench import report as R
 from bench import traffic as T
@@ -25,30 +30,74 @@ from bench.env import collect_env
 from bench.floors import StaticSelectionBlock, identity_floor, static_floor
 from bench.models import ModelCache, ModelConfig, TimerSettings, bench_family, run_models
 from bench.providers import ONNXRUNTIME, REFERENCE, ModelProvider
-from bench.timing import percentile
-from mod_models import MoDBasicBlock, build_model
+from bench.timing import Progress, format_duration, percentile, time_cpu_interleaved
+from mod_models import MoDBasicBlock, __version__, build_model
 from mod_models.blocks import MoDBlock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RECORD_KEYS = ("device", "torch", "triton", "cuda", "dtype", "batch", "memory_format", "threads", "date")
-NON_NULL_KEYS = ("device", "torch", "dtype", "date", "threads")
+RECORD_KEYS = ("device", "torch", "triton", "cuda", "dtype", "batch", "memory_format", "threads", "date", "mod_cnn")
+NON_NULL_KEYS = ("device", "torch", "dtype", "date", "threads", "mod_cnn")
+PUBLISHED = REPO_ROOT / "bench" / "results"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("bench_quick")
+def quick_run(tmp_path_factory) -> dict:
+    """``python -m bench --quick`` as a user types it (no --out-dir), in a fresh directory."""
+    cwd = tmp_path_factory.mktemp("bench_quick_cwd")
+    published_before = _digests(PUBLISHED)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("MOD_BACKEND", None)
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out-dir", str(out_dir), "--name", "smoke"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, "-m", "bench", "--quick", "--device", "cpu"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out_dir
+    out_dir = cwd / "runs" / "bench"
+    stems = {p.stem for p in out_dir.glob("*.json")}
+    assert len(stems) == 1, sorted(out_dir.glob("*"))
+    return {"out_dir": out_dir, "stem": stems.pop(), "stdout": result.stdout, "cwd": cwd,
+            "published_before": published_before}
 
 
-def test_quick_run_writes_json_and_markdown_with_metadata(quick_run: Path) -> None:
-    payload = json.loads((quick_run / "smoke.json").read_text())
+def test_quick_run_writes_under_the_working_directory_not_the_published_results(quick_run: dict) -> None:
+    out_dir, stem = quick_run["out_dir"], quick_run["stem"]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{stem}.{ext}" for ext in ("json", "md", "png"))
+    assert _digests(PUBLISHED) == quick_run["published_before"], "the run changed the project's bench/results"
+    assert sorted(p.name for p in quick_run["cwd"].iterdir()) == ["runs"]  # nothing else left behind
+    payload = json.loads((out_dir / f"{stem}.json").read_text())
+    assert stem == payload["meta"]["env"]["device_slug"] + "-quick"
+
+
+def test_quick_run_prints_progress_and_a_time_split_that_adds_up(quick_run: dict) -> None:
+    stdout = quick_run["stdout"]
+    payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
+    n_models = sum(r["section"] == "model" for r in payload["records"])
+    counted = [line for line in stdout.splitlines() if re.match(r"\[\s*\d+/\d+\] ", line)]
+    counters = [tuple(map(int, re.match(r"\[\s*(\d+)/(\d+)\]", line).groups())) for line in counted]
+    assert counters == [(i, n_models) for i in range(1, n_models + 1)], stdout[-2000:]
+    assert re.search(r"\(\d+s elapsed, done\)$", counted[-1]), counted[-1]
+    line = next(line for line in stdout.splitlines() if line.startswith("time: "))
+    parts, total = line.removeprefix("time: ").split("; total ")
+    shown = [float(m) for m in re.findall(r" (\d+\.\d) s", parts)]
+    assert len(shown) >= 2 and math.isclose(sum(shown), float(total.removesuffix(" s")), abs_tol=1e-9), line
+
+
+def test_quick_run_says_what_cuda_is(quick_run: dict) -> None:
+    env = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())["meta"]["env"]
+    header = quick_run["stdout"].splitlines()[0]
+    markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
+    if env["device_type"] == "cpu" and env["cuda"]:
+        expected = f"torch built with CUDA {env['cuda']}; " + ("GPU present, not used" if env["gpu_available"] else "no GPU")
+        assert expected in header and expected in markdown
+        assert f"| CUDA {env['cuda']} |" not in header and f"CUDA {env['cuda']}," not in markdown
+
+
+def test_quick_run_writes_json_and_markdown_with_metadata(quick_run: dict) -> None:
+    payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
     records = payload["records"]
     sections = {r["section"] for r in records}
     assert {"copy", "kernel", "model"} <= sections
@@ -66,9 +115,28 @@ def test_quick_run_writes_json_and_markdown_with_metadata(quick_run: Path) -> No
     for r in kernels:
         if r.get("gbps") is not None:
             assert math.isclose(r["gbps"], r["bytes"] / (r["median_ms"] * 1e-3) / 1e9, rel_tol=1e-9)
-    markdown = (quick_run / "smoke.md").read_text()
+    assert {r["mod_cnn"] for r in records} == {__version__}
+    if (REPO_ROOT / ".git").exists():  # a source checkout records its commit (an unpacked sdist has none)
+        assert payload["meta"]["env"]["git_commit"]
+    markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
     assert "# MoD benchmark" in markdown and "| resnet18_mod |" in markdown and "identity floor" in markdown
-    assert payload["meta"]["env"]["device"] in markdown
+    assert payload["meta"]["env"]["device"] in markdown and f"mod-cnn {__version__}" in markdown
+
+
+def test_quick_run_counts_launches_and_has_deploy_rows(quick_run: dict) -> None:
+    payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
+    records = payload["records"]
+    deploy = [r for r in records if r["section"] == "model" and r["status"] == "ok" and r["mode"] == "deploy"]
+    assert {r["role"] for r in deploy} == {"baseline", "mod", "floor_identity", "floor_static"}
+    assert all(r["agreement"]["ok"] for r in deploy if r["role"] == "mod")
+    launches = [r for r in records if r["section"] == "launches"]
+    blocks = [r for r in launches if r["scope"] == "block" and r["path"] == "triton+deploy"]
+    assert {r["kind"] for r in blocks} == {"bottleneck", "basic", "inverted"} and max(r["launches"] for r in blocks) <= 3
+    (model,) = [r for r in launches if r["scope"] == "model" and r["path"] == "triton+deploy"]
+    baseline_deploy = [r for r in launches if r["scope"] == "model" and r["network"] == "torchvision" and r["path"] == "deploy"]
+    assert model["max_per_mod_block"] <= 3 and model["launches"] < baseline_deploy[0]["launches"]
+    markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
+    assert "## Kernel launches" in markdown and "| resnet18_mod (resnet18) |" in markdown
 
 
 def _disagreeing(model: torch.nn.Module):
@@ -94,6 +162,9 @@ def test_model_speedup_only_where_outputs_agree() -> None:
     assert not by_provider["bad-provider"]["agreement"]["ok"]
     assert by_provider["bad-provider"]["median_ms"] > 0  # timed, but its ratios are withheld
     assert by_provider["bad-provider"]["agreement"]["method"] == "relative_l2"  # a wrapped callable: no selections
+    planned = M.plan_cases(["resnet18_mod"], [ModelConfig("cpu", batch=1, resolution=32, threads=1)], [REFERENCE, bad],
+                           floors=("identity",))
+    assert [(r["model"], r["role"], r["provider"]) for r in records] == [case[1:] for case in planned]
     rows = {row["record"]["provider"]: row for rows in R.model_derived(records).values() for row in rows}
     assert rows["reference"]["speedup"] is not None and rows["reference"]["overhead"] is not None
     assert rows["bad-provider"]["speedup"] is None and rows["bad-provider"]["overhead"] is None
@@ -304,3 +375,167 @@ def test_overhead_definition_on_given_times() -> None:
 def test_percentile_interpolates() -> None:
     assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+    with pytest.raises(ValueError):
+        percentile([1.0], 1.5)
+
+
+def test_progress_estimates_the_time_left_from_the_speed_so_far() -> None:
+    now = [100.0]
+    progress = Progress(4, 10.0, clock=lambda: now[0])
+    now[0] = 110.0
+    assert progress.advance(2.5) == ("[1/4]", "10s elapsed, ETA ~30s")  # 2.5 of 10 in 10 s: 7.5 left take 30 s
+    now[0] = 300.0
+    assert progress.advance(2.5) == ("[2/4]", "3m20s elapsed, ETA ~3m20s")
+    assert progress.seconds_for(1.0) == pytest.approx(40.0)
+    now[0] = 310.0
+    progress.advance(2.5)
+    assert progress.advance(2.5) == ("[4/4]", "3m30s elapsed, done")
+    assert [format_duration(s) for s in (0, 59.4, 60, 190, 3725)] == ["0s", "59s", "1m00s", "3m10s", "1h02m"]
+    with pytest.raises(ValueError):
+        Progress(3, 0.0)
+
+
+def test_time_split_adds_up_after_rounding() -> None:
+    # Rounded one by one these read "kernels 4 s; models 2 s; total 5 s".
+    assert R.sections_text({"kernels": 3.5, "models": 1.5, "total": 5.0}) == "kernels 3.5 s, models 1.5 s; total 5.0 s"
+    text = R.sections_text({"kernels": 3.46, "models": 1.46, "total": 5.44})
+    assert text == "kernels 3.5 s, models 1.4 s, other 0.5 s; total 5.4 s"
+    text = R.sections_text({"kernels": 100.6, "models": 200.6, "total": 301.7})
+    assert text == "kernels 101 s, models 200 s, other 1 s; total 302 s"
+    assert R.sections_text({"kernels (wall)": 2.0, "gpu script total": 70.0}) == "kernels (wall) 2.0 s, gpu script total 70 s"
+    with pytest.raises(ValueError):
+        R.sections_text({"models": 6.0, "total": 5.0})
+
+
+def test_cuda_is_named_for_what_it_is() -> None:
+    from bench.env import cuda_text
+
+    assert cuda_text({"device_type": "cpu", "cuda": "13.0", "gpu_available": False}) == "torch built with CUDA 13.0; no GPU"
+    assert cuda_text({"device_type": "cpu", "cuda": "13.0", "gpu_available": True}) == \
+        "torch built with CUDA 13.0; GPU present, not used"
+    assert cuda_text({"device_type": "cpu", "cuda": None, "gpu_available": False}) == "CPU-only torch build"
+    assert cuda_text({"device_type": "cuda", "cuda": "13.0", "cuda_driver": "580.1"}) == "CUDA 13.0 (driver 580.1)"
+
+
+def test_one_naming_rule_for_bench_and_the_gpu_script(quick_run: dict, tmp_path: Path, monkeypatch) -> None:
+    """bench.gpu merges its children's parts under the same name python -m bench gives the same machine."""
+    from bench import gpu
+    from bench.env import result_stem
+
+    payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
+    slug = payload["meta"]["env"]["device_slug"]
+    assert quick_run["stem"] == result_stem(slug, "quick")
+
+    def fake_child(cmd, timeout, log_path=None, extra_env=None):  # a benchmark child that wrote its part
+        assert "--dry-run" in cmd and "--full" not in cmd
+        R.write(payload["records"], payload["meta"], tmp_path, f"part-{cmd[cmd.index('--part') + 1]}")
+        return 0, 1.0, ""
+
+    monkeypatch.setattr(gpu, "_run", fake_child)
+    assert gpu.main(["--out-dir", str(tmp_path), "--sections", "models", "--dry-run"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [f"{slug}-dry-run.json"]
+    assert result_stem(slug, "full") == slug and result_stem(slug, "short") == slug + "-short"
+    with pytest.raises(ValueError):
+        result_stem(slug, "fast")
+
+
+def _planned_runs(monkeypatch, tmp_path: Path, *argv: str) -> tuple[list[tuple], str]:
+    """``python -m bench ARGV`` with the model runs recorded instead of measured: (names, configs, providers) per
+    call, and what it printed."""
+    calls = []
+
+    def fake_run_models(names, configs, providers, **kwargs):
+        calls.append((list(names), list(configs), [p.name for p in providers]))
+        return []
+
+    monkeypatch.setattr(M, "run_models", fake_run_models)
+    lines = []
+    monkeypatch.setattr(cli, "log", lines.append)
+    assert cli.main(["--device", "cpu", "--models-only", "--no-plot", "--out-dir", str(tmp_path), *argv]) == 0
+    return calls, "\n".join(lines)
+
+
+def test_default_is_the_short_table_and_says_how_to_run_the_full_one(monkeypatch, tmp_path: Path) -> None:
+    calls, printed = _planned_runs(monkeypatch, tmp_path)
+    ((names, configs, providers),) = calls
+    assert names == list(cli.SHORT_MODELS) and [c.threads for c in configs] == [1]
+    assert "The whole table: python -m bench --full" in printed
+    assert (tmp_path / f"{collect_env(torch.device('cpu'))['device_slug']}-short.json").exists()
+
+    calls, printed = _planned_runs(monkeypatch, tmp_path, "--full")
+    ((names, configs, providers),) = calls
+    assert names == list(M.MOD_BUILDERS)
+    assert [c.threads for c in configs] == list(dict.fromkeys([1, torch.get_num_threads()]))
+    assert "The whole table" not in printed  # nothing more to suggest after the whole table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "resnet19_mod"], "unknown MoD model"),
+    (["--providers", "tensorrt"], "unknown provider"),
+    (["--threads", "0"], "positive integer"),
+    (["--full", "--quick"], "not allowed with"),
+    (["--budget", "-3"], "budget must be positive"),
+])
+def test_cli_rejects_bad_input_with_exit_2(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cpu_timer_keeps_the_thread_count_and_samples_every_round() -> None:
+    seen = []
+
+    def case() -> None:
+        seen.append(torch.get_num_threads())
+        sum(range(2000))
+
+    with M.thread_setting(2):
+        timings = time_cpu_interleaved({"a": case, "b": case}, rounds=3, samples_per_round=2, warmup=2)
+    assert set(seen) == {2}  # torch.utils.benchmark's Timer defaults to one thread: it must be told
+    for timing in timings.values():
+        assert timing.n >= 3 and 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
+        assert timing.method.startswith("torch.utils.benchmark blocked_autorange")
+
+
+def _model_record(provider, model, ms, *, role="mod", mode="eager", agreed=True, of_model=None, baseline="resnet18",
+                  interpreter=False):
+    return {"section": "model", "device_type": "cpu", "batch": 1, "dtype": "fp32", "memory_format": "nchw",
+            "resolution": 224, "cuda_graph": False, "threads": 1, "role": role, "model": model, "of_model": of_model,
+            "baseline": None if role == "baseline" else baseline, "provider": provider, "mode": mode,
+            "status": "ok", "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "interpreter": interpreter,
+            "agreement": {"ok": agreed} if role == "mod" else None}
+
+
+def test_plot_draws_only_providers_with_ratios_and_keeps_the_legend_off_the_bars() -> None:
+    pytest.importorskip("matplotlib")
+    from bench import plot as P
+
+    records = [
+        _model_record("eager", "resnet18", 60.0, role="baseline"),
+        _model_record("reference", "resnet18_mod", 40.0),
+        _model_record("reference", "resnet26_mod", 50.0),
+        _model_record("onnxruntime", "resnet18_mod", 20.0, mode="onnxruntime"),  # no baseline in its mode
+        _model_record("triton", "resnet18_mod", 900.0, interpreter=True),  # the interpreter: not a speed
+    ]
+    fig = P.figure(records, "test")
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    assert {t.get_text() for t in legend.get_texts()} == {"reference", "paper"}  # resnet26 has no paper ratio
+    assert len(ax.patches) == 2 and [round(p.get_height(), 3) for p in ax.patches] == [1.5, 1.2]
+    note = ax.get_xlabel()
+    assert "onnxruntime (no baseline in its mode" in note and "triton (Triton interpreter" in note
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # beside the axes
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+    records.append(_model_record("reference", "resnet34_mod", 70.0, agreed=False, baseline="resnet34"))
+    records.append(_model_record("eager", "resnet34", 90.0, role="baseline"))
+    fig = P.figure(records)
+    labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert labels == {"reference", "paper", "no ratio"}  # resnet34_mod's outputs differed: marked, not drawn
+    plt.close(fig)

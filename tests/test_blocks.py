@@ -60,7 +60,7 @@ def _conv_signature(block: nn.Module) -> list[tuple]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes (hand-derived from SPEC.md section 2)
+# Sizes (hand-derived from the method, mod_models/functional.py's docstring)
 # ----------------------------------------------------------------------------------------------
 
 

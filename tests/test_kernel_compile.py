@@ -20,7 +20,10 @@ import sys
 KERNELS = (
     "_pool_kernel", "_select_kernel", "_pack_kernel", "_router_grad_logits_kernel", "_input_backward_kernel",
     "_fuse_inplace_kernel", "_fuse_copy_kernel", "_fuse_backward_slots_kernel", "_fuse_backward_input_kernel",
+    "_pool_hidden_kernel", "_router_scores_kernel", "_bottleneck_kernel", "_basic_kernel", "_inverted_kernel",
 )
+REGISTER_LIMIT = 128  # at most this many registers per thread, and no spills, for the deployed block's kernels
+DEPLOY_KERNELS = KERNELS[-5:]
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
@@ -38,5 +41,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
         for arch in ("80", "90"):
             assert (kernel, arch) in compiled, f"{kernel} was not compiled for sm_{arch}"
     for row in rows:
-        registers = row[5].strip()
+        registers = row[6].strip()
         assert re.fullmatch(r"\d+", registers), f"ptxas reported no register count for {row[1]}"
+        if row[1].strip() in DEPLOY_KERNELS:
+            assert int(registers) <= REGISTER_LIMIT, f"{row[1]} {row[3]} uses {registers} registers"
+            assert row[7].strip() in ("0/0", "-"), f"{row[1]} {row[3]} spills: {row[7]}"

@@ -31,7 +31,7 @@ import mod_kernels
 import mod_models
 from mod_models import functional as MF
 
-from helpers import assert_close
+from helpers import assert_close, assert_teacher_forced_agreement
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -440,46 +440,6 @@ def test_model_backends_agree(name, fmt):
         ref = mod_models.set_backend(copy.deepcopy(model), "reference")(x)
         fused = mod_models.set_backend(model, "triton")(x)
     assert_close(fused, ref, **FP32_OUT, name=f"{name} no-grad output")
-
-
-# Teacher forcing (bench/agreement.py explains the numbers): logits under the fused selections, and
-# the score gap a flipped selection may have. Scores are fp32 whatever the model's dtype.
-FORCED_LOGITS_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-NEAR_TIE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-3}
-
-
-def assert_teacher_forced_agreement(model: torch.nn.Module, x: torch.Tensor, label: str) -> None:
-    """The fused model's selections, forced on the reference backend, reproduce its logits, and
-    each selection is a stable top-k of the reference's own scores up to a near-tie.
-
-    Through ~20 blocks in 16-bit a one-ulp difference of a block output can flip a near-tie
-    selection downstream and change the logits legitimately; this check passes such flips and
-    fails a wrong selection or a wrong fusion."""
-    dtype = x.dtype
-    reference = mod_models.set_backend(copy.deepcopy(model), "reference")
-    fused_model = mod_models.set_backend(model, "triton")
-    fused_blocks = [m for m in fused_model.modules() if isinstance(m, mod_models.MoDBlock)]
-    reference_blocks = [m for m in reference.modules() if isinstance(m, mod_models.MoDBlock)]
-    for block in fused_blocks:
-        block.record_selection = True
-    with torch.no_grad():
-        fused = fused_model(x).float()
-    for block, fused_block in zip(reference_blocks, fused_blocks):
-        block.forced_selection = fused_block.last_selection.clone()
-        block.record_selection = True
-    with torch.no_grad():
-        forced = reference(x).float()
-    relative = ((fused - forced).norm() / forced.norm()).item()
-    assert relative <= FORCED_LOGITS_RTOL[dtype], f"{label}: logits under the fused selections differ by {relative:.3g}"
-    tie = NEAR_TIE[dtype]
-    for number, block in enumerate(reference_blocks):
-        scores, selection = block.last_scores.float(), block.forced_selection
-        chosen = scores.gather(1, selection)
-        kth_best = scores.topk(selection.shape[1], dim=1).values[:, -1]
-        assert (chosen.min(dim=1).values >= kth_best - tie).all(), f"{label}: block {number} selected a non-top-k channel"
-        if selection.shape[1] > 1:
-            rises = (chosen[:, 1:] - chosen[:, :-1]).max().item()
-            assert rises <= tie, f"{label}: block {number} slot order is not descending (rise {rises:.3g})"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,6 +1,7 @@
-"""The model zoo: every builder runs, MoD blocks sit where SPEC.md section 3 puts them, facts table.
+"""The model zoo: every builder runs, MoD blocks sit where the paper puts them, facts table.
 
-All expected placements and sizes below are written out by hand from SPEC.md, not read back
+All expected placements and sizes below are written out by hand from the paper's description
+(Cakaj et al., ACCV 2024; restated in mod_models/resnet.py and mobilenetv2.py), not read back
 from the code's configuration tables.
 """
 

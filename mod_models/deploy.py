@@ -1,0 +1,203 @@
+"""The deploy form of a network: :func:`optimize_for_inference`.
+
+A trained model is turned, once, into the form that serves it, as inference optimisers across the
+ecosystem do (``torch.jit.freeze``, TensorRT's builder, timm's ``reparameterize``):
+
+1. every batch norm that follows a convolution is folded into that convolution
+   (:func:`fold_batch_norms`; ``W' = W * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``,
+   computed in float64 and stored in the convolution's dtype): the stem, the standard blocks, the
+   downsample branches and the MoD blocks' reduced blocks alike. The same utility folds torchvision's
+   own ResNets and MobileNetV2, so benchmarks compare deploy form with deploy form;
+2. every MoD block is switched to in-place fusion (it writes only its ``k`` target channels into its
+   input tensor) and marked deployed, which on the ``"triton"`` backend runs the whole block as three
+   kernel launches (:mod:`mod_kernels.fused_block`); the ``"reference"`` backend runs the same folded
+   convolutions in plain PyTorch and stays the source of truth;
+3. the model is frozen for inference: parameters stop requiring grad, and a forward in training mode
+   or with an input that requires grad raises instead of computing something that cannot be trained.
+
+The model is changed in place and returned. Its ``state_dict`` changes too (no batch-norm entries,
+convolution biases), so keep the trained checkpoint; the deploy form is made from it in milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .blocks import MoDBasicBlock, MoDBlock, MoDBottleneck
+
+FOLDABLE_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+
+# Modules whose forward applies ``bnN`` directly to the output of ``convN`` (torchvision's ResNet
+# stem and blocks, and the MoD ResNet blocks).
+NAMED_CONV_NORM_PAIRS = {
+    ResNet: (("conv1", "bn1"),),
+    BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+    Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    MoDBasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+    MoDBottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+}
+
+_DEPLOY_HOOK_ATTR = "_mod_deploy_hook"
+
+
+def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> None:
+    """Fold ``norm`` (eval-mode statistics) into ``conv`` in place: ``norm(conv(x)) == conv'(x)``.
+
+    Args:
+        conv: a ``Conv2d`` with ``out_channels == norm.num_features``; gains a bias if it had none.
+        norm: ``BatchNorm2d`` with running statistics, or torchvision's ``FrozenBatchNorm2d``.
+
+    Raises:
+        ValueError: the norm has no running statistics (it would normalise by batch statistics) or
+            its width differs from the convolution's.
+    """
+    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
+        raise ValueError(
+            f"cannot fold {type(norm).__name__} without running statistics (track_running_stats=False "
+            "normalises by batch statistics even in eval mode)"
+        )
+    if conv.out_channels != norm.running_mean.numel():
+        raise ValueError(
+            f"cannot fold a {norm.running_mean.numel()}-channel norm into a conv with {conv.out_channels} outputs"
+        )
+    with torch.no_grad():
+        mean = norm.running_mean.double()
+        var = norm.running_var.double()
+        gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(mean)
+        beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(mean)
+        scale = gamma / torch.sqrt(var + norm.eps)
+        weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+        bias = (bias - mean) * scale + beta
+        dtype, device = conv.weight.dtype, conv.weight.device
+        conv.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        conv.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+
+
+def _fold_pairs(module: nn.Module) -> Iterator[str]:
+    """Fold the conv -> norm pairs ``module`` owns directly; yields the folded norms' names."""
+    for kind, pairs in NAMED_CONV_NORM_PAIRS.items():
+        if type(module) is kind:
+            for conv_name, norm_name in pairs:
+                conv, norm = getattr(module, conv_name), getattr(module, norm_name)
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, FOLDABLE_NORMS):
+                    fold_conv_bn(conv, norm)
+                    setattr(module, norm_name, nn.Identity().eval())
+                    yield norm_name
+    if isinstance(module, nn.Sequential):
+        children = list(module.named_children())
+        for (_, first), (norm_name, second) in zip(children, children[1:]):
+            if isinstance(first, nn.Conv2d) and isinstance(second, FOLDABLE_NORMS):
+                fold_conv_bn(first, second)
+                setattr(module, norm_name, nn.Identity().eval())
+                yield norm_name
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold every batch norm that directly follows a convolution into it (in place; returns ``model``).
+
+    Recognised: consecutive ``Conv2d`` -> norm inside any ``nn.Sequential`` (torchvision's
+    ``Conv2dNormActivation``, ResNet downsample branches, MobileNetV2's inverted residuals), and the
+    ``convN`` -> ``bnN`` pairs of torchvision's ``ResNet``/``BasicBlock``/``Bottleneck`` and of the MoD
+    ResNet blocks. A batch norm left anywhere else cannot be folded safely and raises ``ValueError``
+    naming it (nothing is changed then).
+
+    Args:
+        model: in eval mode (the running statistics are what gets folded).
+    """
+    _check_eval(model, "fold_batch_norms")
+    for name, module in model.named_modules():
+        for norm_name, norm in module.named_children():
+            if isinstance(norm, FOLDABLE_NORMS) and not _folds(module, norm_name):
+                path = f"{name}.{norm_name}" if name else norm_name
+                raise ValueError(
+                    f"fold_batch_norms: {path} ({type(norm).__name__}) does not directly follow a convolution "
+                    "that this utility can fold it into; nothing was changed"
+                )
+    for module in list(model.modules()):
+        for _ in _fold_pairs(module):
+            pass
+    return model
+
+
+def _folds(module: nn.Module, norm_name: str) -> bool:
+    """True when :func:`_fold_pairs` folds ``module.<norm_name>``."""
+    for kind, pairs in NAMED_CONV_NORM_PAIRS.items():
+        if type(module) is kind:
+            for conv_name, pair_norm in pairs:
+                if pair_norm == norm_name and isinstance(getattr(module, conv_name), nn.Conv2d):
+                    return True
+    if isinstance(module, nn.Sequential):
+        children = list(module.named_children())
+        for (_, first), (name, _) in zip(children, children[1:]):
+            if name == norm_name and isinstance(first, nn.Conv2d):
+                return True
+    return False
+
+
+def _check_eval(model: nn.Module, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} takes an nn.Module, got {type(model).__name__}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(
+            f"{what} needs the model in eval mode (call model.eval() first); in training mode: {training[:3]}"
+            + (" ..." if len(training) > 3 else "")
+        )
+
+
+def _refuse_training_and_autograd(module: nn.Module, args: tuple) -> None:
+    if module.training:
+        raise RuntimeError(
+            f"{type(module).__name__} was deployed by mod_models.optimize_for_inference (batch norms folded, "
+            "in-place fusion): it runs inference only; call .eval(), and train the original model instead"
+        )
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        raise RuntimeError(
+            f"{type(module).__name__} was deployed by mod_models.optimize_for_inference: its forward does not "
+            "support autograd; run it under torch.inference_mode() or torch.no_grad() on inputs that do not "
+            "require grad"
+        )
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """Turn a trained model into its deploy form, in place, and return it.
+
+    Folds every conv -> batch norm pair (:func:`fold_batch_norms`), switches every MoD block to
+    in-place fusion in deploy mode (on the ``"triton"`` backend: pooling, router and the whole
+    reduced block with its fusion in at most three kernel launches; blocks whose reduced block is
+    too wide for the fused kernel run the routing kernels, the folded convolutions and the fusion
+    kernel: see :func:`mod_kernels.fused_block.fused_block_plan`), and freezes the model for inference.
+    Works on models without MoD blocks too (torchvision's ResNet and MobileNetV2).
+
+    Args:
+        model: in eval mode.
+
+    Returns:
+        ``model`` itself. Afterwards its forward raises in training mode or on an input that
+        requires grad. MoD blocks write into their input tensor: a tensor passed straight into a
+        deployed MoD block (not through a standard layer first) is overwritten.
+    """
+    _check_eval(model, "optimize_for_inference")
+    fold_batch_norms(model)
+    for module in model.modules():
+        if isinstance(module, MoDBlock):
+            module.inplace = True
+            module.deployed = True
+            if module.folded_convs() is not None:
+                module._fused_params()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if getattr(model, _DEPLOY_HOOK_ATTR, None) is None:
+        setattr(model, _DEPLOY_HOOK_ATTR, model.register_forward_pre_hook(_refuse_training_and_autograd))
+    return model
+
+
+def is_deployed(model: nn.Module) -> bool:
+    """True when :func:`optimize_for_inference` has been applied to ``model``."""
+    return getattr(model, _DEPLOY_HOOK_ATTR, None) is not None

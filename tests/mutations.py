@@ -1,0 +1,179 @@
+"""Check that the test suite can fail: put deliberate bugs back, one at a time, and run the tests
+that must catch each.
+
+Usage (from the repository root; each mutant runs in a temporary copy of the tracked files, the
+working tree is never touched)::
+
+    python tests/mutations.py              # every mutant: CAUGHT or SURVIVED, exit 1 if one survived
+    python tests/mutations.py --list       # the mutants and the tests that must catch them
+    python tests/mutations.py --only relu-drops-nan spatial-offset-swaps-strides
+
+When you change a kernel, add the bug you were most afraid of here with the tests that catch it,
+and run it once: a test that never failed has not shown it can. The whole list takes a few minutes
+on 2 CPU cores (the selections are small; the Triton interpreter runs the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # file the bug goes into, relative to the repository root
+    original: str  # text that must occur exactly once
+    mutated: str
+    tests: tuple[str, ...]  # pytest arguments that must fail with the bug
+    what: str
+
+
+MUTANTS = (
+    Mutant(
+        "pool-drops-last-chunk", "mod_kernels/fused_route_pack.py",
+        "return partial[:, 0] if chunks == 1 else partial.sum(dim=1)",
+        "return partial[:, 0] if chunks == 1 else partial[:, :-1].sum(dim=1)",
+        ("tests/test_kernel_paths.py", "-k", "route_pack_pools"),
+        "the pooled mean loses the last chunk of H x W",
+    ),
+    Mutant(
+        "deploy-pool-drops-last-chunk", "mod_kernels/fused_block.py",
+        "partial, fc2_weight, scores, x, snapshot, batch, channels, c_hidden, chunks * c_blocks, per_program,",
+        "partial, fc2_weight, scores, x, snapshot, batch, channels, c_hidden, max(1, chunks - 1) * c_blocks, per_program,",
+        ("tests/test_kernel_paths.py", "-k", "deployed_block_pools"),
+        "the deployed router sums the partial hidden vectors of all chunks but the last",
+    ),
+    Mutant(
+        "spatial-offset-swaps-strides", "mod_kernels/_utils.py",
+        "return (hw // W) * stride_h + (hw % W) * stride_w",
+        "return (hw // W) * stride_w + (hw % W) * stride_h",
+        ("tests/test_kernel_paths.py", "-k", "non_flat"),
+        "non-flat H x W addressed with the H and W strides swapped",
+    ),
+    Mutant(
+        "inplace-rounds-product", "mod_kernels/fused_scale_fuse.py",
+        "    fused += scale[:, None] * tl.load(y_at, mask=mask, other=0.0).to(tl.float32)\n",
+        "    fused += (scale[:, None] * tl.load(y_at, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)\n",
+        ("tests/test_kernel_paths.py", "-k", "low_precision_in_place_fusion"),
+        "the in-place kernel rounds w * y to the input dtype before the add",
+    ),
+    Mutant(
+        "reference-fuses-in-low-precision", "mod_models/functional.py",
+        "compute_dtype = torch.promote_types(x.dtype, torch.float32)",
+        "compute_dtype = x.dtype",
+        ("tests/test_kernel_paths.py", "-k", "rounds_once"),
+        "the reference fusion computes in fp16/bf16 instead of fp32",
+    ),
+    Mutant(
+        "relu-drops-nan", "mod_kernels/_utils.py",
+        "    return tl.where(x < 0.0, 0.0, x)\n",
+        "    return tl.maximum(x, 0.0)\n",
+        ("tests/test_safety.py", "-k", "nan"),
+        "the fused ReLU turns NaN into 0",
+    ),
+    Mutant(
+        "in-place-write-hidden-from-autograd", "mod_kernels/fused_scale_fuse.py",
+        "    torch.autograd.graph.increment_version(x)\n\n\ndef launch_fuse_copy(",
+        "\n\ndef launch_fuse_copy(",
+        ("tests/test_safety.py", "-k", "saved_tensor_modified"),
+        "an in-place kernel write does not bump the version counter",
+    ),
+    Mutant(
+        "fused-block-reads-overwritten-targets", "mod_kernels/fused_block.py",
+        "        from_snapshot = valid & (snapshot_slot >= 0) & (snapshot_slot < K)\n",
+        "        from_snapshot = valid & (snapshot_slot < -C)\n",
+        ("tests/test_deploy.py", "-k", "equals_the_unfolded and float32 and not original"),
+        "the fused block reads selected target channels from x, which other programs already wrote",
+    ),
+    Mutant(
+        "fused-block-pads-with-bias", "mod_kernels/fused_block.py",
+        "        h1 = tl.where(m_mask[:, None] & inside[None, :], h1, 0.0)  # conv2 pads h1 with zeros\n",
+        "        h1 = tl.where(m_mask[:, None], h1, 0.0)\n",
+        ("tests/test_deploy.py", "-k", "equals_the_unfolded and bottleneck and float32"),
+        "the bottleneck's 3x3 convolution pads its input with relu(b1) instead of zeros",
+    ),
+    Mutant(
+        "fused-block-forgets-the-score", "mod_kernels/fused_block.py",
+        "    fused = residual.to(tl.float32) + w[:, None] * y\n",
+        "    fused = residual.to(tl.float32) + y\n",
+        ("tests/test_deploy.py", "-k", "equals_the_unfolded and float32"),
+        "the fused block adds f_k without scaling it by the router score",
+    ),
+    Mutant(
+        "ties-go-to-the-higher-channel", "mod_kernels/fused_route_pack.py",
+        "    keys = (ordered.to(tl.int64) << 32) | (C - 1 - c).to(tl.int64)\n",
+        "    keys = (ordered.to(tl.int64) << 32) | c.to(tl.int64)\n",
+        ("tests/test_kernels.py", "-k", "tie"),
+        "equal scores select the higher channel first",
+    ),
+)
+
+
+def _tracked_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    return [line for line in listed.stdout.splitlines() if line]
+
+
+def run_mutant(mutant: Mutant, files: list[str]) -> tuple[bool, float, str]:
+    """``(caught, seconds, last output lines)`` of the mutant's tests in a mutated copy."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+        for name in files:
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target)
+        source = Path(tmp) / mutant.path
+        text = source.read_text()
+        if text.count(mutant.original) != 1:
+            raise SystemExit(f"{mutant.name}: the original text occurs {text.count(mutant.original)} times in "
+                             f"{mutant.path}; update the mutant to the current code")
+        source.write_text(text.replace(mutant.original, mutant.mutated))
+        env = dict(os.environ, PYTHONPATH=tmp)
+        start = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:warnings", "-p", "no:cacheprovider", *mutant.tests],
+            cwd=tmp, env=env, capture_output=True, text=True,
+        )
+        seconds = time.perf_counter() - start
+    tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-3:])
+    caught = result.returncode not in (0, 5)  # 5: no tests collected, which catches nothing
+    return caught, seconds, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants: {sorted(unknown)}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.what}\n    {m.path}; caught by: pytest {' '.join(m.tests)}")
+        return 0
+    files = _tracked_files()
+    survived = 0
+    for mutant in chosen:
+        caught, seconds, tail = run_mutant(mutant, files)
+        survived += not caught
+        print(f"{'CAUGHT  ' if caught else 'SURVIVED'} {mutant.name} ({seconds:.0f} s): {mutant.what}")
+        if not caught:
+            print("    " + tail.replace("\n", "\n    "))
+    print(f"{len(chosen) - survived} of {len(chosen)} mutants caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

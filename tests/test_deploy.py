@@ -1,0 +1,438 @@
+"""The deploy form: folded batch norms, in-place fusion, and the fused three-launch MoD block.
+
+The fused block (triton backend, under Triton's interpreter on a CPU) is compared with the model
+*before* ``optimize_for_inference`` (unfolded batch norms, reference backend): the folding, the
+kernel's fp32 arithmetic and its selection all have to agree with the method as first written.
+
+* fp32: outputs within 1e-5 (folding a batch norm and reordering sums move results by ulps).
+* fp16/bf16: the reference rounds after every convolution and batch norm, the fused kernel only
+  once at the end, so both are compared with a float64 run of the same model under the same
+  selection: the fused error may be at most twice the reference's own (plus one ulp).
+* Selections exactly (random inputs keep score gaps far above rounding), and NaN positions exactly.
+* New tensors the launcher allocates are poisoned (NaN, -1) first, so an element the kernels fail
+  to write shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import mod_kernels
+import mod_models
+from bench.launches import LaunchCounter, count_launches
+from mod_kernels import fused_block as FB
+
+from helpers import assert_close, assert_teacher_forced_agreement
+
+FUSIONS = ("first_k", "last_k", "original")
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+EPS = {torch.float16: 2**-10, torch.bfloat16: 2**-7}
+BLOCKS = {
+    "bottleneck": lambda c, **kw: mod_models.MoDBottleneck(c, **kw),
+    "basic": lambda c, **kw: mod_models.MoDBasicBlock(c, **kw),
+    "inverted": lambda c, **kw: mod_models.MoDInvertedResidual(c, **kw),
+}
+# (kind, C, capacity): k not a power of two, and the widths' extremes the fused kernel takes.
+MID_SHAPES = {"bottleneck": (48, 4), "basic": (20, 4), "inverted": (24, 4)}  # k = 12, 5, 6
+EXTREME_SHAPES = [
+    ("bottleneck", 32, 32), ("bottleneck", 32, 1),  # k = 1 (width 1), k = 32 (width 8)
+    ("basic", 16, 16), ("basic", 16, 1),  # k = 1, k = 16
+    ("inverted", 20, 20), ("inverted", 32, 1),  # k = 1 (hidden 6), k = 32 (hidden 192)
+]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    """Every tensor the fused launcher allocates starts as NaN (floats) or -1 (integers)."""
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+    monkeypatch.setattr(FB, "_empty", lambda *a, **kw: poison(torch.empty(*a, **kw)))
+    monkeypatch.setattr(FB, "_empty_like_format", lambda *a, **kw: poison(mod_kernels._utils.empty_like_format(*a, **kw)))
+
+
+@pytest.fixture
+def unpoisoned(poisoned_allocations, monkeypatch):
+    """Plain allocations (for launch counts: poisoning is itself a launch)."""
+    monkeypatch.undo()
+
+
+def randomise(module: nn.Module, seed: int = 1) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+    return module
+
+
+def deployed_pair(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(unfolded reference, deployed triton)`` copies of ``block`` (eval mode)."""
+    block = block.eval()
+    reference = mod_models.set_backend(copy.deepcopy(block), "reference") if _has_mod(block) else copy.deepcopy(block)
+    deployed = mod_models.optimize_for_inference(copy.deepcopy(block))
+    if _has_mod(deployed):
+        mod_models.set_backend(deployed, "triton")
+    return reference, deployed
+
+
+def _has_mod(model: nn.Module) -> bool:
+    return any(isinstance(m, mod_models.MoDBlock) for m in model.modules())
+
+
+def run_block(block: nn.Module, x: torch.Tensor, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output, selection)`` of one forward under ``no_grad`` on a copy of ``x``."""
+    block.record_selection = True
+    torch.manual_seed(seed)  # the random router's keys
+    with torch.no_grad():
+        out = block(x.clone(memory_format=torch.preserve_format))
+    return out, block.last_selection
+
+
+def assert_deploy_matches(reference: nn.Module, deployed: nn.Module, x: torch.Tensor, label: str) -> None:
+    ref_out, ref_selection = run_block(reference, x)
+    out, selection = run_block(deployed, x)
+    assert torch.equal(selection, ref_selection), f"{label}: selections differ"
+    assert out.dtype == x.dtype and out.stride() == x.stride(), f"{label}: dtype/layout changed"
+    assert torch.equal(torch.isnan(out), torch.isnan(ref_out)), f"{label}: NaN positions differ"
+    if x.dtype == torch.float32:
+        assert_close(out, ref_out, atol=1e-5, rtol=1e-5, name=label)
+        return
+    exact = copy.deepcopy(reference).double()
+    exact.forced_selection = selection
+    exact_out, _ = run_block(exact, x.double())
+    fused_error = (out.double() - exact_out).abs().nan_to_num()
+    reference_error = (ref_out.double() - exact_out).abs().nan_to_num()
+    bound = 2 * reference_error.max() + EPS[x.dtype] * exact_out.abs().nan_to_num()
+    worst = float((fused_error - bound).max())
+    assert worst <= 0, f"{label}: fused error {float(fused_error.max()):.3g} beyond twice the reference's {float(reference_error.max()):.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Folding
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [
+    lambda: torchvision.models.resnet18(num_classes=10),
+    lambda: torchvision.models.mobilenet_v2(num_classes=10),
+    lambda: mod_models.resnet50_mod(num_classes=10, backend="reference"),
+    lambda: mod_models.mobilenet_v2_mod(num_classes=10, backend="reference"),
+], ids=["resnet18", "mobilenet_v2", "resnet50_mod", "mobilenet_v2_mod"])
+def test_folding_keeps_the_output_and_removes_every_batch_norm(build):
+    model = randomise(build()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    mod_models.fold_batch_norms(model)
+    assert not [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.bias is not None for m in convs)
+    with torch.no_grad():
+        assert_close(model(x), expected, atol=1e-4, rtol=1e-4, name="folded model output")
+
+
+def test_fold_conv_bn_matches_the_formula_and_frozen_batch_norm():
+    conv = nn.Conv2d(3, 4, 3, bias=True)
+    norm = randomise(nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = norm(conv(x))
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        weight = conv.weight * scale[:, None, None, None]
+        bias = (conv.bias - norm.running_mean) * scale + norm.bias
+    mod_models.deploy.fold_conv_bn(conv, norm)
+    assert_close(conv.weight, weight, atol=1e-6, rtol=1e-6, name="folded weight")
+    assert_close(conv.bias, bias, atol=1e-6, rtol=1e-6, name="folded bias")
+    with torch.no_grad():
+        assert_close(conv(x), expected, atol=1e-5, rtol=1e-5, name="folded conv")
+    frozen_model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), torchvision.ops.misc.FrozenBatchNorm2d(4)).eval()
+    frozen_model[1].running_var.fill_(2.0)
+    with torch.no_grad():
+        expected = frozen_model(x)
+        mod_models.fold_batch_norms(frozen_model)
+        assert isinstance(frozen_model[1], nn.Identity)
+        assert_close(frozen_model(x), expected, atol=1e-6, rtol=1e-6, name="frozen batch norm folded")
+
+
+def test_folding_refuses_what_it_cannot_fold():
+    with pytest.raises(ValueError, match="eval mode"):
+        mod_models.fold_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    odd = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(ValueError, match=r"2 \(BatchNorm2d\) does not directly follow a convolution"):
+        mod_models.fold_batch_norms(odd)
+    assert isinstance(odd[2], nn.BatchNorm2d), "a refused fold must change nothing"
+    batch_stats = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match="without running statistics"):
+        mod_models.fold_batch_norms(batch_stats)
+    with pytest.raises(TypeError, match="takes an nn.Module"):
+        mod_models.optimize_for_inference("resnet50")
+
+
+# ----------------------------------------------------------------------------------------------
+# The deploy form's contract
+# ----------------------------------------------------------------------------------------------
+
+
+def test_optimize_for_inference_freezes_and_refuses_training_and_autograd():
+    model = randomise(mod_models.resnet18_mod(num_classes=10, backend="reference")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(ValueError, match="eval mode"):
+        mod_models.optimize_for_inference(copy.deepcopy(model).train())
+    assert mod_models.optimize_for_inference(model) is model and mod_models.is_deployed(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    blocks = [m for m in model.modules() if isinstance(m, mod_models.MoDBlock)]
+    assert blocks and all(b.deployed and b.inplace for b in blocks)
+    assert mod_models.optimize_for_inference(model) is model  # idempotent
+    with torch.no_grad():
+        assert_close(model(x), expected, atol=1e-4, rtol=1e-4, name="deployed reference model")
+    assert_close(model(x), expected, atol=1e-4, rtol=1e-4, name="grad mode, nothing requires grad")
+    with pytest.raises(RuntimeError, match="does not support autograd"):
+        model(x.requires_grad_())
+    model.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32))
+    block = blocks[0]
+    with pytest.raises(RuntimeError, match="inference only"):
+        block(torch.randn(2, block.channels, 4, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_deployed_block_writes_only_the_targets_of_its_input(backend):
+    block = randomise(mod_models.MoDBottleneck(64, capacity=8)).eval()
+    reference, deployed = deployed_pair(block)
+    mod_models.set_backend(deployed, backend)
+    x = torch.randn(2, 64, 5, 6)
+    with torch.no_grad():
+        expected = reference(x.clone())
+        written = x.clone()
+        version = written._version
+        out = deployed(written)
+    assert out.data_ptr() == written.data_ptr() and written._version > version
+    assert torch.equal(out[:, 8:], x[:, 8:]), "only the k = 8 target channels may change"
+    assert_close(out, expected, atol=1e-5, rtol=1e-5, name="in-place deployed block")
+    with torch.inference_mode():
+        frozen = x.clone()
+    with torch.no_grad():
+        copied = deployed(frozen)  # an inference tensor outside inference mode is never written
+    assert torch.equal(frozen, x) and copied.data_ptr() != frozen.data_ptr()
+    assert_close(copied, expected, atol=1e-5, rtol=1e-5, name="inference tensor, out of place")
+
+
+def test_original_fusion_returns_a_new_tensor_and_keeps_its_input():
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBasicBlock(24, capacity=4, fusion="original")))
+    x = torch.randn(2, 24, 4, 5)
+    kept = x.clone()
+    with torch.no_grad():
+        out = deployed(x)
+        expected = reference(kept.clone())
+    assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr()
+    assert_close(out, expected, atol=1e-5, rtol=1e-5, name="original fusion")
+
+
+# ----------------------------------------------------------------------------------------------
+# Equivalence of the fused block
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_fused_block_equals_the_unfolded_reference(kind, fusion, fmt, dtype):
+    channels, capacity = MID_SHAPES[kind]
+    block = randomise(BLOCKS[kind](channels, capacity=capacity, fusion=fusion)).to(dtype)
+    reference, deployed = deployed_pair(block)
+    assert deployed.deploy_plan().fused
+    x = torch.randn(2, channels, 5, 7).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    assert_deploy_matches(reference, deployed, x, f"{kind} {fusion} {fmt} {dtype}")
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("kind, channels, capacity", EXTREME_SHAPES, ids=[f"{k}-C{c}-cap{p}" for k, c, p in EXTREME_SHAPES])
+def test_fused_block_at_the_extreme_widths(kind, channels, capacity, fusion):
+    block = randomise(BLOCKS[kind](channels, capacity=capacity, fusion=fusion))
+    reference, deployed = deployed_pair(block)
+    assert deployed.deploy_plan().fused, deployed.deploy_plan().reason
+    for fmt in FORMATS.values():
+        x = torch.randn(3, channels, 3, 5).contiguous(memory_format=fmt)
+        assert_deploy_matches(reference, deployed, x, f"{kind} C={channels} k={deployed.k} {fusion}")
+
+
+@pytest.mark.parametrize("dilation", [2, 3])
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+def test_fused_block_with_dilation(kind, dilation):
+    block = randomise(BLOCKS[kind](40, capacity=8, dilation=dilation))
+    reference, deployed = deployed_pair(block)
+    x = torch.randn(2, 40, 7, 6).contiguous(memory_format=torch.channels_last)
+    assert_deploy_matches(reference, deployed, x, f"{kind} dilation {dilation}")
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_fused_block_random_router(kind, fusion):
+    channels, capacity = MID_SHAPES[kind]
+    reference, deployed = deployed_pair(randomise(BLOCKS[kind](channels, capacity=capacity, fusion=fusion, router="random")))
+    assert_deploy_matches(reference, deployed, torch.randn(2, channels, 4, 3), f"{kind} random {fusion}")
+
+
+def test_fused_block_without_expansion():
+    block = randomise(mod_models.MoDInvertedResidual(24, capacity=4, expand_ratio=1))
+    reference, deployed = deployed_pair(block)
+    assert_deploy_matches(reference, deployed, torch.randn(2, 24, 5, 4), "inverted residual, expand_ratio 1")
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "huge", "nan_channel"])
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_fused_block_nan_and_inf_like_the_reference(kind, poison):
+    channels, capacity = MID_SHAPES[kind]
+    reference, deployed = deployed_pair(randomise(BLOCKS[kind](channels, capacity=capacity)))
+    x = torch.randn(2, channels, 4, 5)
+    if poison == "nan":
+        x[0, 2, 1, 1] = float("nan")
+    elif poison == "inf":
+        x[1, 0, 0, 0] = float("inf")
+    elif poison == "huge":
+        x = x * 1e38
+    else:
+        x[:, -1] = float("nan")
+    ref_out, ref_selection = run_block(reference, x)
+    out, selection = run_block(deployed, x)
+    assert torch.equal(selection, ref_selection), "selections differ"
+    assert torch.equal(torch.isnan(out), torch.isnan(ref_out)), (
+        f"NaN positions differ: {int(torch.isnan(out).sum())} fused, {int(torch.isnan(ref_out).sum())} reference"
+    )
+    if poison in ("nan", "inf", "nan_channel"):
+        assert_close(out, ref_out, atol=1e-5, rtol=1e-5, name=f"{poison} output")
+
+
+def test_fused_block_on_a_strided_view():
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4)))
+    base = torch.randn(2, 48, 6, 12)
+    x = base[..., :9]  # H x W is not flat: stride_h != W * stride_w
+    assert x.stride(2) != x.shape[3] * x.stride(3)
+    ref_out, _ = run_block(reference, x)
+    with torch.no_grad():
+        out = deployed(x)
+    assert out.data_ptr() != x.data_ptr(), "a non-dense view is never written in place"
+    assert_close(out, ref_out, atol=1e-5, rtol=1e-5, name="strided view")
+
+
+def test_fused_block_is_bitwise_deterministic_and_batch_invariant():
+    _, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(256, capacity=64)))  # C_h = 16: the tl.dot path
+    x = torch.randn(3, 256, 9, 9)
+    first, _ = run_block(deployed, x)
+    second, _ = run_block(deployed, x)
+    alone, _ = run_block(deployed, x[1:2])
+    assert torch.equal(first, second)
+    assert torch.equal(first[1:2], alone), "a sample's result must not depend on its batch"
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch rule and launch budget
+# ----------------------------------------------------------------------------------------------
+
+
+def test_wide_reduced_blocks_run_the_routing_kernels_and_folded_convolutions(unpoisoned):
+    """capacity = 2 makes f_k wide (k = 64): the documented fallback, still exact."""
+    block = randomise(mod_models.MoDBottleneck(128, capacity=2))
+    reference, deployed = deployed_pair(block)
+    plan = deployed.deploy_plan()
+    assert not plan.fused and "k = 64 > 32" in plan.reason
+    x = torch.randn(2, 128, 3, 3)
+    assert_deploy_matches(reference, deployed, x, "capacity 2 fallback")
+    with torch.no_grad():
+        counter = count_launches(lambda: deployed(x))
+    assert counter.triton >= 3 and counter.by_name["aten.convolution"] == 3
+
+
+def test_group_norm_blocks_are_never_fused_wrongly():
+    """A norm that does not fold stays in f_k; the fused kernel (which has no norm) must not run."""
+    block = mod_models.MoDBasicBlock(32, capacity=4, norm_layer=lambda c: nn.GroupNorm(1, c))
+    reference, deployed = deployed_pair(block)
+    assert not deployed.deploy_plan().fused
+    assert_deploy_matches(reference, deployed, torch.randn(2, 32, 4, 4), "GroupNorm block")
+
+
+PAPER_BLOCKS = [
+    ("bottleneck", 256, 64), ("bottleneck", 2048, 64), ("basic", 64, 64), ("basic", 512, 64),
+    ("inverted", 24, 16), ("inverted", 160, 16),
+]
+
+
+@pytest.mark.parametrize("router", ["learned", "random"])
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("kind, channels, capacity", PAPER_BLOCKS, ids=[f"{k}-C{c}" for k, c, _ in PAPER_BLOCKS])
+def test_at_most_three_launches_per_deployed_block(kind, channels, capacity, fusion, router, unpoisoned):
+    _, deployed = deployed_pair(BLOCKS[kind](channels, capacity=capacity, fusion=fusion, router=router))
+    x = torch.randn(1, channels, 2, 2)
+    with torch.no_grad():
+        deployed(x.clone())  # packs the folded weights once
+        inputs = x.clone()
+        counter = count_launches(lambda: deployed(inputs))
+    assert counter.total <= 3, f"{counter.total} launches: {dict(counter.by_name)}"
+
+
+def test_launch_counter_counts_kernels_not_views():
+    x = torch.randn(4, 4)
+    with LaunchCounter() as counter:
+        y = x.view(2, 8).t().contiguous()
+        torch.empty(3)
+        (y + 1).relu_()
+    assert counter.aten == 3 and counter.triton == 0, dict(counter.by_name)  # clone (contiguous), add, relu_
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole models
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(mod_models.MOD_BUILDERS))
+def test_deployed_models_equal_the_unfolded_reference(name, unpoisoned):
+    model = randomise(mod_models.build_model(name, num_classes=10)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    reference = mod_models.set_backend(copy.deepcopy(model), "reference")
+    deployed = mod_models.optimize_for_inference(copy.deepcopy(model))
+    # Folding moves convolution outputs by ulps, which can flip a near-tie selection of these
+    # fresh weights: the folded model is checked by teacher forcing too.
+    assert_teacher_forced_agreement(deployed, x, f"{name} deploy (reference)", reference=copy.deepcopy(reference),
+                                    backend="reference")
+    mod_models.set_backend(deployed, "triton")
+    blocks = [m for m in deployed.modules() if isinstance(m, mod_models.MoDBlock)]
+    assert all(b.deploy_plan().fused for b in blocks)
+    per_block = []
+    counter = LaunchCounter()
+
+    def before(module, args):
+        module._launches_before = counter.total
+
+    def after(module, args, output):
+        per_block.append(counter.total - module._launches_before)
+
+    for block in blocks:
+        block._fused_params()  # pack outside the count
+        block.register_forward_pre_hook(before)
+        block.register_forward_hook(after)
+    with counter:
+        assert_teacher_forced_agreement(deployed, x, f"{name} deploy", reference=reference)
+    assert per_block and max(per_block) <= 3, f"launches per MoD block: {per_block}"
+
+
+def test_deployed_block_under_torch_compile_equals_eager():
+    _, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4)))
+    compiled = torch.compile(deployed, fullgraph=True)
+    x = torch.randn(2, 48, 4, 4)
+    with torch.no_grad():
+        expected = deployed(x.clone())
+        got = compiled(x.clone())
+    assert_close(got, expected, atol=1e-6, rtol=1e-6, name="compiled deployed block")
