@@ -76,7 +76,7 @@ def model_block_shapes(names: tuple[str, ...], resolution: int) -> list[tuple]:
         _, channels, height, width = args[0].shape
         shapes.add((
             channels, block.k, height, width, block.router.fc1.out_features, block.activation,
-            block.fused_kind, block.reduced_width, getattr(block, "expand_ratio", 2) != 1,
+            block.fused_kind, block.reduced_width, block.fused_has_expand,
         ))
 
     for name in names:
@@ -100,13 +100,17 @@ def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.zeros(1, channels, height, width, dtype=dtype).contiguous(memory_format=fmt)
     y = torch.zeros(1, k, height, width, dtype=dtype).contiguous(memory_format=fmt)
-    fc1 = torch.zeros(hidden, channels)
-    fc2 = torch.zeros(channels, hidden)
+    # A model converted to `dtype` holds its router in `dtype` too; under autocast an fp32 model's
+    # blocks see `dtype` feature maps beside fp32 router weights.
+    router_dtypes = [dtype] + ([torch.float32] if dtype != torch.float32 else [])
+    fc1 = torch.zeros(hidden, channels, dtype=dtype)
+    fc2 = torch.zeros(channels, hidden, dtype=dtype)
     w = torch.zeros(1, k)
     idx = torch.zeros(1, k, dtype=torch.int64)
     slot = torch.zeros(1, channels, dtype=torch.int32)
     pooled = torch.zeros(1, channels)
-    launch_route_pack(x, fc1, fc2, k)
+    for router_dtype in router_dtypes:
+        launch_route_pack(x, fc1.to(router_dtype), fc2.to(router_dtype), k)
     launch_select_pack(x, pooled, k)
     launch_router_backward(w, slot, pooled, torch.zeros(1, hidden), pooled, fc1, fc2, height * width)
     shape = list(x.shape)
@@ -124,9 +128,11 @@ def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool
     launch_input_backward(None, None, y, slot, pooled, shape, dtype, channels_last, "first_k")  # route_pack alone
     # The deployed block (folded batch norms): every fusion, both routers, in place and not.
     params = torch.zeros(fused_block.params_numel(kind, k, reduced_width, has_expand))
+    routers = [dict(fc1_weight=fc1.to(d), fc2_weight=fc2.to(d), scores=None) for d in router_dtypes]
+    routers.append(dict(fc1_weight=None, fc2_weight=None, scores=pooled))
     for fusion in ("first_k", "last_k", "original"):
         for inplace in (True, False):
-            for router in (dict(fc1_weight=fc1, fc2_weight=fc2, scores=None), dict(fc1_weight=None, fc2_weight=None, scores=pooled)):
+            for router in routers:
                 fused_block.fused_block_unchecked(
                     x, kind, params, k, reduced_width, 1, fusion, relu, inplace=inplace, has_expand=has_expand, **router
                 )

@@ -176,8 +176,10 @@ class MoDBlock(nn.Module):
                 f"{weight.dtype}; convert the model (e.g. model.to({x.dtype})) or run under torch.autocast"
             )
 
-    # The fused deploy kernel's name for this block's reduced block (see mod_kernels.fused_block).
+    # The fused deploy kernel's name for this block's reduced block (see mod_kernels.fused_block),
+    # and whether that reduced block starts with an expansion layer (inverted residuals only).
     fused_kind: str = ""
+    fused_has_expand: bool = True
 
     @property
     def reduced_width(self) -> int:
@@ -257,7 +259,7 @@ class MoDBlock(nn.Module):
         out, idx, _, scores = mod_kernels.fused_block_forward(
             x, self.fused_kind, self._fused_params(), self.k, self.reduced_width, dilation=self.dilation,
             fusion=self.fusion, activation=self.activation, inplace=self._inplace and MF.may_write_in_place(x),
-            has_expand=getattr(self, "expand_ratio", 2) != 1, **router,
+            has_expand=self.fused_has_expand, **router,
         )
         self._record(idx)
         self._record_scores(scores)
@@ -492,6 +494,10 @@ class MoDInvertedResidual(MoDBlock):
 
     fused_kind = "inverted"
     dilation = 1
+
+    @property
+    def fused_has_expand(self) -> bool:
+        return self.expand_ratio != 1
 
     @property
     def reduced_width(self) -> int:

@@ -400,7 +400,7 @@ def test_launch_counter_counts_kernels_not_views():
 @pytest.mark.parametrize("name", sorted(mod_models.MOD_BUILDERS))
 def test_deployed_models_equal_the_unfolded_reference(name, unpoisoned):
     model = randomise(mod_models.build_model(name, num_classes=10)).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     reference = mod_models.set_backend(copy.deepcopy(model), "reference")
     deployed = mod_models.optimize_for_inference(copy.deepcopy(model))
     # Folding moves convolution outputs by ulps, which can flip a near-tie selection of these

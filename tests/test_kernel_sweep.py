@@ -1,0 +1,246 @@
+"""Every kernel code path the zoo models launch, at small sizes, against the reference.
+
+The zoo's real launches (``mod_kernels.launch_plan``) cross every block type with three dtypes,
+two memory formats, three fusions, two routers (and, under autocast, low-precision feature maps
+beside fp32 router weights), training, in-place inference and the deploy form.
+``tests/test_kernel_coverage.py`` checks that the suite launches each of those code paths; this
+module is where most of them are launched *and checked*: each configuration runs on the triton
+backend and on the reference, and outputs, selections and (in training) every gradient must agree.
+
+Tolerances. fp32: outputs 1e-5, gradients 1e-4 (ulp-level reorderings through batch norm). fp16 /
+bf16: both backends run the same PyTorch convolutions on the same packed channels, so outputs
+agree to the rounding of the fusion (two ulps); the deploy form (which keeps the reduced block in
+fp32 where the reference rounds after every layer) is compared by relative L2 error, 2^-7 (bf16)
+and 2^-10 (fp16). A block's gradients pass through batch norm's backward in the format, where
+sums with cancellation (a two-channel norm's parameter gradient) lose several bits on either
+backend: both are compared with a float64 run under the same selection, and the triton error must
+be at most twice the reference's own plus one ulp. The standalone ops' gradients (no norm behind
+them) agree to four ulps of relative L2. test_deploy.py holds the stricter low-precision check of the
+deploy form (its error at most twice the reference's own against float64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import mod_kernels
+import mod_models
+from mod_models import functional as MF
+
+from helpers import assert_close
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FUSIONS = ("first_k", "last_k", "original")
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+ULP = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+REL_L2 = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+# Kernel-level gradients in fp16/bf16 (no batch norm behind them): four ulps of relative L2.
+GRAD_REL_L2 = {torch.bfloat16: 2**-5, torch.float16: 2**-8}
+BLOCKS = {  # kind: (builder, channels, capacity) -> k = 8, 4, 6
+    "bottleneck": (mod_models.MoDBottleneck, 32, 4),
+    "basic": (mod_models.MoDBasicBlock, 16, 4),
+    "inverted": (mod_models.MoDInvertedResidual, 24, 4),
+}
+
+
+def randomise(module: torch.nn.Module, seed: int = 7) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+    return module
+
+
+def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def assert_agree(actual, expected, dtype, name, *, gradient=False):
+    if dtype == torch.float32:
+        tol = 1e-4 if gradient else 1e-5
+        assert_close(actual, expected, atol=tol, rtol=tol, name=name)
+    elif gradient:
+        error = relative_l2(actual, expected)
+        assert error <= GRAD_REL_L2[dtype], f"{name}: relative L2 {error:.3g}"
+    else:
+        assert_close(actual, expected, atol=2 * ULP[dtype], rtol=2 * ULP[dtype], name=name)
+
+
+def exact_run(block, x, selection, *, train):
+    """``run`` of a float64 copy of the reference ``block`` forced to ``selection``: the numbers the
+    low-precision runs approximate."""
+    exact = mod_models.set_backend(copy.deepcopy(block), "reference").double()
+    exact.forced_selection = selection
+    return run(exact.train(train), x.double(), seed=0, train=train)
+
+
+def assert_as_accurate(got, ref, exact, dtype, name):
+    """Low precision: the triton result's error against float64 is at most twice the reference's
+    own plus one ulp (relative L2)."""
+    fused_error, reference_error = relative_l2(got, exact), relative_l2(ref, exact)
+    assert fused_error <= 2 * reference_error + ULP[dtype], (
+        f"{name}: relative error {fused_error:.3g} against float64, the reference's {reference_error:.3g}"
+    )
+
+
+def run(block, x, *, seed, train, autocast=None):
+    """``(out, selection, grads)`` of one forward (and backward in training) with the RNG reset;
+    ``autocast``: the forward runs under ``torch.autocast`` to that dtype (the backward outside it,
+    as PyTorch recommends)."""
+    block.record_selection = True
+    torch.manual_seed(seed)  # the random router's keys
+    region = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    if not train:
+        with torch.no_grad(), region:
+            out = block(x.clone(memory_format=torch.preserve_format))
+        return out, block.last_selection, []
+    block.zero_grad(set_to_none=True)
+    leaf = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    with region:
+        out = block(leaf * 1)
+    # The output gradient in the output's memory format, as a network's next layer hands it back.
+    grad = torch.empty_like(out).copy_(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    out.backward(grad)
+    return out.detach(), block.last_selection, [leaf.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_every_block_path(kind, fmt, dtype):
+    """Training step, in-place inference and the deploy form (in place and out of place), every
+    fusion and both routers, on one block type, dtype and memory format."""
+    cls, channels, capacity = BLOCKS[kind]
+    x = torch.randn(2, channels, 3, 4, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = x.contiguous(memory_format=FORMATS[fmt])
+    for fusion in FUSIONS:
+        for router in ("learned", "random"):
+            label = f"{kind} {fmt} {dtype} {fusion} {router}"
+            block = randomise(cls(channels, capacity=capacity, fusion=fusion, router=router)).to(dtype)
+            fused = mod_models.set_backend(copy.deepcopy(block), "triton")
+            # Training (batch statistics): the routing kernels, the copy fusion and every backward.
+            ref = run(block.train(), x, seed=3, train=True)
+            got = run(fused.train(), x, seed=3, train=True)
+            assert torch.equal(got[1], ref[1]), f"{label}: training selections differ"
+            assert_agree(got[0], ref[0], dtype, f"{label} training output")
+            if dtype == torch.float32:
+                for number, (g, e) in enumerate(zip(got[2], ref[2])):
+                    assert_agree(g, e, dtype, f"{label} gradient {number}", gradient=True)
+            else:
+                exact = exact_run(block, x, ref[1], train=True)
+                for number, (g, e, x64) in enumerate(zip(got[2], ref[2], exact[2])):
+                    assert_as_accurate(g, e, x64, dtype, f"{label} gradient {number}")
+            # Inference, in place.
+            block.eval()
+            fused.eval().inplace = True
+            ref_out, ref_selection, _ = run(block, x, seed=4, train=False)
+            out, selection, _ = run(fused, x, seed=4, train=False)
+            assert torch.equal(selection, ref_selection)
+            assert_agree(out, ref_out, dtype, f"{label} in-place inference")
+            # Deploy form, in place and (an inference tensor outside inference mode) out of place.
+            deployed = mod_models.optimize_for_inference(copy.deepcopy(fused))
+            out, selection, _ = run(deployed, x, seed=4, train=False)
+            assert torch.equal(selection, ref_selection), f"{label}: deployed selections differ"
+            if dtype == torch.float32:
+                assert_agree(out, ref_out, dtype, f"{label} deployed")
+            else:
+                assert relative_l2(out, ref_out) <= REL_L2[dtype], f"{label} deployed: {relative_l2(out, ref_out):.3g}"
+            with torch.inference_mode():
+                frozen = x.clone(memory_format=torch.preserve_format)
+            torch.manual_seed(4)
+            with torch.no_grad():
+                copied = deployed(frozen)
+            assert copied.data_ptr() != frozen.data_ptr()
+            assert torch.equal(copied, out), f"{label}: deployed out of place differs from in place"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_autocast_block_paths(kind, fmt, dtype):
+    """Under autocast an fp32 model's MoD blocks see low-precision feature maps beside fp32 router
+    weights: training step and the deploy form, against the reference under the same autocast."""
+    cls, channels, capacity = BLOCKS[kind]
+    x = torch.randn(2, channels, 3, 4, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = x.contiguous(memory_format=FORMATS[fmt])
+    for fusion in FUSIONS:
+        block = randomise(cls(channels, capacity=capacity, fusion=fusion))
+        fused = mod_models.set_backend(copy.deepcopy(block), "triton")
+        label = f"autocast {kind} {fmt} {dtype} {fusion}"
+        ref = run(block.train(), x, seed=5, train=True, autocast=dtype)
+        got = run(fused.train(), x, seed=5, train=True, autocast=dtype)
+        assert torch.equal(got[1], ref[1]), f"{label}: selections differ"
+        assert_agree(got[0], ref[0], dtype, f"{label} output")
+        exact = exact_run(block, x, ref[1], train=True)
+        for number, (g, e, x64) in enumerate(zip(got[2], ref[2], exact[2])):
+            assert_as_accurate(g, e, x64, dtype, f"{label} gradient {number}")
+        block.eval()
+        deployed = mod_models.optimize_for_inference(copy.deepcopy(fused).eval())
+        ref_out, ref_selection, _ = run(block, x, seed=6, train=False, autocast=dtype)
+        out, selection, _ = run(deployed, x, seed=6, train=False, autocast=dtype)
+        assert torch.equal(selection, ref_selection)
+        assert relative_l2(out, ref_out) <= REL_L2[dtype], f"{label} deployed: {relative_l2(out, ref_out):.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_standalone_scale_fuse_backward_paths(fmt, dtype):
+    """The public ``scale_fuse`` op's own backward (a dense input gradient), every fusion and both
+    activations, against the reference's autograd."""
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 10, 3, 5, generator=generator).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    y = torch.randn(2, 3, 3, 5, generator=generator).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    w = torch.rand(2, 3, generator=generator)
+    idx = torch.tensor([[7, 2, 4], [0, 9, 5]])
+    slot = torch.full((2, 10), -1, dtype=torch.int32)
+    for b in range(2):
+        slot[b, idx[b]] = torch.arange(3, dtype=torch.int32)
+    grad_out = torch.randn(2, 10, 3, 5, generator=generator).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    for fusion in FUSIONS:
+        for activation in ("relu", "none"):
+            results = []
+            for fn in (lambda a, b_, c: MF.scale_and_fuse(a, b_, c, idx, fusion=fusion, activation=activation),
+                       lambda a, b_, c: mod_kernels.scale_fuse(a, b_, c, idx, slot, fusion=fusion, activation=activation)):
+                leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, y, w)]
+                out = fn(*leaves)
+                out.backward(grad_out)
+                results.append([out.detach()] + [t.grad for t in leaves])
+            for name, got, want in zip(("out", "grad_x", "grad_y", "grad_w"), results[1], results[0]):
+                assert_agree(got, want, dtype, f"scale_fuse {fusion} {activation} {fmt} {dtype} {name}",
+                             gradient=name != "out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_route_pack_alone_backward_paths(fmt, dtype):
+    """``route_pack`` without its fusion (the input gradient from the packed channels and the
+    pooled scores only), against the reference."""
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 20, 3, 4, generator=generator).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    fc1 = (torch.randn(1, 20, generator=generator) * 0.5).to(dtype)
+    fc2 = (torch.randn(20, 1, generator=generator) * 0.5).to(dtype)
+    grad_xs = torch.randn(2, 5, 3, 4, generator=generator).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    grad_w = torch.randn(2, 5, generator=generator)
+    results = []
+    for triton in (False, True):
+        leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, fc1, fc2)]
+        if triton:
+            routed = mod_kernels.route_pack(leaves[0], 5, fc1_weight=leaves[1], fc2_weight=leaves[2])
+            xs, w, idx = routed.xs, routed.w, routed.idx
+        else:
+            scores = MF.router_scores(leaves[0], leaves[1], leaves[2])
+            idx = MF.select_top_k(scores, 5)
+            xs, w = MF.gather_channels(leaves[0], idx), scores.gather(1, idx)
+        torch.autograd.backward([xs, w], [grad_xs, grad_w])
+        results.append((idx, [t.grad for t in leaves]))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, got, want in zip(("grad_x", "grad_fc1", "grad_fc2"), results[1][1], results[0][1]):
+        assert_agree(got, want, dtype, f"route_pack alone {fmt} {dtype} {name}", gradient=True)
