@@ -128,8 +128,9 @@ def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool
     launch_input_backward(None, None, y, slot, pooled, shape, dtype, channels_last, "first_k")  # route_pack alone
     # The deployed block (folded batch norms): every fusion, both routers, in place and not.
     params = torch.zeros(fused_block.params_numel(kind, k, reduced_width, has_expand))
-    routers = [dict(fc1_weight=fc1.to(d), fc2_weight=fc2.to(d), scores=None) for d in router_dtypes]
-    routers.append(dict(fc1_weight=None, fc2_weight=None, scores=pooled))
+    # The deployed block hands the kernels its router weights in fp32 (packed once, as its convolutions).
+    routers = [dict(fc1_weight=fc1.float(), fc2_weight=fc2.float(), scores=None),
+               dict(fc1_weight=None, fc2_weight=None, scores=pooled)]
     for fusion in ("first_k", "last_k", "original"):
         for inplace in (True, False):
             for router in routers:

@@ -113,7 +113,7 @@ class MoDBlock(nn.Module):
         self._forced_selection: Optional[Tensor] = None
         # Set by mod_models.optimize_for_inference: batch norms folded, inference only.
         self.deployed = False
-        self._packed_params: Optional[tuple[tuple, Tensor]] = None
+        self._packed_params: Optional[tuple[tuple, tuple]] = None
 
     @property
     def backend(self) -> str:
@@ -200,20 +200,25 @@ class MoDBlock(nn.Module):
             return mod_kernels.FusedBlockPlan(False, "f_k is not folded convolutions (a norm that does not fold?)")
         return mod_kernels.fused_block_plan(self.fused_kind, self.channels, self.k, self.reduced_width)
 
-    def _fused_params(self) -> Tensor:
-        """The folded convolutions packed for the fused kernel, repacked (in eager mode) when a
-        weight changes; :func:`mod_models.optimize_for_inference` packs them once, so a compiled
-        forward reads the packed tensor like any other attribute."""
+    def _fused_operands(self) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(packed folded convolutions, fc1 [C_h, C], fc2 [C, C_h])`` for the fused kernel, all
+        fp32 (the kernels accumulate in fp32 anyway; fp32 router tiles keep their ``tl.dot`` in the
+        registers ptxas reports for the fp32 models), repacked in eager mode when a weight changes.
+        :func:`mod_models.optimize_for_inference` packs them once, so a compiled forward reads the
+        packed tensors like any other attribute. The router entries are None for the random router."""
         import mod_kernels
 
         if torch.compiler.is_compiling() and self._packed_params is not None:
             return self._packed_params[1]
-        tensors = [t for conv in self.folded_convs() for t in (conv.weight, conv.bias) if t is not None]
+        convs = self.folded_convs()
+        router = [] if self.router is None else [self.router.fc1.weight, self.router.fc2.weight]
+        tensors = [t for conv in convs for t in (conv.weight, conv.bias) if t is not None] + router
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._packed_params is None or self._packed_params[0] != key:
             with torch.no_grad():
-                packed = mod_kernels.pack_params([(conv.weight, conv.bias) for conv in self.folded_convs()])
-            self._packed_params = (key, packed)
+                packed = mod_kernels.pack_params([(conv.weight, conv.bias) for conv in convs])
+                fc1, fc2 = (w.float().contiguous() for w in router) if router else (None, None)
+            self._packed_params = (key, (packed, fc1, fc2))
         return self._packed_params[1]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -252,12 +257,13 @@ class MoDBlock(nn.Module):
             return self._forward_fused(x)
         import mod_kernels
 
+        params, fc1, fc2 = self._fused_operands()
         if self.router is None:
             router = dict(scores=MF.random_scores(x))
         else:
-            router = dict(fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
+            router = dict(fc1_weight=fc1, fc2_weight=fc2)
         out, idx, _, scores = mod_kernels.fused_block_forward(
-            x, self.fused_kind, self._fused_params(), self.k, self.reduced_width, dilation=self.dilation,
+            x, self.fused_kind, params, self.k, self.reduced_width, dilation=self.dilation,
             fusion=self.fusion, activation=self.activation, inplace=self._inplace and MF.may_write_in_place(x),
             has_expand=self.fused_has_expand, **router,
         )

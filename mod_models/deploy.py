@@ -190,7 +190,7 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
             module.inplace = True
             module.deployed = True
             if module.folded_convs() is not None:
-                module._fused_params()
+                module._fused_operands()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if getattr(model, _DEPLOY_HOOK_ATTR, None) is None:

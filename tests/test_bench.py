@@ -451,6 +451,9 @@ def _planned_runs(monkeypatch, tmp_path: Path, *argv: str) -> tuple[list[tuple],
         return []
 
     monkeypatch.setattr(M, "run_models", fake_run_models)
+    from bench import launches
+
+    monkeypatch.setattr(launches, "measure", lambda names, **kwargs: ([], "not counted (test)"))
     lines = []
     monkeypatch.setattr(cli, "log", lines.append)
     assert cli.main(["--device", "cpu", "--models-only", "--no-plot", "--out-dir", str(tmp_path), *argv]) == 0
@@ -459,15 +462,18 @@ def _planned_runs(monkeypatch, tmp_path: Path, *argv: str) -> tuple[list[tuple],
 
 def test_default_is_the_short_table_and_says_how_to_run_the_full_one(monkeypatch, tmp_path: Path) -> None:
     calls, printed = _planned_runs(monkeypatch, tmp_path)
-    ((names, configs, providers),) = calls
-    assert names == list(cli.SHORT_MODELS) and [c.threads for c in configs] == [1]
+    # The deploy rows first, then the models as trained (and ONNX Runtime where installed).
+    (deploy, as_trained) = calls
+    assert deploy[2] == ["reference+deploy"] and as_trained[2][0] == "reference"
+    for names, configs, _ in calls:
+        assert names == list(cli.SHORT_MODELS) and [c.threads for c in configs] == [1]
     assert "The whole table: python -m bench --full" in printed
     assert (tmp_path / f"{collect_env(torch.device('cpu'))['device_slug']}-short.json").exists()
 
     calls, printed = _planned_runs(monkeypatch, tmp_path, "--full")
-    ((names, configs, providers),) = calls
-    assert names == list(M.MOD_BUILDERS)
-    assert [c.threads for c in configs] == list(dict.fromkeys([1, torch.get_num_threads()]))
+    for names, configs, _ in calls:
+        assert names == list(M.MOD_BUILDERS)
+        assert [c.threads for c in configs] == list(dict.fromkeys([1, torch.get_num_threads()]))
     assert "The whole table" not in printed  # nothing more to suggest after the whole table
 
 

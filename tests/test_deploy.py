@@ -420,7 +420,7 @@ def test_deployed_models_equal_the_unfolded_reference(name, unpoisoned):
         per_block.append(counter.total - module._launches_before)
 
     for block in blocks:
-        block._fused_params()  # pack outside the count
+        block._fused_operands()  # pack outside the count
         block.register_forward_pre_hook(before)
         block.register_forward_hook(after)
     with counter:
