@@ -69,7 +69,9 @@ def randomise(module: nn.Module, seed: int = 1) -> nn.Module:
             m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            # Biases of both signs and some size: a folded bias that leaks into a convolution's
+            # zero padding (relu(b) where 0 belongs) must show.
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
     return module
 
 

@@ -219,21 +219,23 @@ def test_low_precision_deployed_block_in_place_equals_out_of_place_bitwise(kind,
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_low_precision_reference_fusion_rounds_once(fusion, activation, dtype):
     """Inputs whose exact ``x + w * y`` fits in fp32: the reference (fp32 arithmetic, one rounding
-    to ``dtype``) must equal the float64 result rounded once, bit for bit; arithmetic in ``dtype``
-    rounds ``w * y`` first and differs."""
+    to ``dtype``) must equal the float64 result rounded once, bit for bit. ``x`` and ``y`` hold
+    ``dtype`` values of magnitude [1, 2), the scores 12 significant bits in [0.5, 1): the product
+    has at most 23 bits and the sum at most 24, so fp32 holds it exactly, while a fusion computed
+    in ``dtype`` rounds the scores (and products) first and differs."""
     generator = torch.Generator().manual_seed(6)
 
-    def moderate(*shape):  # |v| in [0.5, 4): exponents close together, so sums stay exact in fp32
-        magnitude = torch.rand(*shape, generator=generator) * 3.5 + 0.5
+    def unit_magnitude(*shape):
+        magnitude = torch.rand(*shape, generator=generator) + 1.0
         sign = torch.where(torch.rand(*shape, generator=generator) < 0.5, -1.0, 1.0)
         return (magnitude * sign).to(dtype)
 
-    x, y = moderate(2, 12, 4, 4), moderate(2, 4, 4, 4)
-    w = torch.randint(1, 8, (2, 4), generator=generator).float() / 8  # 3-bit scores
+    x, y = unit_magnitude(2, 12, 4, 4), unit_magnitude(2, 4, 4, 4)
+    w = (2048 + torch.randint(0, 2048, (2, 4), generator=generator)).float() / 4096
     idx = torch.stack([torch.randperm(12, generator=generator)[:4] for _ in range(2)])
     expected = naive_fuse(x, y, w, idx, fusion=fusion, activation=activation)
     got = MF.scale_and_fuse(x, y, w, idx, fusion=fusion, activation=activation)
     assert torch.equal(got, expected), f"{dtype} reference fusion is not the exact result rounded once"
     assert not torch.equal(naive_fuse(x, y, w, idx, fusion=fusion, activation=activation, compute_dtype=dtype), expected), (
-        "these inputs must tell rounding once from rounding twice"
+        "these inputs must tell rounding once from rounding in the low-precision format"
     )
