@@ -28,11 +28,13 @@ reads a selected target channel from that copy; ``"original"`` fusion (targets =
 cannot be copied before the selection exists, so it writes a new output tensor instead (every
 program copies its positions of the other channels). Without a snapshot the kernels read only
 ``x``, and write either ``x``'s target channels or a new tensor: no program reads what another
-writes, no atomics, bitwise deterministic, and the result does not depend on the tiling.
+writes, no atomics, bitwise deterministic, and a sample's result does not depend on the batch it
+comes in (tiles and chunks depend on the shape only).
 
 The widths are tiny (k = 1..32 channels), below what ``tl.dot`` takes (16 in every dimension),
 so the reduced convolutions are broadcast multiply-accumulates over ``[out, in, positions]``
-tiles; the 3x3 convolutions recompute the layer before them at each of the nine shifted
+tiles (the folded weights, and the router's, reach the kernels in fp32, packed once by the deploy
+form); the 3x3 convolutions recompute the layer before them at each of the nine shifted
 positions (cheap at these widths) instead of exchanging a halo between threads. The random
 router draws its keys with ``torch.rand`` (one launch) and, for in-place affine fusions, copies
 the targets with one ``copy_``: three launches as well.
@@ -541,25 +543,30 @@ def _pool_tiles(channels: int, hw: int, block_h: int, channels_last: bool) -> tu
     return block_c, block_hw, 8 if block_c * block_hw >= 2048 else 4
 
 
-def _block_tiles(kind: str, k_pow2: int, hidden_pow2: int, hw: int, channels: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_COPY)``: positions per program of the fused block kernels.
+def _block_tiles(kind: str, k_pow2: int, hidden_pow2: int, hw: int, channels: int) -> tuple[int, int, int]:
+    """``(BLOCK_P, BLOCK_COPY, num_warps)``: positions per program of the fused block kernels, the
+    channels per step of their out-of-place copy, and their warps.
 
     Chosen from ptxas's register counts for sm_80/sm_90 (``python -m mod_kernels.compile_check``):
     at most ~128 registers and no spills at 4 warps. The ``[k, BLOCK_P]`` gathered tiles (64-bit
     pointers) and the ``[out, in, BLOCK_P]`` multiply-accumulate tiles set the budget: bottleneck
     ``k * BLOCK_P <= 512`` and ``max(width * k, width^2) * BLOCK_P <= 4096``; basic (81 tap pairs,
     the inner nine as a loop, not unrolled) ``k^2 * BLOCK_P <= 1024``; inverted residual
-    ``E_BLOCK * k * BLOCK_P <= 2048``.
+    ``E_BLOCK * k * BLOCK_P <= 1024``. The out-of-place copy moves ``[BLOCK_COPY, BLOCK_P]`` tiles of
+    at most 1024 elements, and the widest tiles (4096 elements: the k = 32 bottleneck) get 8 warps.
     """
     if kind == "bottleneck":
-        block_p = min(512 // k_pow2, 4096 // max(hidden_pow2 * k_pow2, hidden_pow2 * hidden_pow2))
+        widest = max(hidden_pow2 * k_pow2, hidden_pow2 * hidden_pow2)
+        block_p = min(512 // k_pow2, 4096 // widest)
     elif kind == "basic":
-        block_p = 1024 // (k_pow2 * k_pow2)
+        widest = k_pow2 * k_pow2
+        block_p = 1024 // widest
     else:
-        block_p = 2048 // (_expand_block(hidden_pow2) * k_pow2)
+        widest = _expand_block(hidden_pow2) * k_pow2
+        block_p = 1024 // widest
     block_p = max(16, min(256, block_p, next_pow2(hw)))
-    block_copy = max(2, min(next_pow2(channels), 2048 // block_p))
-    return block_p, block_copy
+    block_copy = max(2, min(next_pow2(channels), 1024 // block_p))
+    return block_p, block_copy, 8 if widest * block_p >= 4096 else 4
 
 
 def _expand_block(hidden_pow2: int) -> int:
@@ -658,10 +665,10 @@ def fused_block_unchecked(
     out = x if inplace else _empty_like_format(x, tuple(x.shape))
     k_pow2 = max(2, next_pow2(k))  # tl.topk needs at least two slots
     hidden_pow2 = next_pow2(hidden)
-    block_p, block_copy = _block_tiles(kind, k_pow2, hidden_pow2, hw, channels)
+    block_p, block_copy, num_warps = _block_tiles(kind, k_pow2, hidden_pow2, hw, channels)
     common = dict(
         C_POW2=max(2, next_pow2(channels)), K_POW2=k_pow2, BLOCK_P=block_p, LEARNED=learned,
-        ORIGINAL=original, IN_PLACE=inplace, BLOCK_COPY=block_copy, num_warps=4,
+        ORIGINAL=original, IN_PLACE=inplace, BLOCK_COPY=block_copy, num_warps=num_warps,
     )
     grid = (batch, cdiv(hw, block_p))
     tensors = (x, out, snapshot, scores, idx, w, params)

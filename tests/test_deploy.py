@@ -27,7 +27,7 @@ import mod_models
 from bench.launches import LaunchCounter, count_launches
 from mod_kernels import fused_block as FB
 
-from helpers import assert_close, assert_teacher_forced_agreement
+from helpers import assert_close, assert_teacher_forced_agreement, randomise_norms
 
 FUSIONS = ("first_k", "last_k", "original")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -63,16 +63,9 @@ def unpoisoned(poisoned_allocations, monkeypatch):
 
 
 def randomise(module: nn.Module, seed: int = 1) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            # Biases of both signs and some size: a folded bias that leaks into a convolution's
-            # zero padding (relu(b) where 0 belongs) must show.
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
-    return module
+    # Biases of both signs and some size: a folded bias that leaks into a convolution's zero padding
+    # (relu(b) where 0 belongs) must show.
+    return randomise_norms(module, seed, bias_scale=0.5)
 
 
 def deployed_pair(block: nn.Module) -> tuple[nn.Module, nn.Module]:

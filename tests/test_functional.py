@@ -365,7 +365,7 @@ def test_assert_close_reports_location_and_size():
         assert_close(actual, expected, atol=1e-2, rtol=0, name="probe")
     message = str(error.value)
     assert "probe" in message
-    assert "1 of 24" in message
+    assert "1 / 24" in message
     assert "(1, 2, 3)" in message
     assert "0.5" in message
     assert_close(actual, expected, atol=0.5, rtol=0, name="within tolerance")

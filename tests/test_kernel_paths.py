@@ -26,7 +26,7 @@ from mod_kernels import fused_block, fused_route_pack
 from mod_kernels._utils import dense_tiles, next_pow2
 from mod_models import functional as MF
 
-from helpers import assert_close, naive_fuse
+from helpers import assert_close, naive_fuse, randomise_norms
 
 FUSIONS = ("first_k", "last_k", "original")
 BLOCKS = {
@@ -37,12 +37,7 @@ BLOCKS = {
 
 
 def randomise(module: torch.nn.Module) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(2)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-    return module
+    return randomise_norms(module, 2, affine=False)
 
 
 def _chunks_of_route_pack_pool(x: torch.Tensor) -> int:

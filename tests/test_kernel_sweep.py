@@ -31,7 +31,7 @@ import mod_kernels
 import mod_models
 from mod_models import functional as MF
 
-from helpers import assert_close
+from helpers import assert_close, randomise_norms
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FUSIONS = ("first_k", "last_k", "original")
@@ -48,14 +48,7 @@ BLOCKS = {  # kind: (builder, channels, capacity) -> k = 8, 4, 6
 
 
 def randomise(module: torch.nn.Module, seed: int = 7) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-    return module
+    return randomise_norms(module, seed)
 
 
 def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:

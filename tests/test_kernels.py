@@ -31,7 +31,7 @@ import mod_kernels
 import mod_models
 from mod_models import functional as MF
 
-from helpers import assert_close, assert_teacher_forced_agreement
+from helpers import assert_close, assert_teacher_forced_agreement, randomise_norms
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -69,14 +69,7 @@ def feature_map(batch, channels, height, width, fmt="nchw", dtype=torch.float32,
 
 def randomise(module: torch.nn.Module) -> torch.nn.Module:
     """Non-trivial norm statistics/affine so eval mode and gradients are not degenerate."""
-    generator = torch.Generator().manual_seed(1)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-    return module
+    return randomise_norms(module, 1)
 
 
 def run_with_backend(model, backend, x, grad_out=None):

@@ -22,7 +22,7 @@ import mod_kernels
 import mod_models
 from mod_models import functional as MF
 
-from helpers import assert_close
+from helpers import assert_close, randomise_norms
 
 BACKENDS = ("reference", "triton")
 BLOCKS = (
@@ -34,14 +34,7 @@ BLOCK_IDS = [cls.__name__ for cls, _, _ in BLOCKS]
 
 
 def _randomised(block: torch.nn.Module) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(3)
-    for m in block.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-    return block
+    return randomise_norms(block, 3)
 
 
 # ----------------------------------------------------------------------------------------------
