@@ -604,3 +604,38 @@ def test_cuda_graph_captures_the_fused_forward():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(static_out, expected, **FP32_OUT, name="graph replay")
+
+
+# ----------------------------------------------------------------------------------------------
+# The deploy form (on a GPU: the fused block's kernels compiled; here: under the interpreter)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_deployed_block_equals_the_unfolded_reference(name, fusion):
+    block = randomise(BLOCKS[name](96, capacity=16, fusion=fusion)).to(DEVICE).eval()
+    reference = mod_models.set_backend(copy.deepcopy(block), "reference")
+    deployed = mod_models.set_backend(mod_models.optimize_for_inference(copy.deepcopy(block)), "triton")
+    x = feature_map(2, 96, 5, 7, "channels_last")
+    deployed.record_selection = reference.record_selection = True
+    with torch.no_grad():
+        expected = reference(x.clone())
+        written = x.clone()
+        out = deployed(written)
+    assert torch.equal(deployed.last_selection, reference.last_selection)
+    assert out.stride() == x.stride() and (out.data_ptr() == written.data_ptr()) == (fusion != "original")
+    assert_close(out, expected, **FP32_OUT, name=f"deployed {name} {fusion}")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["resnet50_mod", "resnet75_mod", "mobilenet_v2_mod"])
+def test_deployed_model_on_gpu_at_224(name, dtype):
+    """The deploy form at the real stage shapes, every fused kernel compiled: the deployed model's
+    selections forced on the unfolded reference reproduce its logits."""
+    model = randomise(mod_models.build_model(name)).to(DEVICE, dtype).to(memory_format=torch.channels_last).eval()
+    x = feature_map(8, 3, 224, 224, "channels_last", dtype=dtype)
+    reference = copy.deepcopy(model)
+    deployed = mod_models.optimize_for_inference(model)
+    assert_teacher_forced_agreement(deployed, x, f"{name} {dtype} deployed", reference=reference)

@@ -23,6 +23,11 @@ import mod_models
 
 from helpers import assert_close
 
+# The CPU interpreter suite: its tensors are CPU tensors, which the triton backend takes only under
+# Triton's interpreter (tests/conftest.py switches it on where there is no GPU). On a GPU machine
+# tests/test_kernels.py runs the kernels compiled, the deployed block included.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)")
+
 BLOCK_TYPES = {
     "bottleneck": mod_models.MoDBottleneck,
     "basic": mod_models.MoDBasicBlock,
