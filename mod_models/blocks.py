@@ -213,9 +213,15 @@ class MoDBlock(nn.Module):
         convs = self.folded_convs()
         router = [] if self.router is None else [self.router.fc1.weight, self.router.fc2.weight]
         tensors = [t for conv in convs for t in (conv.weight, conv.bias) if t is not None] + router
+        if any(t.is_inference() for t in tensors):
+            raise ValueError(
+                f"{type(self).__name__}: a weight of the deployed block is an inference tensor (assigned inside "
+                "torch.inference_mode after optimize_for_inference); it has no version counter, so the fused "
+                "kernel's packed copy could go stale: assign ordinary tensors, or call optimize_for_inference again"
+            )
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._packed_params is None or self._packed_params[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 packed = mod_kernels.pack_params([(conv.weight, conv.bias) for conv in convs])
                 fc1, fc2 = (w.float().contiguous() for w in router) if router else (None, None)
             self._packed_params = (key, (packed, fc1, fc2))

@@ -65,7 +65,7 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> None:
         raise ValueError(
             f"cannot fold a {norm.running_mean.numel()}-channel norm into a conv with {conv.out_channels} outputs"
         )
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors even inside inference_mode
         mean = norm.running_mean.double()
         var = norm.running_var.double()
         gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(mean)
@@ -185,6 +185,7 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     """
     _check_eval(model, "optimize_for_inference")
     fold_batch_norms(model)
+    _make_ordinary(model)
     for module in model.modules():
         if isinstance(module, MoDBlock):
             module.inplace = True
@@ -196,6 +197,20 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     if getattr(model, _DEPLOY_HOOK_ATTR, None) is None:
         setattr(model, _DEPLOY_HOOK_ATTR, model.register_forward_pre_hook(_refuse_training_and_autograd))
     return model
+
+
+def _make_ordinary(model: nn.Module) -> None:
+    """Replace parameters and buffers that are inference tensors (a model built or loaded inside
+    ``torch.inference_mode``) by ordinary copies, so the deployed model runs both in inference mode
+    and under ``no_grad``, and the fused operands' cache can see in-place weight updates."""
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            for name, parameter in module._parameters.items():
+                if parameter is not None and parameter.is_inference():
+                    module._parameters[name] = nn.Parameter(parameter.clone(), requires_grad=False)
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_inference():
+                    module._buffers[name] = buffer.clone()
 
 
 def is_deployed(model: nn.Module) -> bool:
