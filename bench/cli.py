@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                 meta["notes"].append("kernels, CPU quick run: triton provider not run (Triton on CPU is its "
                                      "interpreter, a correctness tool; --dry-run exercises it)")
             tasks = K.simple_plan(shapes, tuple(providers), ops)
+            if "block.deploy" in ops and "triton" in providers:  # the deploy form's fallback (k = 64)
+                tasks.append(K.KernelTask(K.KernelShape(2, 128, 8, 8, 2, shapes[0].dtype, shapes[0].memory_format),
+                                          "block.deploy", tuple(providers), 0))
             if use_compile or args.dry_run:
                 tasks += [K.KernelTask(s, op, ("reference+compile",), 1) for s in shapes[:1]
                           for op in ("route_fuse.fwd",) if op in ops]

@@ -237,6 +237,17 @@ def make_inputs(shape: KernelShape, device: torch.device, seed: int, with_block:
     )
 
 
+def _deploy_path(block: MoDBlock) -> str:
+    """``"fused"`` when the deploy form runs ``block`` as the fused three-launch kernel, else
+    ``"fallback"`` (:func:`mod_kernels.fused_block.fused_block_plan`; Triton is imported here only)."""
+    try:
+        import mod_kernels
+    except ImportError:  # no Triton: the triton provider reports itself unavailable
+        return "unknown"
+    plan = mod_kernels.fused_block_plan(block.fused_kind, block.channels, block.k, block.reduced_width)
+    return "fused" if plan.fused else "fallback"
+
+
 def _leaf(t: Tensor) -> Tensor:
     return t.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
 
@@ -407,6 +418,8 @@ def run_tasks(
                 records.append(stamp({**base, "provider": provider, "status": "error", "bytes": nbytes,
                                       "reason": error_text(error), "tier": task.tier}, env))
             continue
+        if task.op == "block.deploy":
+            base["deploy_path"] = _deploy_path(inputs.block)
         grad = task.op in GRAD_OPS
         tf32_convs = (task.op.startswith("block.") and device.type == "cuda" and torch.backends.cudnn.allow_tf32)
         rtol, atol = agreement.kernel_tolerance(DTYPES[shape.dtype], tf32_convs=tf32_convs)
@@ -546,11 +559,14 @@ def gpu_plan(
     compile_ops: tuple[str, ...] = ("route_fuse.fwd", "route_fuse.fwdbwd", "block.fwd", "block.fwdbwd",
                                     "route_pack.fwd", "scale_fuse.fwd"),
     compile: bool = True,
+    fallback_capacity: int | None = 2,
 ) -> list[KernelTask]:
     """Tasks in priority order (a time budget cuts the tail):
 
     deploy. the whole inference block (``block.deploy``: the deploy form vs the reference eval block
        and its torch.compile) at the first dtype/format (bf16 channels_last), at B = 64 and B = 1;
+       then the first stage at ``fallback_capacity`` (2: ``f_k`` too wide for the fused kernel, so
+       the deploy form's fallback: routing kernels, folded convolutions, fusion kernel), eager only;
     0. the first batch size (64: the targets' shapes) at the first dtype/format (bf16
        channels_last): every other op, eager reference + triton;
     1. torch.compile of the route+fuse chain there;
@@ -574,6 +590,10 @@ def gpu_plan(
     if "block.deploy" in ops:
         tasks += [KernelTask(s, "block.deploy", deploy_providers, -1)
                   for b in dict.fromkeys((first, 1)) for s in shapes(b, combos[:1])]
+        if fallback_capacity is not None and stages:
+            c, h, w, _ = stages[0]
+            d, f = combos[0]
+            tasks.append(KernelTask(KernelShape(first, c, h, w, fallback_capacity, d, f), "block.deploy", eager, -1))
         ops = tuple(op for op in ops if op != "block.deploy")
     tasks += [KernelTask(s, op, eager, 0) for s in shapes(first, combos[:1]) for op in ops]
     if compile:

@@ -108,10 +108,17 @@ def count_launches(fn: Callable[[], object]) -> LaunchCounter:
 
 # ------------------------------------------------------------------------------ launch tables
 
-BLOCK_CASES = (  # (kind, C, capacity) at the paper's capacities
+BLOCK_CASES = (  # (kind, C, capacity) at the paper's capacities: the fused deploy block
     ("bottleneck", 256, 64),
     ("basic", 64, 64),
     ("inverted", 96, 16),
+)
+# capacity 2 makes f_k too wide for the fused kernel: the deploy form's documented fallback (routing
+# kernels, folded convolutions, fusion kernel; mod_kernels.fused_block.fused_block_plan).
+FALLBACK_CASES = (
+    ("bottleneck", 256, 2),
+    ("basic", 64, 2),
+    ("inverted", 96, 2),
 )
 PATHS = ("reference", "triton", "reference+deploy", "triton+deploy")
 MODEL_PATHS = ("reference", "reference+deploy", "triton+deploy")
@@ -164,14 +171,16 @@ def block_launch_records(triton: bool = True, device: str = "cpu", every_variant
     replaces (eval and deploy form). Batch 1, 4 x 4."""
     records = []
     paths = PATHS if triton else tuple(p for p in PATHS if not p.startswith("triton"))
-    for kind, channels, capacity in BLOCK_CASES:
+    for kind, channels, capacity in BLOCK_CASES + FALLBACK_CASES:
         x = torch.randn(1, channels, 4, 4, device=device)
-        standard = _standard_block(kind, channels)
-        for path in ("eval", "deploy"):
-            counter = _count_forward(_prepared(standard, "reference+deploy" if path == "deploy" else "reference", device), x)
-            records.append({"section": "launches", "scope": "block", "kind": kind, "channels": channels,
-                            "network": "torchvision", "path": path, "fusion": None, "router": None,
-                            "launches": counter.total, "triton": counter.triton, "aten": counter.aten})
+        if capacity == dict((k, c) for k, _, c in BLOCK_CASES)[kind]:  # the torchvision block, once per kind
+            standard = _standard_block(kind, channels)
+            for path in ("eval", "deploy"):
+                counter = _count_forward(_prepared(standard, "reference+deploy" if path == "deploy" else "reference",
+                                                   device), x)
+                records.append({"section": "launches", "scope": "block", "kind": kind, "channels": channels,
+                                "network": "torchvision", "path": path, "fusion": None, "router": None,
+                                "launches": counter.total, "triton": counter.triton, "aten": counter.aten})
         for fusion in ("first_k", "last_k", "original"):
             for router in ("learned", "random"):
                 block = _mod_block(kind, channels, capacity, fusion, router)
@@ -181,10 +190,13 @@ def block_launch_records(triton: bool = True, device: str = "cpu", every_variant
                     continue
                 chosen = paths if default else [p for p in paths if p.endswith("deploy")]
                 for path in chosen:
-                    counter = _count_forward(_prepared(block, path, device), x)
+                    prepared = _prepared(block, path, device)
+                    counter = _count_forward(prepared, x)
                     records.append({"section": "launches", "scope": "block", "kind": kind, "channels": channels,
-                                    "network": "mod", "path": path, "fusion": fusion, "router": router,
-                                    "launches": counter.total, "triton": counter.triton, "aten": counter.aten})
+                                    "capacity": capacity, "network": "mod", "path": path, "fusion": fusion,
+                                    "router": router, "launches": counter.total, "triton": counter.triton,
+                                    "aten": counter.aten,
+                                    "fused": prepared.deploy_plan().fused if path == "triton+deploy" else None})
     return records
 
 
@@ -241,21 +253,30 @@ def launch_markdown(records: list[dict]) -> str:
     if blocks:
         lines += ["### Kernel launches per block (batch 1, one forward)", "",
                   "Counted on this machine: Triton grid launches plus ATen compute ops (views and allocations "
-                  "excluded). MoD blocks at the paper's capacities; `deploy` = `optimize_for_inference` "
+                  "excluded). MoD blocks at the paper's capacities, and at capacity 2 (the deploy form's fallback); "
+                  "`deploy` = `optimize_for_inference` "
                   "(batch norms folded, in-place fusion; the fused three-launch block on the triton backend).", ""]
-        header = "| block | torchvision eval | torchvision deploy | " + " | ".join(f"MoD {p}" for p in PATHS) + " |"
-        lines += [header, "|---|" + "---:|" * (2 + len(PATHS))]
-        for kind, channels, capacity in BLOCK_CASES:
+        header = ("| block | torchvision eval | torchvision deploy | " + " | ".join(f"MoD {p}" for p in PATHS)
+                  + " | triton deploy path |")
+        lines += [header, "|---|" + "---:|" * (2 + len(PATHS)) + "---|"]
+        for kind, channels, capacity in BLOCK_CASES + FALLBACK_CASES:
             tv = {r["path"]: r["launches"] for r in blocks if r["network"] == "torchvision" and r["kind"] == kind}
-            mods = [r for r in blocks if r["network"] == "mod" and r["kind"] == kind]
+            mods = [r for r in blocks if r["network"] == "mod" and r["kind"] == kind
+                    and r.get("capacity", capacity) == capacity]
+            if not mods:
+                continue
             cells = []
             for path in PATHS:
                 values = sorted({r["launches"] for r in mods if r["path"] == path})
                 cells.append("-" if not values else (str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"))
-            lines.append(f"| {kind} C={channels} k={channels // capacity} | {tv.get('eval', '-')} | {tv.get('deploy', '-')} | "
-                         + " | ".join(cells) + " |")
+            fused = {r["fused"] for r in mods if r.get("fused") is not None}
+            route = ("-" if not fused else "fused block" if fused == {True}
+                     else "fallback: routing kernels + folded convolutions + fusion kernel" if fused == {False} else "mixed")
+            lines.append(f"| {kind} C={channels} k={channels // capacity} (capacity {capacity}) | {tv.get('eval', '-')} | "
+                         f"{tv.get('deploy', '-')} | " + " | ".join(cells) + f" | {route} |")
         lines += ["", "(Deploy columns: the range over the fusions first_k / last_k / original and the learned / random "
-                  "router; the other columns: first_k, learned router.)", ""]
+                  "router; the other columns: first_k, learned router. Capacity 2 makes the reduced block too wide for "
+                  "the fused kernel: the documented fallback.)", ""]
     models = [r for r in records if r.get("section") == "launches" and r["scope"] == "model"]
     if models:
         import mod_models
@@ -307,9 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 def measure(names: list[str], *, on_cuda: bool, log=print, timeout_s: float = 1200.0,
             every_variant: bool = True) -> tuple[list[dict], str]:
@@ -340,3 +358,7 @@ def measure(names: list[str], *, on_cuda: bool, log=print, timeout_s: float = 12
             raise RuntimeError(f"bench.launches failed: {result.stderr.strip().splitlines()[-1:]}")
         with open(path) as handle:
             return json.load(handle), "counted on this CPU, the triton paths under Triton's interpreter (same launches)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

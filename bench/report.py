@@ -291,14 +291,15 @@ def kernel_tables(records: list[dict]) -> list[tuple[str, str]]:
     for r in kernel:
         if r.get("status") == "skipped":  # cases the time budget did not reach: counted under "Not measured"
             continue
-        key = (r["dtype"], r["memory_format"], r["batch"], r["op"], r["channels"], r["height"], r["width"])
+        key = (r["dtype"], r["memory_format"], r["batch"], r["op"], r["channels"], r["height"], r["width"],
+               r.get("capacity") or 0)
         if key not in groups:
             groups[key] = {}
             order.append(key)
         groups[key][r["provider"]] = r
     tables: dict[tuple, list[list[str]]] = {}
-    for key in sorted(order, key=lambda k: (k[0], k[1], k[2], _op_rank(k[3]), -k[4])):
-        dtype, memory_format, batch, op, c, h, w = key
+    for key in sorted(order, key=lambda k: (k[0], k[1], k[2], _op_rank(k[3]), -k[4], -k[7])):
+        dtype, memory_format, batch, op, c, h, w, _ = key
         providers = groups[key]
         ref, comp, fused = providers.get("reference"), providers.get("reference+compile"), providers.get("triton")
         any_record = ref or comp or fused
@@ -310,7 +311,8 @@ def kernel_tables(records: list[dict]) -> list[tuple[str, str]]:
                 if fused_ok and ok(ref) and ref.get("host_median_ms") and fused.get("host_median_ms") else None)
         differ = ok(fused) and not agreed(fused)
         row = [
-            op, f"{batch}x{c}x{h}x{w} (k={any_record.get('k')})",
+            op + (" (fallback)" if any_record.get("deploy_path") == "fallback" else ""),
+            f"{batch}x{c}x{h}x{w} (k={any_record.get('k')})",
             "-" if nbytes is None else f"{nbytes / 1e6:.2f}",
             fmt_latency(ref), _compile_cell(comp),
             fmt_latency(fused) + (" (Triton interpreter)" if fused and fused.get("interpreter") and ok(fused) else ""),
@@ -405,15 +407,16 @@ def targets(records: list[dict]) -> list[dict]:
 
 
 def _kernel_targets(kernel: list[dict]) -> list[dict]:
+    # The deploy form's fallback rows (f_k too wide for the fused block) are reported, not judged.
     index = {(r["op"], r["batch"], r["channels"], r["height"], r["width"], r["dtype"], r["memory_format"],
-              r["provider"]): r for r in kernel}
+              r["provider"], r.get("capacity")): r for r in kernel if r.get("deploy_path") != "fallback"}
 
     def ratios(op: str, other: str, batch: int = 64, field: str = "median_ms") -> tuple[list[tuple[str, float]], int]:
         values, without = [], 0
         for key, fused in index.items():
             if key[0] != op or key[1] != batch or key[7] != "triton":
                 continue
-            base = index.get(key[:7] + (other,))
+            base = index.get(key[:7] + (other, key[8]))
             if agreed(fused) and agreed(base) and fused.get(field) and base.get(field):
                 values.append((f"{key[2]}x{key[3]}x{key[4]} {key[5]} {key[6]}", base[field] / fused[field]))
             else:

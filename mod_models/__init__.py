@@ -38,6 +38,19 @@ def _register_with_torchvision() -> None:
 
 _register_with_torchvision()
 
+# Submodules reachable as attributes after a plain ``import mod_models`` without importing them
+# up front (``mod_models.detection.fasterrcnn_resnet50_mod_fpn(...)``). ``mod_models.timm`` is not
+# among them: importing it registers the models with timm, so it stays an explicit import.
+_LAZY_SUBMODULES = ("analysis", "data", "detection", "export", "facts", "segmentation", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "BACKENDS",
     "BASELINE_OF",

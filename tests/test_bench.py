@@ -31,7 +31,7 @@ from bench.floors import StaticSelectionBlock, identity_floor, static_floor
 from bench.models import ModelCache, ModelConfig, TimerSettings, bench_family, run_models
 from bench.providers import ONNXRUNTIME, REFERENCE, ModelProvider
 from bench.timing import Progress, format_duration, percentile, time_cpu_interleaved
-from mod_models import MoDBasicBlock, __version__, build_model
+from mod_models import MoDBasicBlock, MoDBottleneck, __version__, build_model
 from mod_models.blocks import MoDBlock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,11 @@ def test_quick_run_counts_launches_and_has_deploy_rows(quick_run: dict) -> None:
     assert all(r["agreement"]["ok"] for r in deploy if r["role"] == "mod")
     launches = [r for r in records if r["section"] == "launches"]
     blocks = [r for r in launches if r["scope"] == "block" and r["path"] == "triton+deploy"]
-    assert {r["kind"] for r in blocks} == {"bottleneck", "basic", "inverted"} and max(r["launches"] for r in blocks) <= 3
+    fused = [r for r in blocks if r["fused"]]
+    fallback = [r for r in blocks if r["fused"] is False]  # capacity 2: routing kernels + convolutions + fuse
+    assert {r["kind"] for r in fused} == {r["kind"] for r in fallback} == {"bottleneck", "basic", "inverted"}
+    assert max(r["launches"] for r in fused) <= 3 and all(r["capacity"] == 2 for r in fallback)
+    assert all(r["triton"] >= 3 for r in fallback), "the fallback runs the routing and fusion kernels, not the reference"
     (model,) = [r for r in launches if r["scope"] == "model" and r["path"] == "triton+deploy"]
     baseline_deploy = [r for r in launches if r["scope"] == "model" and r["network"] == "torchvision" and r["path"] == "deploy"]
     assert model["max_per_mod_block"] <= 3 and model["launches"] < baseline_deploy[0]["launches"]
@@ -317,6 +321,33 @@ def test_kernel_speedup_only_where_outputs_agree(monkeypatch) -> None:
     assert route_line.count(R.OUTPUTS_DIFFER) == 3  # fused/eager, fused/compile, fused/eager over eager calls
     assert R.OUTPUTS_DIFFER not in fuse_line and fuse_line.split("|")[11].strip() == "-"  # no compile run
     assert fuse_line.split("|")[10].strip().endswith("x")
+
+
+def test_gpu_plan_starts_with_the_deploy_block_and_times_its_fallback_apart() -> None:
+    stages = [(256, 56, 56, 64), (512, 28, 28, 64)]
+    tasks = K.gpu_plan(stages, batches=(64, 256, 1))
+    deploy = [t for t in tasks if t.op == "block.deploy"]
+    assert tasks[:len(deploy)] == deploy, "the deploy block comes first"
+    fused = [t for t in deploy if t.shape.capacity == 64]
+    assert [(t.shape.batch, t.shape.channels) for t in fused] == [(64, 256), (64, 512), (1, 256), (1, 512)]
+    assert all((t.shape.dtype, t.shape.memory_format) == ("bf16", "channels_last") for t in deploy)
+    assert all("reference+compile" in t.providers for t in fused)
+    (fallback,) = [t for t in deploy if t.shape.capacity != 64]
+    assert (fallback.shape.batch, fallback.shape.channels, fallback.shape.capacity, fallback.providers) == (
+        64, 256, 2, ("reference", "triton"))
+    assert K._deploy_path(MoDBottleneck(256, capacity=2)) == "fallback" and K._deploy_path(MoDBottleneck(256)) == "fused"
+    # A fallback row at the same shape is reported as such and never judged by the fused block's target.
+    row = {"section": "kernel", "op": "block.deploy", "batch": 64, "channels": 256, "height": 56, "width": 56,
+           "dtype": "bf16", "memory_format": "channels_last", "status": "ok", "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "k": 4,
+           "capacity": 64, "deploy_path": "fused", "agreement": {"ok": True}, "device_type": "cuda"}
+    records = [{**row, "provider": "triton", "median_ms": 1.0}, {**row, "provider": "reference+compile", "median_ms": 3.0},
+               {**row, "provider": "triton", "capacity": 2, "k": 128, "deploy_path": "fallback", "median_ms": 9.0},
+               {**row, "provider": "reference+compile", "capacity": 2, "k": 128, "deploy_path": "fallback",
+                "median_ms": 1.0}]
+    (_, body), = R.kernel_tables(records)
+    assert "| block.deploy | 64x256x56x56 (k=4) |" in body and "| block.deploy (fallback) | 64x256x56x56 (k=128) |" in body
+    (target,) = [t for t in R._kernel_targets(records) if "2x torch.compile of the reference eval block" in t["target"]]
+    assert target["status"] == "met", target
 
 
 def test_byte_formulas_match_hand_counts() -> None:

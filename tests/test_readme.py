@@ -170,16 +170,20 @@ def test_python_snippet_runs(block: Block, tmp_path: Path):
 
 
 def test_inline_usage_resolves_after_import():
-    import mod_models
-
+    """In a fresh interpreter (other tests import submodules, which would hide a missing one)."""
     calls = sorted({m for span in inline_code(readme_text()) for m in re.findall(r"^(mod_models(?:\.\w+)+)\(", span)})
     assert calls, "expected inline usage such as mod_models.features.mod_feature_extractor(...)"
-    for dotted in calls:
-        target = mod_models
-        for name in dotted.split(".")[1:]:
-            assert hasattr(target, name), f"README: `{dotted}(...)` fails after `import mod_models` at {name!r}"
-            target = getattr(target, name)
-        assert callable(target), dotted
+    check = textwrap.dedent(f"""
+        import mod_models
+        for dotted in {calls!r}:
+            target = mod_models
+            for name in dotted.split(".")[1:]:
+                assert hasattr(target, name), f"README: `{{dotted}}(...)` fails after `import mod_models` at {{name!r}}"
+                target = getattr(target, name)
+            assert callable(target), dotted
+        """)
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_commands_name_modules_and_files_that_exist():
