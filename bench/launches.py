@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mod_models.markdown import table
+
 # Ops that allocate or only describe memory: no kernel.
 _NO_KERNEL = {
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
@@ -256,9 +258,8 @@ def launch_markdown(records: list[dict]) -> str:
                   "excluded). MoD blocks at the paper's capacities, and at capacity 2 (the deploy form's fallback); "
                   "`deploy` = `optimize_for_inference` "
                   "(batch norms folded, in-place fusion; the fused three-launch block on the triton backend).", ""]
-        header = ("| block | torchvision eval | torchvision deploy | " + " | ".join(f"MoD {p}" for p in PATHS)
-                  + " | triton deploy path |")
-        lines += [header, "|---|" + "---:|" * (2 + len(PATHS)) + "---|"]
+        header = ["block", "torchvision eval", "torchvision deploy", *(f"MoD {p}" for p in PATHS), "triton deploy path"]
+        rows = []
         for kind, channels, capacity in BLOCK_CASES + FALLBACK_CASES:
             tv = {r["path"]: r["launches"] for r in blocks if r["network"] == "torchvision" and r["kind"] == kind}
             mods = [r for r in blocks if r["network"] == "mod" and r["kind"] == kind
@@ -272,8 +273,9 @@ def launch_markdown(records: list[dict]) -> str:
             fused = {r["fused"] for r in mods if r.get("fused") is not None}
             route = ("-" if not fused else "fused block" if fused == {True}
                      else "fallback: routing kernels + folded convolutions + fusion kernel" if fused == {False} else "mixed")
-            lines.append(f"| {kind} C={channels} k={channels // capacity} (capacity {capacity}) | {tv.get('eval', '-')} | "
-                         f"{tv.get('deploy', '-')} | " + " | ".join(cells) + f" | {route} |")
+            rows.append([f"{kind} C={channels} k={channels // capacity} (capacity {capacity})", tv.get("eval", "-"),
+                         tv.get("deploy", "-"), *cells, route])
+        lines.append(table(header, rows, "l" + "r" * (2 + len(PATHS)) + "l"))
         lines += ["", "(Deploy columns: the range over the fusions first_k / last_k / original and the learned / random "
                   "router; the other columns: first_k, learned router. Capacity 2 makes the reduced block too wide for "
                   "the fused kernel: the documented fallback.)", ""]
@@ -282,16 +284,17 @@ def launch_markdown(records: list[dict]) -> str:
         import mod_models
 
         lines += ["### Kernel launches per model forward (batch 1)", ""]
-        header = "| model | baseline eval | baseline deploy | " + " | ".join(f"MoD {p}" for p in MODEL_PATHS) + " | most per MoD block (triton+deploy) |"
-        lines += [header, "|---|" + "---:|" * (3 + len(MODEL_PATHS))]
+        header = ["model", "baseline eval", "baseline deploy", *(f"MoD {p}" for p in MODEL_PATHS),
+                  "most per MoD block (triton+deploy)"]
+        rows = []
         for name in dict.fromkeys(r["model"] for r in models if r["network"] == "mod"):
             base = mod_models.BASELINE_OF[name]
             tv = {r["path"]: r["launches"] for r in models if r["network"] == "torchvision" and r["model"] == base}
             mine = {r["path"]: r for r in models if r["network"] == "mod" and r["model"] == name}
             cells = [str(mine[p]["launches"]) if p in mine else "-" for p in MODEL_PATHS]
             most = mine.get("triton+deploy", {}).get("max_per_mod_block", "-")
-            lines.append(f"| {name} ({base}) | {tv.get('eval', '-')} | {tv.get('deploy', '-')} | " + " | ".join(cells)
-                         + f" | {most} |")
+            rows.append([f"{name} ({base})", tv.get("eval", "-"), tv.get("deploy", "-"), *cells, most])
+        lines.append(table(header, rows, "l" + "r" * (3 + len(MODEL_PATHS))))
         lines.append("")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mod_models import PAPER_SPEEDUP
+from mod_models.markdown import table
 
 from . import RESULTS_SCHEMA
 from .env import cuda_text
@@ -139,20 +140,6 @@ def fmt_ratio(value: float | None) -> str:
 
 def fmt_pct(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{100 * value:+.1f}%"
-
-
-def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    """A Markdown table; ``align`` has one letter per column, ``l`` or ``r``."""
-    align = align or "l" * len(header)
-    if len(align) != len(header) or set(align) - {"l", "r"}:
-        raise ValueError(f"align must be one 'l' or 'r' per column ({len(header)}), got {align!r}")
-    ragged = [row for row in rows if len(row) != len(header)]
-    if ragged:
-        raise ValueError(f"every row needs {len(header)} cells; got a row of {len(ragged[0])}: {ragged[0]}")
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- model tables

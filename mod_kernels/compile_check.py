@@ -31,6 +31,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from mod_models.markdown import table  # noqa: E402
+
 from .launch_plan import RecordedLaunch, all_kernels, record_model_launches  # noqa: E402
 
 
@@ -179,19 +181,18 @@ def format_report(results: list[CompileResult]) -> str:
         "channels_last, all fusions, learned and random router, forward + backward + in-place inference + "
         "the deployed block). `pointer dtypes`: the element types of the kernel's pointer arguments, in order.",
         "",
-        "| kernel | sm | constexprs | pointer dtypes | warps | registers | spill st/ld (B) | shared (B) | compile (s) | status |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
+    rows = []
     for r in results:
         constexprs = ", ".join(f"{k}={v}" for k, v in r.constexprs.items() if k != "num_warps")
         pointers = ",".join(kind[1:] for kind in r.signature.values() if isinstance(kind, str) and kind.startswith("*"))
         spills = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
         status = "ok" if r.error is None else f"FAILED: {r.error}"
-        lines.append(
-            f"| {r.kernel} | {r.arch} | {constexprs} | {pointers} | {r.num_warps} | "
-            f"{r.registers if r.registers is not None else '-'} | {spills} | {r.shared_bytes or 0} | {r.seconds:.1f} | {status} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([r.kernel, r.arch, constexprs, pointers, r.num_warps, "-" if r.registers is None else r.registers,
+                     spills, r.shared_bytes or 0, f"{r.seconds:.1f}", status])
+    header = ["kernel", "sm", "constexprs", "pointer dtypes", "warps", "registers", "spill st/ld (B)", "shared (B)",
+              "compile (s)", "status"]
+    return "\n".join(lines) + "\n" + table(header, rows, "llllrrrrrl") + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .markdown import table
 from .zoo import BASELINE_OF, MOD_BUILDERS, build_model
 
 
@@ -67,14 +68,10 @@ def facts_table(names: list[str] | None = None, resolution: int = 224) -> list[d
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| model | params (M) | GMACs | baseline | params (M) | GMACs | baseline/MoD MACs |"
-    lines = [header, "|---|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['params_m']:.2f} | {r['gmacs']:.2f} | {r['baseline']} | "
-            f"{r['baseline_params_m']:.2f} | {r['baseline_gmacs']:.2f} | {r['mac_ratio']:.2f}x |"
-        )
-    return "\n".join(lines)
+    header = ["model", "params (M)", "GMACs", "baseline", "params (M)", "GMACs", "baseline/MoD MACs"]
+    body = [[r["model"], f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}", r["baseline"], f"{r['baseline_params_m']:.2f}",
+             f"{r['baseline_gmacs']:.2f}", f"{r['mac_ratio']:.2f}x"] for r in rows]
+    return table(header, body, "lrrlrrr")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -350,6 +350,18 @@ def test_gpu_plan_starts_with_the_deploy_block_and_times_its_fallback_apart() ->
     assert target["status"] == "met", target
 
 
+def test_markdown_table_writer() -> None:
+    from mod_models.markdown import table
+
+    assert table(["a", "b"], [[1, "x|y"], ["-", 2.5]], "lr") == (
+        "| a | b |\n| --- | ---: |\n| 1 | x\\|y |\n| - | 2.5 |")
+    assert R.table is table, "one writer: the benchmark report uses the same function"
+    with pytest.raises(ValueError, match="one 'l' or 'r' per column"):
+        table(["a", "b"], [], "l")
+    with pytest.raises(ValueError, match="every row needs 2 cells"):
+        table(["a", "b"], [[1]])
+
+
 def test_byte_formulas_match_hand_counts() -> None:
     # resnet50_mod stage 1 at batch 64 in bf16: C=256, 56x56, k=4, C_h=16, 2-byte elements and weights.
     s = T.FeatureShape.of(64, 256, 56, 56, capacity=64, dtype=torch.bfloat16)
