@@ -221,7 +221,7 @@ class MoDBlock(nn.Module):
             )
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._packed_params is None or self._packed_params[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.no_grad():
                 packed = mod_kernels.pack_params([(conv.weight, conv.bias) for conv in convs])
                 fc1, fc2 = (w.float().contiguous() for w in router) if router else (None, None)
             self._packed_params = (key, (packed, fc1, fc2))

@@ -65,7 +65,7 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> None:
         raise ValueError(
             f"cannot fold a {norm.running_mean.numel()}-channel norm into a conv with {conv.out_channels} outputs"
         )
-    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors even inside inference_mode
+    with torch.no_grad():
         mean = norm.running_mean.double()
         var = norm.running_var.double()
         gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(mean)
