@@ -7,8 +7,8 @@ modules, and the builders below for the paper's model zoo.
 __version__ = "0.1.0"  # the single source of the version: pyproject.toml reads it from here
 
 from . import features  # noqa: F401  (``mod_models.features.mod_feature_extractor`` after ``import mod_models``)
-from .backend import BACKENDS, default_backend, set_backend
-from .blocks import ChannelRouter, MoDBasicBlock, MoDBlock, MoDBottleneck, MoDInvertedResidual
+from .backend import BACKENDS, default_backend
+from .blocks import ChannelRouter, MoDBasicBlock, MoDBlock, MoDBottleneck, MoDInvertedResidual, set_backend
 from .deploy import fold_batch_norms, is_deployed, optimize_for_inference
 from .mobilenetv2 import mobilenet_v2_mod, mobilenet_v2_mod_l
 from .resnet import (

@@ -8,14 +8,15 @@
 * ``"auto"``: ``"triton"`` for CUDA tensors, ``"reference"`` everywhere else.
 
 The environment variable ``MOD_BACKEND`` sets the default for blocks built with
-``backend=None``. Switching backend never changes parameters or state_dict keys.
+``backend=None``. :func:`mod_models.blocks.set_backend` switches a whole model; switching never
+changes parameters or state_dict keys.
 """
 
 from __future__ import annotations
 
 import os
 
-from torch import Tensor, nn
+from torch import Tensor
 
 BACKENDS = ("reference", "triton", "auto")
 BACKEND_ENV_VAR = "MOD_BACKEND"
@@ -60,18 +61,3 @@ def _require_kernels(x: Tensor) -> None:
             f"backend 'triton' needs the Triton package, which failed to import: {error}"
         ) from error
     mod_kernels.check_device_supported(x.device)
-
-
-def set_backend(model: nn.Module, name: str) -> nn.Module:
-    """Set ``backend`` on every MoD block inside ``model``; returns ``model``."""
-    from .blocks import MoDBlock
-
-    check_backend(name)
-    found = 0
-    for module in model.modules():
-        if isinstance(module, MoDBlock):
-            module.backend = name
-            found += 1
-    if found == 0:
-        raise ValueError(f"{type(model).__name__} contains no MoD blocks to set the backend on")
-    return model

@@ -534,6 +534,19 @@ class MoDInvertedResidual(MoDBlock):
         return self.conv(xs)
 
 
+def set_backend(model: nn.Module, name: str) -> nn.Module:
+    """Set ``backend`` on every MoD block inside ``model``; returns ``model``."""
+    check_backend(name)
+    found = 0
+    for module in model.modules():
+        if isinstance(module, MoDBlock):
+            module.backend = name
+            found += 1
+    if found == 0:
+        raise ValueError(f"{type(model).__name__} contains no MoD blocks to set the backend on")
+    return model
+
+
 def check_selection(
     selection: Tensor,
     k: int,

@@ -39,8 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .backend import set_backend
-from .blocks import MoDBlock
+from .blocks import MoDBlock, set_backend
 from .cli_args import (
     EXIT_INPUT_ERROR,
     CliParser,
