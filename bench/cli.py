@@ -1,4 +1,4 @@
-"""``python -m bench`` (or ``mod-bench``): the benchmark on the machine at hand.
+"""``python -m bench`` (from the repository root): the benchmark on the machine at hand.
 
 What runs (flags such as ``--models`` and ``--threads`` override each part):
 
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU thread counts, positive integers or 'all' (default: 1; with --full: 1 all)")
     p.add_argument("--floors", nargs="*", default=None, choices=["identity", "static"],
                    help="floors to measure (default both; none: pass the flag alone)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: no CUDA graphs (default: batches <= 8 are timed as graph replays, "
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="CUDA: no CUDA graphs (default: batches <= 8 are timed as graph replays, "
                         "larger ones eagerly and then again as graph replays)")
     p.add_argument("--rounds", type=int, default=None, help="CPU: interleaved rounds per model family (5)")
     p.add_argument("--kernel-batches", nargs="+", type=int, default=None, help="kernel batch sizes (CUDA 64 256 1)")
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------------------- models
     if "models" in sections:
         section_start = time.monotonic()
-        names = args.models or (["resnet18_mod"] if small else list(M.MOD_BUILDERS) if args.full else list(SHORT_MODELS))
+        names = args.models or (
+            ["resnet18_mod"] if small else list(M.MOD_BUILDERS) if args.full else list(SHORT_MODELS))
         if not args.models and on_cuda:  # the targets' family (resnet50 baseline) first, when time is short
             names = sorted(names, key=lambda name: M.BASELINE_OF[name] != M.BASELINE_OF[KEY_MODELS[0]])
         resolution = args.resolution or (32 if args.dry_run else 64 if args.quick else 224)
@@ -333,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                 for case in M.plan_cases(names_, configs_, providers_, floors_)]
         progress = Progress(len(plan), sum(M.case_weight(net, prov, c.batch, c.resolution) for c, net, _, prov in plan))
         log(f"models: {len(plan)} case(s) (network x provider x config), "
-            f"{len({(c, M.BASELINE_OF[net] if role != 'baseline' else net) for c, net, role, _ in plan})} family run(s)")
+            f"{len({(c, M.BASELINE_OF[net] if role != 'baseline' else net) for c, net, role, _ in plan})} "
+            "family run(s)")
 
         def on_case(record: dict) -> tuple[str, str]:
             return progress.advance(M.case_weight(record["model"], record["provider"], record["batch"],
@@ -366,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
         section_start = time.monotonic()
         # On a GPU the key models (every launch compiles its kernel once); on a CPU every model shown.
-        launch_models = ["resnet18_mod"] if small else ([m for m in KEY_MODELS if m in names] or names[:1]) if on_cuda else names
+        launch_models = (["resnet18_mod"] if small
+                         else ([m for m in KEY_MODELS if m in names] or names[:1]) if on_cuda else names)
         log(f"kernel launches: per block type and per forward of {', '.join(launch_models)} and their baselines")
         try:
             launch_records, note = L.measure(launch_models, on_cuda=on_cuda, log=log, every_variant=not small)
@@ -426,7 +430,8 @@ def print_summary(records: list[dict], meta: dict) -> None:
     print()
     target_rows = R.targets(records)
     if target_rows:
-        print(R.table(["target", "status", "measured"], [[t["target"], t["status"], t["measured"]] for t in target_rows]))
+        rows = [[t["target"], t["status"], t["measured"]] for t in target_rows]
+        print(R.table(["target", "status", "measured"], rows))
         print()
     for title, body in R.model_tables(records):
         print(f"## {title}\n{body}\n")

@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     for stale in out_dir.glob("part-*.json"):
         stale.unlink()
     try:
-        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+        smi = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         smi = "nvidia-smi not available"
     log(f"bench.gpu: {time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {smi} | budget {args.budget:.0f} s"
@@ -155,14 +157,17 @@ def main(argv: list[str] | None = None) -> int:
             code, seconds, _ = _run(cmd, timeout=own + startup_s + 30)
         else:
             targets = args.tests or ["tests/test_kernels.py"]  # test_kernel_compile.py is CPU work
-            cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=8", "-m", "not slow", *(targets or ["tests"]),
-                   "--ignore=tests/test_bench.py", "-p", "no:cacheprovider"] + (["--collect-only"] if args.dry_run else [])
+            cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=8", "-m", "not slow",
+                   *(targets or ["tests"]), "--ignore=tests/test_bench.py", "-p",
+                   "no:cacheprovider"] + (["--collect-only"] if args.dry_run else [])
             # Failures are printed as they happen (tests/conftest.py): a run cut off at its limit still says why.
             code, seconds, tail = _run(cmd, timeout=own, log_path=out_dir / "pytest.log",
                                        extra_env={"MOD_TESTS_EARLY_FAILURES": "1"})
-            summary = [line for line in tail.splitlines() if re.search(r"\b(passed|failed|error|skipped|tests? collected)\b", line)]
+            summary = [line for line in tail.splitlines()
+                       if re.search(r"\b(passed|failed|error|skipped|tests? collected)\b", line)]
             tests_info = {"command": "python " + shlex.join(cmd[1:]), "exit_code": code, "seconds": round(seconds, 1),
-                          "summary": summary[-1] if summary else ("killed at the time limit" if code == 124 else tail[-200:])}
+                          "summary": summary[-1] if summary else (
+                              "killed at the time limit" if code == 124 else tail[-200:])}
             log(tail if code != 0 else (summary[-1] if summary else tail[-500:]))
         elapsed[section] = seconds
         log(f"[{section}] exit {code}, {seconds:.0f} s (total {time.monotonic() - started:.0f} s)")

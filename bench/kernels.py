@@ -281,7 +281,9 @@ def prepare(op: str, provider: str, inputs: Inputs, k: int) -> Prepared:
         fn = wrap(lambda x, fc1, fc2: route_pack_impl(x, fc1, fc2, k))
         leaves = (_leaf(i.x), _leaf(i.fc1), _leaf(i.fc2))
         xs, _, w, _ = fn(*leaves)
-        run = lambda: torch.autograd.grad((xs, w), leaves, (i.grad_xs, i.grad_w), retain_graph=True)
+        def run():
+            return torch.autograd.grad((xs, w), leaves, (i.grad_xs, i.grad_w), retain_graph=True)
+
         return Prepared(run, run)
 
     if op == "scale_fuse.fwd":
@@ -294,7 +296,9 @@ def prepare(op: str, provider: str, inputs: Inputs, k: int) -> Prepared:
         fn = wrap(lambda x, y, w, idx, slot: scale_fuse_impl(x, y, w, idx, slot, False))
         leaves = (_leaf(i.x), _leaf(i.y), _leaf(i.w))
         out = fn(*leaves, i.idx, i.slot)
-        run = lambda: torch.autograd.grad(out, leaves, i.grad_x, retain_graph=True)
+        def run():
+            return torch.autograd.grad(out, leaves, i.grad_x, retain_graph=True)
+
         return Prepared(run, run)
 
     if op == "route_fuse.fwd":
@@ -356,7 +360,9 @@ def prepare(op: str, provider: str, inputs: Inputs, k: int) -> Prepared:
         x_leaf = _leaf(i.x)
         if op == "block.bwd":
             out = fn(x_leaf)
-            run = lambda: torch.autograd.grad(out, [x_leaf, *params], i.grad_x, retain_graph=True)
+            def run():
+                return torch.autograd.grad(out, [x_leaf, *params], i.grad_x, retain_graph=True)
+
             return Prepared(run, run)
 
         def step_block():
@@ -542,7 +548,8 @@ def _time(run: Callable[[], object], device: torch.device, shape: KernelShape, o
     else:
         timing = time_cpu(run, reps=timer.cpu_reps, warmup_ms=timer.cpu_warmup_ms)
     if interpreter:
-        return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.n, timing.method + ", Triton interpreter"), None
+        return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.n,
+                      timing.method + ", Triton interpreter"), None
     return timing, None
 
 

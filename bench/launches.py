@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mod_models.markdown import table
+from mod_models.tools.markdown import table
 
 # Ops that allocate or only describe memory: no kernel.
 _NO_KERNEL = {
@@ -214,7 +214,8 @@ def model_launch_records(names: list[str], resolution: int = 32, triton: bool = 
     for baseline in dict.fromkeys(mod_models.BASELINE_OF[name] for name in names):
         model = mod_models.build_model(baseline)
         for path in ("eval", "deploy"):
-            counter = _count_forward(_prepared(model, "reference+deploy" if path == "deploy" else "reference", device), x)
+            counter = _count_forward(
+                _prepared(model, "reference+deploy" if path == "deploy" else "reference", device), x)
             records.append({"section": "launches", "scope": "model", "model": baseline, "network": "torchvision",
                             "path": path, "launches": counter.total, "triton": counter.triton, "aten": counter.aten})
     for name in names:
@@ -269,16 +270,18 @@ def launch_markdown(records: list[dict]) -> str:
             cells = []
             for path in PATHS:
                 values = sorted({r["launches"] for r in mods if r["path"] == path})
-                cells.append("-" if not values else (str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"))
+                cells.append("-" if not values else (
+                    str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"))
             fused = {r["fused"] for r in mods if r.get("fused") is not None}
             route = ("-" if not fused else "fused block" if fused == {True}
-                     else "fallback: routing kernels + folded convolutions + fusion kernel" if fused == {False} else "mixed")
+                     else "fallback: routing kernels + folded convolutions + fusion kernel" if fused == {False}
+                     else "mixed")
             rows.append([f"{kind} C={channels} k={channels // capacity} (capacity {capacity})", tv.get("eval", "-"),
                          tv.get("deploy", "-"), *cells, route])
         lines.append(table(header, rows, "l" + "r" * (2 + len(PATHS)) + "l"))
-        lines += ["", "(Deploy columns: the range over the fusions first_k / last_k / original and the learned / random "
-                  "router; the other columns: first_k, learned router. Capacity 2 makes the reduced block too wide for "
-                  "the fused kernel: the documented fallback.)", ""]
+        lines += ["", "(Deploy columns: the range over the fusions first_k / last_k / original and the learned / "
+                  "random router; the other columns: first_k, learned router. Capacity 2 makes the reduced block "
+                  "too wide for the fused kernel: the documented fallback.)", ""]
     models = [r for r in records if r.get("section") == "launches" and r["scope"] == "model"]
     if models:
         import mod_models
@@ -304,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import os
 
-    parser = argparse.ArgumentParser(prog="python -m bench.launches", description="Kernel launches per MoD block and per model forward.")
+    parser = argparse.ArgumentParser(prog="python -m bench.launches",
+                                     description="Kernel launches per MoD block and per model forward.")
     parser.add_argument("--models", nargs="*", default=None, help="zoo variants (default: all)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--json", help="also write the records here")

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from mod_models import BASELINE_OF, MOD_BUILDERS, build_model
 from mod_models.blocks import MoDBlock
-from mod_models.facts import count_macs, count_params
+from mod_models.tools.facts import count_macs, count_params
 
 from . import agreement
 from .env import stamp
@@ -149,7 +149,8 @@ class ModelCache:
         self._facts: dict[tuple[str, str, int], dict] = {}
 
     def get(self, name: str, role: str = "model") -> nn.Module:
-        """``role`` is ``"model"`` (the network ``name``) or ``"floor_identity"`` / ``"floor_static"`` of MoD model ``name``."""
+        """``role`` is ``"model"`` (the network ``name``) or ``"floor_identity"`` / ``"floor_static"``
+        of MoD model ``name``."""
         key = (name, role)
         if key not in self._models:
             if role == "model":
@@ -161,7 +162,7 @@ class ModelCache:
         return self._models[key]
 
     def facts(self, name: str, role: str, resolution: int) -> dict:
-        """Parameters (M) and GMACs at ``resolution`` (convs and linears, as :mod:`mod_models.facts`)."""
+        """Parameters (M) and GMACs at ``resolution`` (convs and linears, as :mod:`mod_models.tools.facts`)."""
         key = (name, role, resolution)
         if key not in self._facts:
             model = self.get(name, role)
@@ -325,7 +326,9 @@ def bench_family(
             _free(device)
             return _Case(record)
 
-        run: Callable[[], object] = lambda: fn(x)
+        def run() -> object:
+            return fn(x)
+
         if config.cuda_graph:
             try:
                 with torch.inference_mode():
@@ -398,7 +401,8 @@ def bench_family(
 
         pending = {i: c.run for i, c in enumerate(cases) if c.run is not None}
         if pending:
-            log(f"  timing {len(pending)} case(s): {timer.cpu_rounds} interleaved rounds x {timer.cpu_samples_per_round} samples")
+            log(f"  timing {len(pending)} case(s): {timer.cpu_rounds} interleaved rounds x "
+                f"{timer.cpu_samples_per_round} samples")
             with torch.inference_mode():
                 timings = time_cpu_interleaved(
                     pending, rounds=timer.cpu_rounds, samples_per_round=timer.cpu_samples_per_round,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import agreed, config_title, model_derived, ok, paper_ratio, status_text
+from .records import agreed, config_title, model_derived, ok, paper_ratio, status_text
 
 PROVIDER_COLORS = {
     "reference": "#7f7f7f", "reference+compile": "#1f77b4", "triton": "#d62728", "triton+compile": "#ff7f0e",
@@ -78,7 +78,8 @@ def _model_panel(ax, key: tuple, rows: list[dict]) -> None:
     providers = list(dict.fromkeys(r["record"]["provider"] for r in rows))
     values = {(r["record"]["model"], r["record"]["provider"]): r["speedup"] for r in rows}
     drawn = [p for p in providers if any(values.get((m, p)) for m in models)]
-    not_drawn = {p: _why_no_ratio([r for r in rows if r["record"]["provider"] == p]) for p in providers if p not in drawn}
+    not_drawn = {p: _why_no_ratio([r for r in rows if r["record"]["provider"] == p])
+                 for p in providers if p not in drawn}
     width = min(0.8 / len(drawn), MAX_BAR_WIDTH)
     for j, provider in enumerate(drawn):
         heights = [values.get((m, provider)) or 0.0 for m in models]
@@ -151,7 +152,8 @@ def _kernel_series(records: list[dict]):
                 if agreed(fused) and agreed(base) and ok(base):
                     row[f"{short} vs {name}"] = base["median_ms"] / fused["median_ms"]
         if row:
-            labels.append(f"B{shape[0]} {shape[1]}x{shape[2]} {shape[4]} {'CL' if shape[5] == 'channels_last' else 'NCHW'}")
+            labels.append(f"B{shape[0]} {shape[1]}x{shape[2]} {shape[4]} "
+                          f"{'CL' if shape[5] == 'channels_last' else 'NCHW'}")
             for name in ("fwd vs eager", "fwd+bwd vs eager", "fwd vs compile", "fwd+bwd vs compile"):
                 series.setdefault(name, []).append(row.get(name))
     series = {k: v for k, v in series.items() if any(v)}

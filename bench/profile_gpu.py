@@ -20,7 +20,8 @@ KERNEL_ROWS = 8
 
 
 def profile_model(name: str, backend: str, batch: int, dtype: torch.dtype) -> None:
-    model = mod_models.build_model(name, backend=backend).cuda().eval().to(dtype=dtype, memory_format=torch.channels_last)
+    model = mod_models.build_model(name, backend=backend).cuda().eval().to(
+        dtype=dtype, memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(3):

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from mod_models import optimize_for_inference, set_backend
-from mod_models.analysis import recording_selections
 from mod_models.blocks import MoDBlock
+from mod_models.tools.analysis import recording_selections
 
 Selections = dict[str, Tensor]  # MoD block name -> [B, k] int64 selected channels (slot order)
 
@@ -137,7 +137,7 @@ class _OrtRun:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().numpy()})[0])
 
     def with_selections(self, x: Tensor) -> tuple[Tensor, Selections]:
-        from mod_models.export import SELECTION_PREFIX, ort_session
+        from mod_models.tools.export import SELECTION_PREFIX, ort_session
 
         if self._checked is None:
             exported = self._selections_export()
@@ -152,7 +152,7 @@ class _OrtRun:
 
 
 class OnnxRuntimeProvider(ModelProvider):
-    """The reference path exported to ONNX (``mod_models.export``) and run by ONNX Runtime on the
+    """The reference path exported to ONNX (``mod_models.tools.export``) and run by ONNX Runtime on the
     CPU with as many intra-op threads as torch uses in the timed configuration. Its mode is its own,
     so it gets no ratio against the PyTorch baseline; ``vs ref`` is ORT time beside PyTorch's.
 
@@ -173,8 +173,9 @@ class OnnxRuntimeProvider(ModelProvider):
         import tempfile
 
         try:
-            from mod_models.export import export_onnx, ort_session
             import onnxruntime  # noqa: F401
+
+            from mod_models.tools.export import export_onnx, ort_session
         except ImportError as error:
             raise Unavailable(f"onnxruntime provider needs the export extra: {error}") from error
         if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:

@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mod_models import PAPER_SPEEDUP
-from mod_models.markdown import table
+from mod_models.tools.markdown import table
 
 from . import RESULTS_SCHEMA
 from .env import cuda_text
+from .records import agreed, config_title, model_derived, ok, paper_ratio, short_config, status_text
 
 OUTPUTS_DIFFER = "outputs differ"
 
@@ -83,22 +83,6 @@ def fmt_latency(record: dict | None) -> str:
     return f"{fmt_ms(record['median_ms'])} [{fmt_ms(record['p20_ms'])}, {fmt_ms(record['p80_ms'])}]"
 
 
-def status_text(record: dict) -> str:
-    status = record.get("status", "?")
-    reason = (record.get("reason") or "").replace("|", "/")
-    if len(reason) > 70:
-        reason = reason[:67] + "..."
-    return f"{status}: {reason}" if reason else status
-
-
-def ok(record: dict | None) -> bool:
-    return bool(record) and record.get("status") == "ok" and record.get("median_ms") is not None
-
-
-def agreed(record: dict | None) -> bool:
-    return ok(record) and bool((record.get("agreement") or {}).get("ok"))
-
-
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -143,80 +127,6 @@ def fmt_pct(value: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------- model tables
-
-
-CONFIG_KEYS = ("device_type", "batch", "dtype", "memory_format", "resolution", "cuda_graph", "threads")
-
-
-def config_key(record: dict) -> tuple:
-    return tuple(record.get(k) for k in CONFIG_KEYS)
-
-
-def config_title(key: tuple) -> str:
-    device_type, batch, dtype, memory_format, resolution, cuda_graph, threads = key
-    parts = [device_type.upper() if device_type else "?", f"batch {batch}", dtype, memory_format, f"{resolution}x{resolution}"]
-    if cuda_graph:
-        parts.append("CUDA graphs")
-    if threads is not None and device_type != "cuda":  # host threads mean nothing to a GPU model's time
-        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
-    return ", ".join(str(p) for p in parts)
-
-
-def short_config(key: tuple) -> str:
-    """``b64 bf16 channels_last`` / ``b1 bf16 graph``: a config in a few words (targets' lists)."""
-    device_type, batch, dtype, memory_format, _, cuda_graph, threads = key
-    text = f"b{batch} {dtype} {memory_format}" + (" graph" if cuda_graph else "")
-    return text + (f" {threads}t" if device_type == "cpu" and threads is not None else "")
-
-
-def model_derived(records: list[dict]) -> dict[tuple, list[dict]]:
-    """Per config: one derived row per MoD (model, provider) with speedups and overheads."""
-    by_config: dict[tuple, list[dict]] = {}
-    for r in records:
-        if r.get("section") == "model":
-            by_config.setdefault(config_key(r), []).append(r)
-    derived: dict[tuple, list[dict]] = {}
-    for key, rs in by_config.items():
-        baselines = {(r["model"], r["mode"]): r for r in rs if r["role"] == "baseline"}
-        floors = {(r["of_model"], r["role"], r["mode"]): r for r in rs if r["role"].startswith("floor_")}
-        references = {r["model"]: r for r in rs if r["role"] == "mod" and r["provider"] == "reference"}
-        rows = []
-        for r in rs:
-            if r["role"] != "mod":
-                continue
-            base = baselines.get((r["baseline"], r["mode"]))
-            identity = floors.get((r["model"], "floor_identity", r["mode"]))
-            static = floors.get((r["model"], "floor_static", r["mode"]))
-            usable = agreed(r) and not r.get("interpreter")
-            t = r.get("median_ms")
-            row = {
-                "record": r, "baseline_record": base, "identity": identity, "static": static,
-                "agreed": usable, "speedup": None, "overhead": None, "overhead_fk": None,
-                "overhead_routing": None, "vs_reference": None,
-                # The best ratio any MoD implementation could reach here: baseline / identity floor.
-                "ceiling": base["median_ms"] / identity["median_ms"] if ok(base) and ok(identity) else None,
-            }
-            if usable and ok(base):
-                row["speedup"] = base["median_ms"] / t
-            if usable and ok(identity):
-                t0 = identity["median_ms"]
-                row["overhead"] = (t - t0) / t0
-                if ok(static):
-                    row["overhead_fk"] = (static["median_ms"] - t0) / t0
-                    row["overhead_routing"] = (t - static["median_ms"]) / t0
-            ref = references.get(r["model"])
-            if usable and ok(ref):
-                row["vs_reference"] = ref["median_ms"] / t
-            rows.append(row)
-        derived[key] = rows
-    return derived
-
-
-def paper_ratio(model: str, device_type: str | None) -> float | None:
-    pair = PAPER_SPEEDUP.get(model)
-    if pair is None:
-        return None
-    return pair[1] if device_type == "cuda" else pair[0]
 
 
 def model_tables(records: list[dict]) -> list[tuple[str, str]]:
@@ -466,7 +376,8 @@ def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
                     paper = paper_ratio(r["model"], "cuda")
                     if paper is not None:
                         reachable = f", floor allows {row['ceiling'] / paper:.2f}x" if row["ceiling"] else ""
-                        paper_short.append((f"{r['model']} {r['provider']} ({title}{reachable})", row["speedup"] / paper))
+                        paper_short.append((f"{r['model']} {r['provider']} ({title}{reachable})",
+                                            row["speedup"] / paper))
                     if r["model"] == "resnet75_mod" and r["baseline"] == "resnet50":
                         deployed = r["provider"] == "triton+deploy"
                         floor = f", floor allows {row['ceiling']:.2f}x" if row["ceiling"] else ""
@@ -477,9 +388,11 @@ def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
                         if key[1] == 1 and key[5]:
                             r75_graph.append((f"{r['provider']} ({title})", row["speedup"]))
                             if deployed and key[2] == "bf16":
-                                d75_graph.append((f"{r['provider']} vs resnet50 deploy ({title}{floor})", row["speedup"]))
+                                d75_graph.append((f"{r['provider']} vs resnet50 deploy ({title}{floor})",
+                                                  row["speedup"]))
         out += [
-            _target("GPU resnet75_mod deploy vs resnet50 deploy, batch 64 bf16 channels_last, CUDA graph replays: >= 1.15x",
+            _target("GPU resnet75_mod deploy vs resnet50 deploy, batch 64 bf16 channels_last, "
+                    "CUDA graph replays: >= 1.15x",
                     d75, 1.15),
             _target("GPU resnet75_mod deploy vs resnet50 deploy, batch 1 bf16, CUDA graph replays: >= 1.0x",
                     d75_graph, 1.0),
@@ -635,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.name or args.files[0].stem
     for path in write(records, meta, out_dir, stem).values():
         print(f"wrote {path}")
-    png = plot(records, out_dir / f"{stem}.png", title=f"{meta.get('env', {}).get('device', '')} ({meta.get('mode', '')})")
+    png = plot(records, out_dir / f"{stem}.png",
+               title=f"{meta.get('env', {}).get('device', '')} ({meta.get('mode', '')})")
     if png:
         print(f"wrote {png}")
     return 0

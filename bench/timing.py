@@ -209,10 +209,14 @@ def time_do_bench(fn: Callable[[], object], *, cudagraph: bool = False, warmup_m
     import triton.testing
 
     if cudagraph:
-        run = lambda **kw: triton.testing.do_bench_cudagraph(fn, rep=rep_ms, **kw)
+        def run(**kw):
+            return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, **kw)
+
         method = f"triton do_bench_cudagraph(rep={rep_ms} ms)"
     else:
-        run = lambda **kw: triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, **kw)
+        def run(**kw):
+            return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, **kw)
+
         method = f"triton do_bench(warmup={warmup_ms} ms, rep={rep_ms} ms, L2 flushed)"
     try:
         samples = run(return_mode="all")
@@ -300,7 +304,8 @@ class Progress:
 
     def __init__(self, total: int, total_weight: float, clock: Callable[[], float] = time.monotonic) -> None:
         if total < 0 or not total_weight > 0:
-            raise ValueError(f"progress needs total >= 0 cases and a positive total weight, got {total}, {total_weight}")
+            raise ValueError("progress needs total >= 0 cases and a positive total weight, "
+                             f"got {total}, {total_weight}")
         self.total, self.total_weight, self.clock = total, total_weight, clock
         self.start = clock()
         self.done = 0

@@ -184,10 +184,12 @@ def _router_scores_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
         fc2_t = tl.load(
-            fc2_ptr + c[None, :] * stride_f2c + h[:, None] * stride_f2h, mask=h_mask[:, None] & c_mask[None, :], other=0.0
+            fc2_ptr + c[None, :] * stride_f2c + h[:, None] * stride_f2h,
+            mask=h_mask[:, None] & c_mask[None, :], other=0.0
         ).to(tl.float32)
         logits = tl.dot(hidden, fc2_t, input_precision="ieee")
-        tl.store(scores_ptr + b.to(tl.int64)[:, None] * C + c[None, :], tl.sigmoid(logits), mask=b_mask[:, None] & c_mask[None, :])
+        tl.store(scores_ptr + b.to(tl.int64)[:, None] * C + c[None, :], tl.sigmoid(logits),
+                 mask=b_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -523,7 +525,8 @@ def pack_params(convs: list[tuple[Tensor, Optional[Tensor]]]) -> Tensor:
     parts = []
     for weight, bias in convs:
         parts.append(weight.detach().float().reshape(-1))
-        parts.append(bias.detach().float().reshape(-1) if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32))
+        parts.append(bias.detach().float().reshape(-1) if bias is not None
+                     else weight.new_zeros(weight.shape[0], dtype=torch.float32))
     return torch.cat(parts)
 
 
@@ -547,7 +550,7 @@ def _block_tiles(kind: str, k_pow2: int, hidden_pow2: int, hw: int, channels: in
     """``(BLOCK_P, BLOCK_COPY, num_warps)``: positions per program of the fused block kernels, the
     channels per step of their out-of-place copy, and their warps.
 
-    Chosen from ptxas's register counts for sm_80/sm_90 (``python -m mod_kernels.compile_check``):
+    Chosen from ptxas's register counts for sm_80/sm_90 (``python -m mod_models.tools.compile_check``):
     at most ~128 registers and no spills at 4 warps. The ``[k, BLOCK_P]`` gathered tiles (64-bit
     pointers) and the ``[out, in, BLOCK_P]`` multiply-accumulate tiles set the budget: bottleneck
     ``k * BLOCK_P <= 512`` and ``max(width * k, width^2) * BLOCK_P <= 4096``; basic (81 tap pairs,
@@ -597,13 +600,17 @@ def check_fused_block_inputs(
         raise TypeError("params must be the 1-D float32 vector pack_params returns")
     expected = params_numel(kind, k, hidden, has_expand)
     if params.numel() != expected or not params.is_contiguous():
-        raise ValueError(f"params must be a contiguous vector of {expected} floats for this block, got {params.numel()}")
+        raise ValueError(
+            f"params must be a contiguous vector of {expected} floats for this block, got {params.numel()}"
+        )
     learned = fc1_weight is not None or fc2_weight is not None
     if learned == (scores is not None) or (learned and (fc1_weight is None or fc2_weight is None)):
         raise ValueError("fused_block needs either both fc1_weight and fc2_weight, or scores")
     if learned:
         for name, weight in (("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
-            if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.dtype not in (
+                torch.float32, torch.float16, torch.bfloat16
+            ):
                 raise TypeError(f"{name} must be a 2-D float32/float16/bfloat16 tensor")
         check_shape(fc1_weight, (fc1_weight.shape[0], channels), "fc1_weight")
         check_shape(fc2_weight, (channels, fc1_weight.shape[0]), "fc2_weight")
@@ -751,4 +758,6 @@ def fused_block_dispatch(
             x, kind, params, k, hidden, dilation, fusion, relu, fc1_weight, fc2_weight, scores, has_expand
         )
         return x, idx, w, new_scores
-    return fused_block_op(x, kind, params, k, hidden, dilation, fusion, relu, fc1_weight, fc2_weight, scores, has_expand)
+    return fused_block_op(
+        x, kind, params, k, hidden, dilation, fusion, relu, fc1_weight, fc2_weight, scores, has_expand
+    )

@@ -277,7 +277,9 @@ def _check_router_weights(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor) -> 
         if not isinstance(weight, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
         if weight.dim() != 2 or not weight.is_floating_point() or weight.dtype == torch.float64:
-            raise TypeError(f"{name} must be a 2-D float32/float16/bfloat16 tensor, got {weight.dtype} {tuple(weight.shape)}")
+            raise TypeError(
+                f"{name} must be a 2-D float32/float16/bfloat16 tensor, got {weight.dtype} {tuple(weight.shape)}"
+            )
     hidden = fc1_weight.shape[0]
     check_shape(fc1_weight, (hidden, channels), "fc1_weight")
     check_shape(fc2_weight, (channels, hidden), "fc2_weight")

@@ -290,7 +290,8 @@ def check_fuse_selection(idx: Tensor, selected_slot: Tensor, channels: int) -> N
     k = idx.shape[1]
     if bool(((selected_slot < -1) | (selected_slot >= k)).any()):
         raise ValueError(
-            f"selected_slot holds slots outside [-1, {k}): min {int(selected_slot.min())}, max {int(selected_slot.max())}"
+            f"selected_slot holds slots outside [-1, {k}): min {int(selected_slot.min())}, "
+            f"max {int(selected_slot.max())}"
         )
     slots = torch.arange(k, device=idx.device, dtype=selected_slot.dtype).expand_as(idx)
     agrees = (selected_slot.gather(1, idx) == slots).all(dim=1) & ((selected_slot >= 0).sum(dim=1) == k)
@@ -324,7 +325,8 @@ def _check_activation(activation: str) -> bool:
     return activation == "relu"
 
 
-def launch_fuse_inplace(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str, relu: bool) -> None:
+def launch_fuse_inplace(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str,
+                        relu: bool) -> None:
     """Write ``act(x[t] + w * y)`` into the ``k`` target channels of ``x``."""
     check_fuse_inputs(x, y, w, idx, selected_slot, fusion, inplace=True)
     fuse_inplace_unchecked(x, y, w, idx, fusion, relu)
@@ -346,7 +348,8 @@ def fuse_inplace_unchecked(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, fusion:
     torch.autograd.graph.increment_version(x)
 
 
-def launch_fuse_copy(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str, relu: bool) -> Tensor:
+def launch_fuse_copy(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str,
+                     relu: bool) -> Tensor:
     """A new ``[B, C, H, W]`` tensor (``x``'s dtype and memory format): ``x`` with the targets fused."""
     check_fuse_inputs(x, y, w, idx, selected_slot, fusion)
     return fuse_copy_unchecked(x, y, w, selected_slot, fusion, relu)
@@ -423,7 +426,8 @@ def launch_fuse_backward_input(grad_out: Tensor, out: Tensor, selected_slot: Ten
 
 
 @torch.library.custom_op("mod_kernels::scale_fuse", mutates_args=())
-def scale_fuse_op(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str, relu: bool) -> Tensor:
+def scale_fuse_op(x: Tensor, y: Tensor, w: Tensor, idx: Tensor, selected_slot: Tensor, fusion: str,
+                  relu: bool) -> Tensor:
     return launch_fuse_copy(x, y, w, idx, selected_slot, fusion, relu)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._utils import check_device_supported, check_plain_autograd, runs_eagerly
+from .fused_block import check_fused_block_inputs, fused_block_dispatch
 from .fused_route_pack import (
     RoutePackFunction,
     affine_targets,
@@ -27,7 +28,6 @@ from .fused_route_pack import (
     check_select_pack_inputs,
     route_and_pack,
 )
-from .fused_block import check_fused_block_inputs, fused_block_dispatch
 from .fused_scale_fuse import (
     ACTIVATIONS,
     FUSIONS,

@@ -1,15 +1,26 @@
-"""CNN Mixture-of-Depths: reference blocks and torchvision-style models.
+"""CNN Mixture-of-Depths: the method, its blocks and the paper's torchvision-style models.
 
-See ``mod_models.functional`` for the method as small ops, ``mod_models.blocks`` for the
-modules, and the builders below for the paper's model zoo.
+The rooms of the package, bottom to top (a module imports only from rooms below it):
+
+* :mod:`mod_models.functional`: the method as small functional ops, the reference every other
+  implementation is checked against (the fused kernels of :mod:`mod_kernels` sit above it);
+* the blocks and models: :mod:`~mod_models.backend` (the backend switch),
+  :mod:`~mod_models.blocks` (MoD blocks), :mod:`~mod_models.deploy` (the inference form),
+  :mod:`~mod_models.resnet`, :mod:`~mod_models.mobilenetv2` and :mod:`~mod_models.zoo` (builders);
+* the applications: :mod:`mod_models.train` (the training application), :mod:`mod_models.integrations`
+  (timm, torchvision, feature extraction, detection and segmentation) and :mod:`mod_models.tools`
+  (command-line tools: export, routing analysis, model facts, the kernels' compile check).
+
+``import mod_models`` gives the method and the models; the three application packages are
+reachable as attributes (imported on first use).
 """
 
 __version__ = "0.1.0"  # the single source of the version: pyproject.toml reads it from here
 
-from . import features  # noqa: F401  (``mod_models.features.mod_feature_extractor`` after ``import mod_models``)
 from .backend import BACKENDS, default_backend
 from .blocks import ChannelRouter, MoDBasicBlock, MoDBlock, MoDBottleneck, MoDInvertedResidual, set_backend
 from .deploy import fold_batch_norms, is_deployed, optimize_for_inference
+from .integrations.torchvision import WeightLoadReport, load_torchvision_weights, register_with_torchvision
 from .mobilenetv2 import mobilenet_v2_mod, mobilenet_v2_mod_l
 from .resnet import (
     resnet18_mod,
@@ -22,7 +33,6 @@ from .resnet import (
     resnet101_mod,
     resnet152_mod,
 )
-from .torchvision_api import WeightLoadReport, load_torchvision_weights, register_with_torchvision
 from .zoo import BASELINE_OF, MOD_BUILDERS, PAPER_SPEEDUP, build_model
 
 
@@ -38,10 +48,9 @@ def _register_with_torchvision() -> None:
 
 _register_with_torchvision()
 
-# Submodules reachable as attributes after a plain ``import mod_models`` without importing them
-# up front (``mod_models.detection.fasterrcnn_resnet50_mod_fpn(...)``). ``mod_models.timm`` is not
-# among them: importing it registers the models with timm, so it stays an explicit import.
-_LAZY_SUBMODULES = ("analysis", "data", "detection", "export", "facts", "segmentation", "train")
+# The application packages, reachable as attributes after a plain ``import mod_models`` without
+# importing them up front (``mod_models.integrations.detection.fasterrcnn_resnet50_mod_fpn(...)``).
+_LAZY_SUBMODULES = ("integrations", "tools", "train")
 
 
 def __getattr__(name: str):

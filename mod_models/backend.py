@@ -34,7 +34,9 @@ def default_backend() -> str:
     if not name:
         return "auto"
     if name not in BACKENDS:
-        raise ValueError(f"environment variable {BACKEND_ENV_VAR}={name!r} is not a backend; expected one of {BACKENDS}")
+        raise ValueError(
+            f"environment variable {BACKEND_ENV_VAR}={name!r} is not a backend; expected one of {BACKENDS}"
+        )
     return name
 
 

@@ -15,7 +15,7 @@ changes parameters or state_dict keys.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from . import functional as MF
 from .backend import check_backend, default_backend, resolve_backend
+
+if TYPE_CHECKING:
+    import mod_kernels
 
 NormLayer = Optional[Callable[..., nn.Module]]
 
@@ -346,8 +349,8 @@ def trace_as_leaf(block: MoDBlock, x: torch.fx.Proxy) -> torch.fx.Proxy:
         )
     if block.inplace:
         raise ValueError(
-            f"MoD block {path!r} has inplace=True: in a traced graph it would overwrite its input, which other "
-            "nodes may read or return; set inplace=False first (mod_models.features.disable_inplace(model))"
+            f"MoD block {path!r} has inplace=True: in a traced graph it would overwrite its input, which other nodes "
+            "may read or return; set inplace=False first (mod_models.integrations.features.disable_inplace(model))"
         )
     return x.tracer.create_proxy("call_module", path, (x,), {})
 
@@ -495,9 +498,11 @@ class MoDInvertedResidual(MoDBlock):
         hidden = self.k * expand_ratio
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(Conv2dNormActivation(self.k, hidden, kernel_size=1, norm_layer=norm_layer, activation_layer=nn.ReLU6))
+            layers.append(Conv2dNormActivation(self.k, hidden, kernel_size=1, norm_layer=norm_layer,
+                                               activation_layer=nn.ReLU6))
         layers += [
-            Conv2dNormActivation(hidden, hidden, stride=1, groups=hidden, norm_layer=norm_layer, activation_layer=nn.ReLU6),
+            Conv2dNormActivation(hidden, hidden, stride=1, groups=hidden, norm_layer=norm_layer,
+                                 activation_layer=nn.ReLU6),
             nn.Conv2d(hidden, self.k, 1, 1, 0, bias=False),
             norm_layer(self.k),
         ]

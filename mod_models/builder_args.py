@@ -9,7 +9,7 @@ def check_builder_args(name: str, *, weights: object, progress: object, num_clas
     ``weights`` must be ``None`` (no pretrained MoD weights exist); ``progress`` must be a bool
     (accepted for torchvision compatibility and ignored, as torchvision does when nothing is
     downloaded); ``num_classes`` must be an int >= 0 (as in torchvision, 0 gives an empty classifier;
-    the timm interface of :mod:`mod_models.timm` replaces it by none).
+    the timm interface of :mod:`mod_models.integrations.timm` replaces it by none).
     """
     if weights is not None:
         raise ValueError(f"{name}: no pretrained weights exist for MoD models; pass weights=None, got {weights!r}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
 
 from .blocks import MoDInvertedResidual, init_conv_and_norm

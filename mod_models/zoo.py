@@ -1,4 +1,5 @@
-"""The model zoo: every MoD variant, its torchvision baseline, and the paper's speed ratios."""
+"""The model zoo: every MoD variant, its torchvision baseline, the paper's speed ratios, and the
+input preprocessing every model of the zoo expects (ImageNet normalisation, evaluation crop)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from .resnet import (
     resnet101_mod,
     resnet152_mod,
 )
+
+# The preprocessing of the zoo (torchvision's ImageNet recipe): the training data and timm's
+# pretrained_cfg both read it from here.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_RATIO = 0.875  # resize 256 -> crop 224
 
 MOD_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18_mod": resnet18_mod,

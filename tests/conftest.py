@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 os.environ.pop("MOD_BACKEND", None)
 
 
-# Every kernel code path the session launched (mod_kernels.launch_plan.specialisation), for
+# Every kernel code path the session launched (mod_models.tools.launch_plan.specialisation), for
 # tests/test_kernel_coverage.py, which runs last and compares it with what the real models launch.
 LAUNCHED_SPECIALISATIONS: set = set()
 
@@ -24,7 +24,7 @@ LAUNCHED_SPECIALISATIONS: set = set()
 @pytest.fixture(scope="session", autouse=True)
 def _record_kernel_specialisations():
     try:
-        from mod_kernels import launch_plan
+        from mod_models.tools import launch_plan
     except ImportError:  # no Triton: nothing to record
         yield
         return
@@ -69,7 +69,8 @@ def pytest_collection_modifyitems(config, items):
         return
 
     def gpu_only(item) -> bool:
-        return any(mark.name == "skipif" and "CUDA" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers())
+        return any(mark.name == "skipif" and "CUDA" in str(mark.kwargs.get("reason", ""))
+                   for mark in item.iter_markers())
 
     items.sort(key=lambda item: not gpu_only(item))
 
@@ -79,10 +80,12 @@ def pytest_sessionfinish(session, exitstatus):
     did not launch: the quick way to see what a new test still has to reach."""
     if os.environ.get("MOD_KERNEL_COVERAGE") != "1":
         return
-    from mod_kernels import launch_plan
     from test_kernel_coverage import _describe
 
-    required = {launch_plan.specialisation(l.kernel, l.args, l.kwargs) for l in launch_plan.record_model_launches()}
+    from mod_models.tools import launch_plan
+
+    required = {launch_plan.specialisation(launch.kernel, launch.args, launch.kwargs)
+                for launch in launch_plan.record_model_launches()}
     missing = sorted(required - LAUNCHED_SPECIALISATIONS)
     print(f"\nkernel paths the models launch: {len(required)}; not launched by this run: {len(missing)}")
     for path in missing:

@@ -1,7 +1,7 @@
 """Test helpers: one tensor comparison that says where and how much, and a naive MoD reference.
 
-The naive reference below is written from the method (mod_models/functional.py's docstring) with per-sample, per-slot Python
-loops and row/scalar torch ops, deliberately *not* reusing :mod:`mod_models.functional`, so
+The naive reference below is written from the method (mod_models/functional.py's docstring) with per-sample, per-slot
+Python loops and row/scalar torch ops, deliberately *not* reusing :mod:`mod_models.functional`, so
 the tests compare the library against an independent statement of the method. It is slow and
 only meant for small shapes. Every function is differentiable (plain torch ops, no in-place
 writes into its inputs), so gradients can be compared too.
@@ -258,7 +258,9 @@ def assert_teacher_forced_agreement(
         scores, selection = block.last_scores.float(), block.forced_selection
         chosen = scores.gather(1, selection)
         kth_best = scores.topk(selection.shape[1], dim=1).values[:, -1]
-        assert (chosen.min(dim=1).values >= kth_best - tie).all(), f"{label}: block {number} selected a non-top-k channel"
+        assert (chosen.min(dim=1).values >= kth_best - tie).all(), (
+            f"{label}: block {number} selected a non-top-k channel"
+        )
         if selection.shape[1] > 1:
             rises = (chosen[:, 1:] - chosen[:, :-1]).max().item()
             assert rises <= tie, f"{label}: block {number} slot order is not descending (rise {rises:.3g})"

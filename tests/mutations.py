@@ -49,7 +49,8 @@ MUTANTS = (
     Mutant(
         "deploy-pool-drops-last-chunk", "mod_kernels/fused_block.py",
         "partial, fc2_weight, scores, x, snapshot, batch, channels, c_hidden, chunks * c_blocks, per_program,",
-        "partial, fc2_weight, scores, x, snapshot, batch, channels, c_hidden, max(1, chunks - 1) * c_blocks, per_program,",
+        ("partial, fc2_weight, scores, x, snapshot, batch, channels, c_hidden, max(1, chunks - 1) * c_blocks, "
+         "per_program,"),
         ("tests/test_kernel_paths.py", "-k", "deployed_block_pools"),
         "the deployed router sums the partial hidden vectors of all chunks but the last",
     ),
@@ -63,7 +64,8 @@ MUTANTS = (
     Mutant(
         "inplace-rounds-product", "mod_kernels/fused_scale_fuse.py",
         "    fused += scale[:, None] * tl.load(y_at, mask=mask, other=0.0).to(tl.float32)\n",
-        "    fused += (scale[:, None] * tl.load(y_at, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)\n",
+        ("    fused += (scale[:, None] * tl.load(y_at, mask=mask, other=0.0).to(tl.float32))"
+         ".to(x_ptr.dtype.element_ty).to(tl.float32)\n"),
         ("tests/test_kernel_paths.py", "-k", "low_precision_in_place_fusion"),
         "the in-place kernel rounds w * y to the input dtype before the add",
     ),
@@ -99,7 +101,8 @@ MUTANTS = (
         "fused-block-pads-with-bias", "mod_kernels/fused_block.py",
         "        h1 = tl.where(m_mask[:, None] & inside[None, :], h1, 0.0)  # conv2 pads h1 with zeros\n",
         "        h1 = tl.where(m_mask[:, None], h1, 0.0)\n",
-        ("tests/test_deploy.py", "-k", "(equals_the_unfolded or extreme_widths) and bottleneck and not float16 and not bfloat16"),
+        ("tests/test_deploy.py", "-k",
+         "(equals_the_unfolded or extreme_widths) and bottleneck and not float16 and not bfloat16"),
         "the bottleneck's 3x3 convolution pads its input with relu(b1) instead of zeros",
     ),
     Mutant(

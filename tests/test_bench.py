@@ -22,8 +22,8 @@ from torch import nn
 
 from bench import agreement as A
 from bench import cli
-from bench import models as M
 from bench import kernels as K
+from bench import models as M
 from bench import report as R
 from bench import traffic as T
 from bench.env import collect_env
@@ -91,7 +91,8 @@ def test_quick_run_says_what_cuda_is(quick_run: dict) -> None:
     header = quick_run["stdout"].splitlines()[0]
     markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
     if env["device_type"] == "cpu" and env["cuda"]:
-        expected = f"torch built with CUDA {env['cuda']}; " + ("GPU present, not used" if env["gpu_available"] else "no GPU")
+        expected = f"torch built with CUDA {env['cuda']}; " + (
+            "GPU present, not used" if env["gpu_available"] else "no GPU")
         assert expected in header and expected in markdown
         assert f"| CUDA {env['cuda']} |" not in header and f"CUDA {env['cuda']}," not in markdown
 
@@ -135,9 +136,12 @@ def test_quick_run_counts_launches_and_has_deploy_rows(quick_run: dict) -> None:
     fallback = [r for r in blocks if r["fused"] is False]  # capacity 2: routing kernels + convolutions + fuse
     assert {r["kind"] for r in fused} == {r["kind"] for r in fallback} == {"bottleneck", "basic", "inverted"}
     assert max(r["launches"] for r in fused) <= 3 and all(r["capacity"] == 2 for r in fallback)
-    assert all(r["triton"] >= 3 for r in fallback), "the fallback runs the routing and fusion kernels, not the reference"
+    assert all(r["triton"] >= 3 for r in fallback), (
+        "the fallback runs the routing and fusion kernels, not the reference"
+    )
     (model,) = [r for r in launches if r["scope"] == "model" and r["path"] == "triton+deploy"]
-    baseline_deploy = [r for r in launches if r["scope"] == "model" and r["network"] == "torchvision" and r["path"] == "deploy"]
+    baseline_deploy = [r for r in launches
+                       if r["scope"] == "model" and r["network"] == "torchvision" and r["path"] == "deploy"]
     assert model["max_per_mod_block"] <= 3 and model["launches"] < baseline_deploy[0]["launches"]
     markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
     assert "## Kernel launches" in markdown and "| resnet18_mod (resnet18) |" in markdown
@@ -335,23 +339,27 @@ def test_gpu_plan_starts_with_the_deploy_block_and_times_its_fallback_apart() ->
     (fallback,) = [t for t in deploy if t.shape.capacity != 64]
     assert (fallback.shape.batch, fallback.shape.channels, fallback.shape.capacity, fallback.providers) == (
         64, 256, 2, ("reference", "triton"))
-    assert K._deploy_path(MoDBottleneck(256, capacity=2)) == "fallback" and K._deploy_path(MoDBottleneck(256)) == "fused"
+    assert (K._deploy_path(MoDBottleneck(256, capacity=2)) == "fallback"
+            and K._deploy_path(MoDBottleneck(256)) == "fused")
     # A fallback row at the same shape is reported as such and never judged by the fused block's target.
     row = {"section": "kernel", "op": "block.deploy", "batch": 64, "channels": 256, "height": 56, "width": 56,
-           "dtype": "bf16", "memory_format": "channels_last", "status": "ok", "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "k": 4,
+           "dtype": "bf16", "memory_format": "channels_last", "status": "ok",
+           "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "k": 4,
            "capacity": 64, "deploy_path": "fused", "agreement": {"ok": True}, "device_type": "cuda"}
-    records = [{**row, "provider": "triton", "median_ms": 1.0}, {**row, "provider": "reference+compile", "median_ms": 3.0},
+    records = [{**row, "provider": "triton", "median_ms": 1.0},
+               {**row, "provider": "reference+compile", "median_ms": 3.0},
                {**row, "provider": "triton", "capacity": 2, "k": 128, "deploy_path": "fallback", "median_ms": 9.0},
                {**row, "provider": "reference+compile", "capacity": 2, "k": 128, "deploy_path": "fallback",
                 "median_ms": 1.0}]
     (_, body), = R.kernel_tables(records)
-    assert "| block.deploy | 64x256x56x56 (k=4) |" in body and "| block.deploy (fallback) | 64x256x56x56 (k=128) |" in body
+    assert ("| block.deploy | 64x256x56x56 (k=4) |" in body
+            and "| block.deploy (fallback) | 64x256x56x56 (k=128) |" in body)
     (target,) = [t for t in R._kernel_targets(records) if "2x torch.compile of the reference eval block" in t["target"]]
     assert target["status"] == "met", target
 
 
 def test_markdown_table_writer() -> None:
-    from mod_models.markdown import table
+    from mod_models.tools.markdown import table
 
     assert table(["a", "b"], [[1, "x|y"], ["-", 2.5]], "lr") == (
         "| a | b |\n| --- | ---: |\n| 1 | x\\|y |\n| - | 2.5 |")
@@ -399,7 +407,8 @@ def test_floors_replace_every_mod_block() -> None:
 def test_overhead_definition_on_given_times() -> None:
     def record(role, model, ms, provider="eager", of_model=None, baseline=None):
         return {"section": "model", "device_type": "cpu", "batch": 1, "dtype": "fp32", "memory_format": "nchw",
-                "resolution": 224, "cuda_graph": False, "threads": 1, "role": role, "model": model, "of_model": of_model,
+                "resolution": 224, "cuda_graph": False, "threads": 1,
+                "role": role, "model": model, "of_model": of_model,
                 "baseline": baseline, "provider": provider, "mode": "eager", "status": "ok", "median_ms": ms,
                 "p20_ms": ms, "p80_ms": ms, "agreement": {"ok": True} if role == "mod" else None}
 
@@ -447,7 +456,8 @@ def test_time_split_adds_up_after_rounding() -> None:
     assert text == "kernels 3.5 s, models 1.4 s, other 0.5 s; total 5.4 s"
     text = R.sections_text({"kernels": 100.6, "models": 200.6, "total": 301.7})
     assert text == "kernels 101 s, models 200 s, other 1 s; total 302 s"
-    assert R.sections_text({"kernels (wall)": 2.0, "gpu script total": 70.0}) == "kernels (wall) 2.0 s, gpu script total 70 s"
+    assert R.sections_text({"kernels (wall)": 2.0, "gpu script total": 70.0}) == (
+        "kernels (wall) 2.0 s, gpu script total 70 s")
     with pytest.raises(ValueError):
         R.sections_text({"models": 6.0, "total": 5.0})
 
@@ -455,7 +465,8 @@ def test_time_split_adds_up_after_rounding() -> None:
 def test_cuda_is_named_for_what_it_is() -> None:
     from bench.env import cuda_text
 
-    assert cuda_text({"device_type": "cpu", "cuda": "13.0", "gpu_available": False}) == "torch built with CUDA 13.0; no GPU"
+    assert cuda_text({"device_type": "cpu", "cuda": "13.0", "gpu_available": False}) == \
+        "torch built with CUDA 13.0; no GPU"
     assert cuda_text({"device_type": "cpu", "cuda": "13.0", "gpu_available": True}) == \
         "torch built with CUDA 13.0; GPU present, not used"
     assert cuda_text({"device_type": "cpu", "cuda": None, "gpu_available": False}) == "CPU-only torch build"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import assert_close, naive_mod_forward, naive_router_scores, naive_top_k
 from torch import nn
 
 import mod_models
-from helpers import assert_close, naive_mod_forward, naive_router_scores, naive_top_k
 from mod_models import MoDBasicBlock, MoDBottleneck, MoDInvertedResidual, set_backend
 
 FUSIONS = ("first_k", "last_k", "original")
@@ -80,7 +80,8 @@ def _conv_signature(block: nn.Module) -> list[tuple]:
         # Inverted residual: 1x1 k -> t*k, 3x3 depthwise, 1x1 t*k -> k.
         (lambda: MoDInvertedResidual(96), 6, [(6, 36, 1, 1, False), (36, 36, 3, 36, False), (36, 6, 1, 1, False)]),
         (lambda: MoDInvertedResidual(24), 1, [(1, 6, 1, 1, False), (6, 6, 3, 6, False), (6, 1, 1, 1, False)]),
-        (lambda: MoDInvertedResidual(64, expand_ratio=4), 4, [(4, 16, 1, 1, False), (16, 16, 3, 16, False), (16, 4, 1, 1, False)]),
+        (lambda: MoDInvertedResidual(64, expand_ratio=4), 4,
+         [(4, 16, 1, 1, False), (16, 16, 3, 16, False), (16, 4, 1, 1, False)]),
         (lambda: MoDInvertedResidual(64, expand_ratio=1), 4, [(4, 4, 3, 4, False), (4, 4, 1, 1, False)]),
     ],
 )

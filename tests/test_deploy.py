@@ -20,6 +20,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from helpers import assert_close, assert_teacher_forced_agreement, randomise_norms
 from torch import nn
 
 import mod_kernels
@@ -27,12 +28,12 @@ import mod_models
 from bench.launches import LaunchCounter, count_launches
 from mod_kernels import fused_block as FB
 
-from helpers import assert_close, assert_teacher_forced_agreement, randomise_norms
-
 # The CPU interpreter suite: its tensors are CPU tensors, which the triton backend takes only under
 # Triton's interpreter (tests/conftest.py switches it on where there is no GPU). On a GPU machine
 # tests/test_kernels.py runs the kernels compiled, the deployed block included.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)"
+)
 
 FUSIONS = ("first_k", "last_k", "original")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -58,7 +59,8 @@ def poisoned_allocations(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
 
     monkeypatch.setattr(FB, "_empty", lambda *a, **kw: poison(torch.empty(*a, **kw)))
-    monkeypatch.setattr(FB, "_empty_like_format", lambda *a, **kw: poison(mod_kernels._utils.empty_like_format(*a, **kw)))
+    monkeypatch.setattr(FB, "_empty_like_format",
+                        lambda *a, **kw: poison(mod_kernels._utils.empty_like_format(*a, **kw)))
 
 
 @pytest.fixture
@@ -112,7 +114,10 @@ def assert_deploy_matches(reference: nn.Module, deployed: nn.Module, x: torch.Te
     reference_error = (ref_out.double() - exact_out).abs().nan_to_num()
     bound = 2 * reference_error.max() + EPS[x.dtype] * exact_out.abs().nan_to_num()
     worst = float((fused_error - bound).max())
-    assert worst <= 0, f"{label}: fused error {float(fused_error.max()):.3g} beyond twice the reference's {float(reference_error.max()):.3g}"
+    assert worst <= 0, (
+        f"{label}: fused error {float(fused_error.max()):.3g} beyond twice the reference's "
+        f"{float(reference_error.max()):.3g}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +264,9 @@ def test_fused_block_equals_the_unfolded_reference(kind, fusion, fmt, dtype):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("kind, channels, capacity", EXTREME_SHAPES, ids=[f"{k}-C{c}-cap{p}" for k, c, p in EXTREME_SHAPES])
+@pytest.mark.parametrize(
+    "kind, channels, capacity", EXTREME_SHAPES, ids=[f"{k}-C{c}-cap{p}" for k, c, p in EXTREME_SHAPES]
+)
 def test_fused_block_at_the_extreme_widths(kind, channels, capacity, fusion):
     block = randomise(BLOCKS[kind](channels, capacity=capacity, fusion=fusion))
     reference, deployed = deployed_pair(block)
@@ -282,7 +289,8 @@ def test_fused_block_with_dilation(kind, dilation):
 @pytest.mark.parametrize("kind", list(BLOCKS))
 def test_fused_block_random_router(kind, fusion):
     channels, capacity = MID_SHAPES[kind]
-    reference, deployed = deployed_pair(randomise(BLOCKS[kind](channels, capacity=capacity, fusion=fusion, router="random")))
+    reference, deployed = deployed_pair(
+        randomise(BLOCKS[kind](channels, capacity=capacity, fusion=fusion, router="random")))
     assert_deploy_matches(reference, deployed, torch.randn(2, channels, 4, 3), f"{kind} random {fusion}")
 
 

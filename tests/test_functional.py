@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, naive_fuse, naive_gather, naive_router_scores, naive_top_k
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, naive_fuse, naive_gather, naive_router_scores, naive_top_k
 from mod_models import functional as MF
 
 FUSIONS = ("first_k", "last_k", "original")
@@ -43,12 +43,17 @@ def _random_selection(batch: int, channels: int, k: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channels, hidden", [(1, 1), (8, 1), (16, 1), (31, 1), (32, 2), (40, 2), (64, 4), (256, 16), (2048, 128)])
+@pytest.mark.parametrize(
+    "channels, hidden", [(1, 1), (8, 1), (16, 1), (31, 1), (32, 2), (40, 2), (64, 4), (256, 16), (2048, 128)]
+)
 def test_router_hidden_channels(channels, hidden):
     assert MF.router_hidden_channels(channels) == hidden
 
 
-@pytest.mark.parametrize("channels, capacity, k", [(64, 64, 1), (127, 64, 1), (128, 64, 2), (2048, 64, 32), (24, 16, 1), (160, 16, 10), (5, 1, 5)])
+@pytest.mark.parametrize(
+    "channels, capacity, k",
+    [(64, 64, 1), (127, 64, 1), (128, 64, 2), (2048, 64, 32), (24, 16, 1), (160, 16, 10), (5, 1, 5)],
+)
 def test_selected_channels(channels, capacity, k):
     assert MF.selected_channels(channels, capacity) == k
 

@@ -1,6 +1,6 @@
 """Every kernel code path the zoo models launch is launched by the CPU suite at least once.
 
-``mod_kernels.launch_plan.record_model_launches`` records, without running them, the launches of
+``mod_models.tools.launch_plan.record_model_launches`` records, without running them, the launches of
 every MoD stage shape of resnet18_mod, resnet50_mod and both MobileNets at 224x224 (fp32, bf16,
 fp16; NCHW and channels_last; every fusion; both routers; forward, backward, in-place inference,
 the deployed block). Each launch's code path (``launch_plan.specialisation``: kernel, non-tile
@@ -8,7 +8,7 @@ constexpr flags such as ``HW_FLAT``/``RELU``/``IN_PLACE``, argument dtypes, memo
 the pooling kernels whether H x W spans more than one chunk) must be among the paths the rest of
 this session launched (``tests/conftest.py`` records them). A new kernel path that no CPU test
 reaches fails here. Tile *sizes* are the compile check's: every value the models use is compiled
-for sm_80/sm_90 (tests/test_kernel_compile.py).
+for sm_80/sm_90 (tests/tools/test_kernel_compile.py).
 
 This test runs last and only in a run of the whole suite (a partial run launches less: it skips,
 and says so).
@@ -16,11 +16,11 @@ and says so).
 
 from __future__ import annotations
 
+import conftest
 import pytest
 import torch
 
-import conftest
-from mod_kernels import launch_plan
+from mod_models.tools import launch_plan
 
 
 def _whole_suite(config) -> bool:

@@ -19,6 +19,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_close, naive_fuse, randomise_norms
 
 import mod_kernels
 import mod_models
@@ -26,12 +27,12 @@ from mod_kernels import fused_block, fused_route_pack
 from mod_kernels._utils import dense_tiles, next_pow2
 from mod_models import functional as MF
 
-from helpers import assert_close, naive_fuse, randomise_norms
-
 # The CPU interpreter suite: its tensors are CPU tensors, which the triton backend takes only under
 # Triton's interpreter (tests/conftest.py switches it on where there is no GPU). On a GPU machine
 # tests/test_kernels.py runs the kernels compiled, the deployed block included.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)"
+)
 
 FUSIONS = ("first_k", "last_k", "original")
 BLOCKS = {
@@ -236,6 +237,8 @@ def test_low_precision_reference_fusion_rounds_once(fusion, activation, dtype):
     expected = naive_fuse(x, y, w, idx, fusion=fusion, activation=activation)
     got = MF.scale_and_fuse(x, y, w, idx, fusion=fusion, activation=activation)
     assert torch.equal(got, expected), f"{dtype} reference fusion is not the exact result rounded once"
-    assert not torch.equal(naive_fuse(x, y, w, idx, fusion=fusion, activation=activation, compute_dtype=dtype), expected), (
+    assert not torch.equal(
+        naive_fuse(x, y, w, idx, fusion=fusion, activation=activation, compute_dtype=dtype), expected
+    ), (
         "these inputs must tell rounding once from rounding in the low-precision format"
     )

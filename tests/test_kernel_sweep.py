@@ -1,6 +1,6 @@
 """Every kernel code path the zoo models launch, at small sizes, against the reference.
 
-The zoo's real launches (``mod_kernels.launch_plan``) cross every block type with three dtypes,
+The zoo's real launches (``mod_models.tools.launch_plan``) cross every block type with three dtypes,
 two memory formats, three fusions, two routers (and, under autocast, low-precision feature maps
 beside fp32 router weights), training, in-place inference and the deploy form.
 ``tests/test_kernel_coverage.py`` checks that the suite launches each of those code paths; this
@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
+from helpers import assert_close, randomise_norms
 
 import mod_kernels
 import mod_models
 from mod_models import functional as MF
 
-from helpers import assert_close, randomise_norms
-
 # The CPU interpreter suite: its tensors are CPU tensors, which the triton backend takes only under
 # Triton's interpreter (tests/conftest.py switches it on where there is no GPU). On a GPU machine
 # tests/test_kernels.py runs the kernels compiled, the deployed block included.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)"
+)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FUSIONS = ("first_k", "last_k", "original")
@@ -205,8 +207,10 @@ def test_standalone_scale_fuse_backward_paths(fmt, dtype):
     for fusion in FUSIONS:
         for activation in ("relu", "none"):
             results = []
-            for fn in (lambda a, b_, c: MF.scale_and_fuse(a, b_, c, idx, fusion=fusion, activation=activation),
-                       lambda a, b_, c: mod_kernels.scale_fuse(a, b_, c, idx, slot, fusion=fusion, activation=activation)):
+            reference = functools.partial(MF.scale_and_fuse, idx=idx, fusion=fusion, activation=activation)
+            fused = functools.partial(mod_kernels.scale_fuse, idx=idx, selected_slot=slot, fusion=fusion,
+                                      activation=activation)
+            for fn in (reference, fused):
                 leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, y, w)]
                 out = fn(*leaves)
                 out.backward(grad_out)

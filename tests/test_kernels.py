@@ -26,12 +26,11 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_close, assert_teacher_forced_agreement, randomise_norms
 
 import mod_kernels
 import mod_models
 from mod_models import functional as MF
-
-from helpers import assert_close, assert_teacher_forced_agreement, randomise_norms
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -298,7 +297,8 @@ def test_scale_fuse_matches_reference(shape, fmt, fusion, activation):
 
     with torch.no_grad():
         x_inplace = x.detach().clone()
-        returned = mod_kernels.scale_fuse(x_inplace, y, w, idx, slot, fusion=fusion, activation=activation, inplace=True)
+        returned = mod_kernels.scale_fuse(x_inplace, y, w, idx, slot, fusion=fusion, activation=activation,
+                                          inplace=True)
     assert returned is x_inplace
     assert torch.equal(x_inplace, fused.detach()), "in-place and copy results must be bit-identical"
 
@@ -439,7 +439,8 @@ def test_model_backends_agree(name, fmt):
 def test_model_selections_are_top_k_up_to_near_ties(dtype):
     model = randomise(mod_models.build_model("resnet18_mod", num_classes=10)).to(DEVICE, dtype).eval()
     model = model.to(memory_format=torch.channels_last)
-    assert_teacher_forced_agreement(model, feature_map(2, 3, 32, 32, "channels_last", dtype=dtype), f"resnet18_mod {dtype}")
+    assert_teacher_forced_agreement(model, feature_map(2, 3, 32, 32, "channels_last", dtype=dtype),
+                                    f"resnet18_mod {dtype}")
 
 
 @gpu_only

@@ -21,7 +21,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import mod_models
 from mod_models import MOD_BUILDERS, MoDBasicBlock, MoDBlock, MoDBottleneck, MoDInvertedResidual
-from mod_models.facts import facts_table, model_facts
+from mod_models.tools.facts import facts_table, model_facts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,8 +51,10 @@ BOTTLENECK_INNER = (1, 2, 4, 8)
 
 # features index: (C, k = C // 16, router hidden = max(C // 16, 1)); every MoD block has t = 6.
 MOBILENET_MOD_FEATURES = {
-    "mobilenet_v2_mod": {3: (24, 1, 1), 5: (32, 2, 2), 8: (64, 4, 4), 10: (64, 4, 4), 12: (96, 6, 6), 15: (160, 10, 10)},
-    "mobilenet_v2_mod_l": {3: (32, 2, 2), 5: (64, 4, 4), 8: (96, 6, 6), 10: (96, 6, 6), 12: (128, 8, 8), 15: (160, 10, 10)},
+    "mobilenet_v2_mod": {3: (24, 1, 1), 5: (32, 2, 2), 8: (64, 4, 4), 10: (64, 4, 4), 12: (96, 6, 6),
+                         15: (160, 10, 10)},
+    "mobilenet_v2_mod_l": {3: (32, 2, 2), 5: (64, 4, 4), 8: (96, 6, 6), 10: (96, 6, 6), 12: (128, 8, 8),
+                           15: (160, 10, 10)},
 }
 # Output channels of the standard inverted residuals features[1..17] (the first of every group, etc.).
 MOBILENET_STANDARD_OUT = {
@@ -129,7 +131,8 @@ def test_builder_keywords_reach_every_mod_block(name):
 def test_resnet_dilation_and_norm_layer_reach_mod_blocks():
     model = mod_models.resnet50_mod(num_classes=10, replace_stride_with_dilation=[False, True, True])
     dilations = {name: block.conv2.dilation[0] for name, block in model.named_modules() if isinstance(block, MoDBlock)}
-    assert dilations == {"layer1.1": 1, "layer2.1": 1, "layer2.3": 1, "layer3.1": 2, "layer3.3": 2, "layer3.5": 2, "layer4.1": 4}
+    assert dilations == {"layer1.1": 1, "layer2.1": 1, "layer2.3": 1, "layer3.1": 2, "layer3.3": 2, "layer3.5": 2,
+                         "layer4.1": 4}
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
     def group_norm(channels):
@@ -294,7 +297,7 @@ def test_facts_table_rows():
 
 def test_facts_cli_prints_table():
     result = subprocess.run(
-        [sys.executable, "-m", "mod_models.facts", "--models", "resnet18_mod"],
+        [sys.executable, "-m", "mod_models.tools.facts", "--models", "resnet18_mod"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -2,8 +2,9 @@
 
 Kept cheap: one ``python -m build --no-isolation`` of a copy of the source tree (sdist, then the
 wheel from the sdist), one venv with the system site-packages (torch is not installed again),
-``pip install --no-deps --no-index`` of the wheel, and one ``mod-bench --quick`` run from a fresh
-directory.
+``pip install --no-deps --no-index`` of the wheel, and one ``python -m bench --quick`` run from a
+copy of the source tree against that install. The benchmarks are a source-tree tool (``bench/`` is in
+the sdist, not in the wheel): no package called ``bench`` lands in site-packages.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ import mod_models
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPTS = {
-    "mod-bench": "bench.cli:main",
     "mod-train": "mod_models.train:main",
-    "mod-export": "mod_models.export:main",
-    "mod-analysis": "mod_models.analysis:main",
-    "mod-facts": "mod_models.facts:main",
+    "mod-export": "mod_models.tools.export:main",
+    "mod-analysis": "mod_models.tools.analysis:main",
+    "mod-facts": "mod_models.tools.facts:main",
 }
-PACKAGES = ("bench", "mod_models", "mod_kernels")
+PACKAGES = ("mod_models", "mod_kernels")  # what the wheel installs; bench/ stays in the source tree
 
 
 def _user_env(**extra: str) -> dict[str, str]:
@@ -71,10 +71,11 @@ def built(tmp_path_factory) -> dict[str, Path]:
 def test_sdist_holds_what_its_tests_need(built) -> None:
     with tarfile.open(built["sdist"]) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    tests = {p.relative_to(built["source"]).as_posix() for p in (built["source"] / "tests").glob("*.py")}
+    tests = {p.relative_to(built["source"]).as_posix() for p in (built["source"] / "tests").rglob("*.py")}
     needed = {"README.md", "LICENSE", "pyproject.toml", ".ci/run", "bench/gpu.sh"} | tests
     assert not needed - names, sorted(needed - names)
-    modules = {p.relative_to(built["source"]).as_posix() for pkg in PACKAGES for p in (built["source"] / pkg).glob("*.py")}
+    modules = {p.relative_to(built["source"]).as_posix() for pkg in (*PACKAGES, "bench")
+               for p in (built["source"] / pkg).rglob("*.py")}
     assert not modules - names, sorted(modules - names)
 
 
@@ -88,17 +89,18 @@ def test_wheel_metadata_license_version_and_console_scripts(built) -> None:
     assert metadata["License-Expression"] == "MIT" and metadata["License-File"] == "LICENSE"
     assert f"{info}/licenses/LICENSE" in names
     assert metadata.get_all("Author") == ["the mod-cnn authors"] and metadata.get_all("Classifier")
-    scripts = dict(line.replace(" ", "").split("=", 1) for line in entry_points.split("[console_scripts]")[1].split("\n")
-                   if "=" in line)
+    lines = entry_points.split("[console_scripts]")[1].split("\n")
+    scripts = dict(line.replace(" ", "").split("=", 1) for line in lines if "=" in line)
     assert scripts == CONSOLE_SCRIPTS
     tops = {n.split("/")[0] for n in names if not n.startswith(info)}
-    assert tops == set(PACKAGES), tops  # no tests, no results, nothing else at the top level
-    assert not [n for n in names if n.startswith("bench/results")]
+    assert tops == set(PACKAGES), tops  # no tests, no benchmarks, nothing else at the top level
+    packaged = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
+    assert {"mod_models/train", "mod_models/tools", "mod_models/integrations"} <= packaged, packaged
     license_text = (ROOT / "LICENSE").read_text()
     assert license_text.startswith("MIT License") and "the mod-cnn authors" in license_text
 
 
-def test_plain_install_runs_the_quick_benchmark_under_the_working_directory(built, tmp_path: Path) -> None:
+def test_plain_install_runs_the_quick_benchmark_from_the_source_tree(built, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
                    timeout=120)
@@ -111,10 +113,10 @@ def test_plain_install_runs_the_quick_benchmark_under_the_working_directory(buil
                                capture_output=True, text=True, check=True).stdout.strip())
     check = textwrap.dedent("""\
         import importlib.metadata as md, json
-        import bench, mod_models
+        import importlib.util, mod_models
         dist = md.distribution("mod-cnn")
         scripts = {ep.name: ep for ep in dist.entry_points if ep.group == "console_scripts"}
-        print(json.dumps({"bench": bench.__file__, "mod_models": mod_models.__file__,
+        print(json.dumps({"bench": importlib.util.find_spec("bench") is not None, "mod_models": mod_models.__file__,
                           "version": dist.version, "callable": {n: callable(ep.load()) for n, ep in scripts.items()}}))
         """)
     work = tmp_path / "work"
@@ -123,18 +125,24 @@ def test_plain_install_runs_the_quick_benchmark_under_the_working_directory(buil
                             timeout=300, check=False)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     facts = json.loads(loaded.stdout.strip().splitlines()[-1])
-    assert Path(facts["bench"]).is_relative_to(site) and Path(facts["mod_models"]).is_relative_to(site), facts
+    assert not facts["bench"] and Path(facts["mod_models"]).is_relative_to(site), facts  # no top-level "bench"
     assert facts["version"] == mod_models.__version__
     assert facts["callable"] == {name: True for name in CONSOLE_SCRIPTS}
 
-    run = subprocess.run([str(venv / "bin" / "mod-bench"), "--quick"], cwd=work, env=_user_env(), capture_output=True,
+    # The benchmark runs from a checkout (here a copy of the sdist's bench/) with the installed library:
+    # the checkout's mod_models is left out so that the installed one is what gets measured.
+    checkout = tmp_path / "checkout"
+    shutil.copytree(built["source"] / "bench", checkout / "bench", ignore=shutil.ignore_patterns("results", "*.sh"))
+    before = {p for p in checkout.rglob("*") if p.is_file()}
+    run = subprocess.run([str(python), "-m", "bench", "--quick"], cwd=checkout, env=_user_env(), capture_output=True,
                          text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    written = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    written = sorted(p.relative_to(checkout).as_posix() for p in checkout.rglob("*")
+                     if p.is_file() and p not in before and "__pycache__" not in p.parts)
     assert written and all(name.startswith("runs/bench/") for name in written), written
     assert {Path(n).suffix for n in written} == {".json", ".md", ".png"}
     assert not list(site.rglob("results")) and not list(site.rglob("runs"))  # nothing written into site-packages
-    payload = json.loads((work / next(n for n in written if n.endswith(".json"))).read_text())
+    payload = json.loads((checkout / next(n for n in written if n.endswith(".json"))).read_text())
     assert payload["meta"]["env"]["mod_cnn"] == mod_models.__version__
     assert payload["meta"]["env"]["git_commit"] is None  # an installed copy has no commit to report
 
@@ -144,7 +152,8 @@ WITHOUT_TRITON = textwrap.dedent("""\
     sys.modules["triton"] = None  # what `import triton` does where Triton is not installed: ImportError
     import contextlib, io
     import torch
-    import mod_models, mod_models.features, mod_models.train, mod_models.export, mod_models.analysis
+    import mod_models, mod_models.integrations.features, mod_models.train
+    import mod_models.tools.export, mod_models.tools.analysis
     import bench.cli, bench.models, bench.kernels, bench.providers, bench.report, bench.env
     model = mod_models.resnet18_mod(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)

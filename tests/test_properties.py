@@ -16,17 +16,18 @@ import zlib
 import pytest
 import torch
 import torch.utils.checkpoint
+from helpers import assert_close
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import mod_models
 
-from helpers import assert_close
-
 # The CPU interpreter suite: its tensors are CPU tensors, which the triton backend takes only under
 # Triton's interpreter (tests/conftest.py switches it on where there is no GPU). On a GPU machine
 # tests/test_kernels.py runs the kernels compiled, the deployed block included.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)"
+)
 
 BLOCK_TYPES = {
     "bottleneck": mod_models.MoDBottleneck,
@@ -151,7 +152,9 @@ def _check_backends_agree(cfg):
         for g, e in zip(grads, ref_grads):
             assert_close(g, e, **GRAD_TOLERANCE, name=f"parameter gradient ({label})")
     elif ref_grad_x is not None:  # low precision: NaN pattern and finiteness agree
-        assert torch.equal(torch.isnan(grad_x), torch.isnan(ref_grad_x)), f"input-gradient NaN positions differ ({label})"
+        assert torch.equal(torch.isnan(grad_x), torch.isnan(ref_grad_x)), (
+            f"input-gradient NaN positions differ ({label})"
+        )
 
 
 def test_property_strategy_covers_every_fusion_block_dtype_and_router():

@@ -11,7 +11,7 @@ Read at test time, so the checks follow the README as it changes:
   bench`` commands parse with the benchmark's own argument parser; ``bash FILE`` names a file of
   the repository; every ``".[extra]"`` is an extra of pyproject.toml and every ``mod-*``
   command one of its console scripts;
-* inline usage such as ```mod_models.features.mod_feature_extractor(...)``` resolves after a
+* inline usage such as ```mod_models.integrations.features.mod_feature_extractor(...)``` resolves after a
   plain ``import mod_models``;
 * the quick start is two commands and CI runs the second one verbatim.
 """
@@ -102,7 +102,8 @@ def shell_commands(text: str) -> list[str]:
             continue
         for line in block.code.replace("\\\n", " ").splitlines():
             commands += [part.strip() for part in line.split("#", 1)[0].split("&&") if part.strip()]
-    commands += [span.strip() for span in inline_code(text) if re.match(r"(python3? |torchrun |bash |mod-\w+ )", span.strip())]
+    commands += [span.strip() for span in inline_code(text)
+                 if re.match(r"(python3? |torchrun |bash |mod-\w+ )", span.strip())]
     return commands
 
 
@@ -131,12 +132,13 @@ def test_block_parser_reads_markers_and_rejects_misplaced_ones():
         ```bash
         python -m bench --quick   # smoke
         ```
-        Inline `python -m mod_models.facts` and `mod_models.features.mod_feature_extractor(m, ["x"])`.
+        Inline `python -m mod_models.tools.facts` and
+        `mod_models.integrations.features.mod_feature_extractor(m, ["x"])`.
         """)
     first, second = fenced_blocks(text)
     assert (first.lang, first.code, first.skip_reason) == ("python", "import torch", "needs a GPU")
     assert (second.lang, second.skip_reason, second.line) == ("bash", None, 9)
-    assert shell_commands(text) == ["python -m bench --quick", "python -m mod_models.facts"]
+    assert shell_commands(text) == ["python -m bench --quick", "python -m mod_models.tools.facts"]
     assert module_of("torchrun --nproc-per-node 8 -m mod_models.train --out x") == "mod_models.train"
     with pytest.raises(ValueError, match="needs a reason"):
         fenced_blocks("<!-- no-test: -->\n```python\npass\n```\n")
@@ -172,7 +174,7 @@ def test_python_snippet_runs(block: Block, tmp_path: Path):
 def test_inline_usage_resolves_after_import():
     """In a fresh interpreter (other tests import submodules, which would hide a missing one)."""
     calls = sorted({m for span in inline_code(readme_text()) for m in re.findall(r"^(mod_models(?:\.\w+)+)\(", span)})
-    assert calls, "expected inline usage such as mod_models.features.mod_feature_extractor(...)"
+    assert calls, "expected inline usage such as mod_models.integrations.features.mod_feature_extractor(...)"
     check = textwrap.dedent(f"""
         import mod_models
         for dotted in {calls!r}:
@@ -215,7 +217,8 @@ def test_bench_commands_parse():
 
 def test_project_modules_answer_help():
     """``python -m X --help`` for every project module the README names, in one interpreter."""
-    modules = sorted({m for m in map(module_of, shell_commands(readme_text())) if m and m.split(".")[0] in PROJECT_PACKAGES})
+    modules = sorted({m for m in map(module_of, shell_commands(readme_text()))
+                      if m and m.split(".")[0] in PROJECT_PACKAGES})
     assert "bench" in modules and any(m.startswith("mod_models.") for m in modules), modules
     script = textwrap.dedent("""\
         import contextlib, io, runpy, sys
@@ -236,8 +239,8 @@ def test_project_modules_answer_help():
         """)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)  # as a user runs them (tests/conftest.py sets it for the suite)
-    result = subprocess.run([sys.executable, "-W", "ignore::RuntimeWarning", "-c", script, *modules], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300, check=False)
+    result = subprocess.run([sys.executable, "-W", "ignore::RuntimeWarning", "-c", script, *modules], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 

@@ -17,17 +17,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.utils.checkpoint
+from helpers import assert_close, randomise_norms
 
 import mod_kernels
 import mod_models
 from mod_models import functional as MF
 
-from helpers import assert_close, randomise_norms
-
 # The CPU interpreter suite: its tensors are CPU tensors, which the triton backend takes only under
 # Triton's interpreter (tests/conftest.py switches it on where there is no GPU). On a GPU machine
 # tests/test_kernels.py runs the kernels compiled, the deployed block included.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU interpreter suite (CUDA machine: see test_kernels.py)"
+)
 
 BACKENDS = ("reference", "triton")
 BLOCKS = (
@@ -151,7 +152,8 @@ def test_nan_and_inf_propagate_like_the_reference(cls, channels, capacity, kind)
         block.backend = "triton"
         got = block(x)
     assert torch.equal(torch.isnan(got), torch.isnan(expected)), (
-        f"NaN positions differ: {int(torch.isnan(got).sum())} on triton, {int(torch.isnan(expected).sum())} on the reference"
+        f"NaN positions differ: {int(torch.isnan(got).sum())} on triton, "
+        f"{int(torch.isnan(expected).sum())} on the reference"
     )
     if kind != "huge":  # fp32 overflow makes the non-NaN values themselves rounding-sensitive
         assert_close(got, expected, atol=1e-5, rtol=1e-5, name=f"{kind} output")

@@ -1,0 +1,433 @@
+"""timm integration: every MoD variant in timm's model registry, with timm's model interface.
+
+Importing this module (it needs ``timm``; the rest of ``mod_models`` does not) registers
+``resnet18_mod ... resnet152_mod, mobilenet_v2_mod, mobilenet_v2_mod_l`` with timm::
+
+    import timm
+    import mod_models.integrations.timm  # noqa: F401  (registers the MoD variants)
+
+    model = timm.create_model("resnet50_mod", num_classes=10, drop_rate=0.1)
+    backbone = timm.create_model("resnet50_mod", features_only=True, out_indices=(1, 2, 3, 4))
+
+The models are torchvision's ``ResNet`` / ``MobileNetV2`` (subclasses :class:`TimmMoDResNet`,
+:class:`TimmMoDMobileNetV2`) with the MoD blocks of the plain builders, the same module names
+and state_dict keys (a checkpoint moves freely between ``timm.create_model("resnet50_mod")`` and
+``mod_models.resnet50_mod()``; with the same seed and default keywords both build the same
+weights), plus timm's interface: ``pretrained_cfg``, ``num_classes``, ``num_features``,
+``get_classifier`` / ``reset_classifier``, ``forward_features`` / ``forward_head``,
+``feature_info`` (``features_only=True``), ``set_grad_checkpointing`` and ``group_matcher``.
+
+timm keywords: ``pretrained`` must be False (no pretrained MoD weights exist; load your own with
+``checkpoint_path=``); ``in_chans``, ``num_classes`` (0: no classifier), ``global_pool`` (timm's
+pool types), ``drop_rate`` (dropout before the classifier), ``bn_momentum`` / ``bn_eps``,
+``device`` / ``dtype``; ``drop_path_rate`` and ``drop_block_rate`` must be 0 (neither
+torchvision's blocks nor the MoD blocks have stochastic depth or DropBlock). The MoD keywords
+(``capacity``, ``fusion``, ``router``, ``backend``, ``inplace``) and torchvision's
+(``zero_init_residual``, ``replace_stride_with_dilation``, ``norm_layer``, ``width_mult``, ...)
+pass through to the builders.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    from timm.layers import SelectAdaptivePool2d
+    from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+except ImportError as error:  # the rest of mod_models works without timm
+    raise ImportError(f"mod_models.integrations.timm needs timm (pip install timm): {error}") from error
+from torchvision.models.mobilenetv2 import MobileNetV2
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .. import mobilenetv2 as _mobilenetv2
+from .. import resnet as _resnet
+from ..blocks import MoDBlock, init_conv_and_norm
+from ..zoo import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MOD_BUILDERS
+
+__all__ = ["TimmMoDMobileNetV2", "TimmMoDResNet", "POOL_TYPES"]
+
+# Every pool type of timm's SelectAdaptivePool2d ("" = no pooling, only without a classifier).
+POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks of timm's keywords
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_rate(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_pool(global_pool: object, num_classes: int) -> str:
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
+    if global_pool == "" and num_classes > 0:
+        raise ValueError(
+            f"global_pool='' (no pooling) needs num_classes=0 (no classifier), got num_classes={num_classes}"
+        )
+    return global_pool
+
+
+def _global_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """timm's pooling: ``[B, C, H, W]`` -> ``[B, C * multiplier]``; ``""`` keeps ``[B, C, H, W]``."""
+    return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+
+
+def _check_unsupported_regularisers(drop_path_rate: object, drop_block_rate: object) -> None:
+    for name, value in (("drop_path_rate", drop_path_rate), ("drop_block_rate", drop_block_rate)):
+        if _check_rate(name, value) != 0.0:
+            what = "stochastic depth (drop path)" if name == "drop_path_rate" else "DropBlock"
+            raise ValueError(
+                f"{name}={value!r}: MoD models have no {what} (neither torchvision's blocks nor the MoD blocks "
+                f"implement it); pass {name}=0 or leave it unset"
+            )
+
+
+def _norm_layer_with(norm_layer: Optional[Callable[..., nn.Module]], bn_momentum: object, bn_eps: object):
+    """``norm_layer``, or BatchNorm2d with timm's ``bn_momentum`` / ``bn_eps`` when either is given."""
+    if bn_momentum is None and bn_eps is None:
+        return norm_layer
+    if norm_layer is not None:
+        raise ValueError("pass either norm_layer or bn_momentum/bn_eps, not both")
+    options: dict[str, float] = {}
+    if bn_momentum is not None:
+        if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0.0 < bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be a float in (0, 1], got {bn_momentum!r}")
+        options["momentum"] = float(bn_momentum)
+    if bn_eps is not None:
+        if isinstance(bn_eps, bool) or not isinstance(bn_eps, (int, float)) or not bn_eps > 0.0:
+            raise ValueError(f"bn_eps must be a float > 0, got {bn_eps!r}")
+        options["eps"] = float(bn_eps)
+    return partial(nn.BatchNorm2d, **options)
+
+
+def _check_checkpointing_allowed(model: nn.Module) -> None:
+    """Activation checkpointing reruns each block's forward in backward from the block's saved input.
+    Reentrant checkpointing runs the first forward under ``no_grad``, where a MoD block with
+    ``inplace=True`` overwrites that input, and the rerun then returns wrong gradients without any
+    error; so checkpointing is refused for such blocks (reentrant or not: timm's setting can change
+    between calls)."""
+    writers = [name for name, module in model.named_modules() if isinstance(module, MoDBlock) and module.inplace]
+    if writers:
+        raise ValueError(
+            f"gradient checkpointing needs MoD blocks that do not write into their input, but {writers[:3]} have "
+            "inplace=True; set inplace=False first (mod_models.integrations.features.disable_inplace(model))"
+        )
+
+
+class _TimmInterface:
+    """The parts of timm's model interface shared by :class:`TimmMoDResNet` and :class:`TimmMoDMobileNetV2`."""
+
+    num_classes: int
+    num_features: int
+    head_hidden_size: int
+    grad_checkpointing: bool
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block in ``forward_features`` (timm's ``checkpoint_seq``; reentrant or not as
+        ``timm.layers.set_reentrant_ckpt`` says). Gradients equal those without checkpointing."""
+        if not isinstance(enable, bool):
+            raise TypeError(f"enable must be True or False, got {enable!r}")
+        if enable:
+            _check_checkpointing_allowed(self)
+        self.grad_checkpointing = enable
+
+    def _run_blocks(
+        self, blocks: Union[nn.Sequential, list[nn.Sequential]], x: Tensor, *, flatten: bool = False
+    ) -> Tensor:
+        """Run ``blocks`` (a Sequential, or stages with ``flatten=True``), one checkpoint per block when
+        gradient checkpointing is on and autograd records (under ``no_grad`` there is nothing to save)."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            _check_checkpointing_allowed(self)  # inplace may have been switched on after set_grad_checkpointing
+            return checkpoint_seq(blocks, x, flatten=flatten)
+        for block in (blocks if not flatten else [b for stage in blocks for b in stage]):
+            x = block(x)
+        return x
+
+    def _new_classifier(self, num_classes: int, pool: SelectAdaptivePool2d) -> nn.Module:
+        """A fresh ``Linear(num_features * pool multiplier, num_classes)`` (``Identity`` for 0 classes) on
+        the device and dtype of the model's parameters."""
+        if num_classes == 0:
+            return nn.Identity()
+        reference = next(self.parameters())
+        width = self.num_features * pool.feat_mult()
+        return nn.Linear(width, num_classes, device=reference.device, dtype=reference.dtype)
+
+    def _set_head_size(self, pool: SelectAdaptivePool2d) -> None:
+        self.head_hidden_size = self.num_features * pool.feat_mult()
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet
+# ----------------------------------------------------------------------------------------------
+
+
+class TimmMoDResNet(_TimmInterface, ResNet):
+    """torchvision ``ResNet`` with timm's model interface (the MoD builders then insert the MoD blocks).
+
+    Args:
+        block, layers: as torchvision's ``ResNet``.
+        num_classes: classifier outputs; 0 for none (``forward`` returns the pooled features
+            ``[B, num_features]``).
+        in_chans: input channels of the stem convolution.
+        global_pool: one of :data:`POOL_TYPES`; ``"catavgmax"`` doubles the classifier input.
+        drop_rate: dropout before the classifier (training only).
+        drop_path_rate, drop_block_rate: must be 0.
+        **kwargs: torchvision ``ResNet`` keywords.
+
+    (timm's ``bn_momentum`` / ``bn_eps`` are turned into ``norm_layer`` by the timm entry points.)
+    """
+
+    def __init__(
+        self,
+        block: type[Union[BasicBlock, Bottleneck]],
+        layers: list[int],
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        drop_block_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        _check_int("num_classes", num_classes, 0)
+        _check_int("in_chans", in_chans, 1)
+        _check_pool(global_pool, num_classes)
+        drop_rate = _check_rate("drop_rate", drop_rate)
+        _check_unsupported_regularisers(drop_path_rate, drop_block_rate)
+        # With num_classes >= 1 this draws exactly the weights torchvision's ResNet (the plain builder) draws.
+        super().__init__(block, layers, num_classes=max(num_classes, 1), **kwargs)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.num_features = self.fc.in_features
+        if in_chans != 3:
+            stem = self.conv1
+            self.conv1 = nn.Conv2d(in_chans, stem.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
+            init_conv_and_norm(self.conv1)
+        self.feature_info = _resnet.resnet_stage_info(self)
+        self.avgpool = _global_pool(global_pool)
+        if num_classes == 0 or self.avgpool.feat_mult() != 1:
+            self.fc = self._new_classifier(num_classes, self.avgpool)
+        self._set_head_size(self.avgpool)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups for timm's layer-wise learning rate decay: the stem, then stages or blocks."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: none) and, if given,
+        the pooling by ``global_pool``."""
+        _check_int("num_classes", num_classes, 0)
+        pool_type = self.avgpool.pool_type if global_pool is None else global_pool
+        _check_pool(pool_type, num_classes)
+        self.num_classes = num_classes
+        self.avgpool = _global_pool(pool_type)
+        self.fc = self._new_classifier(num_classes, self.avgpool).train(self.training)
+        self._set_head_size(self.avgpool)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``[B, in_chans, H, W]`` -> the last stage's map ``[B, num_features, H/32, W/32]``
+        (``H/8`` with ``replace_stride_with_dilation=[False, True, True]``)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self._run_blocks([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """``[B, num_features, h, w]`` -> logits ``[B, num_classes]`` (pooled features with ``pre_logits``)."""
+        x = self.avgpool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# MobileNetV2
+# ----------------------------------------------------------------------------------------------
+
+
+class TimmMoDMobileNetV2(_TimmInterface, MobileNetV2):
+    """torchvision ``MobileNetV2`` with timm's model interface (the MoD builders then insert the MoD blocks).
+
+    Args:
+        num_classes, in_chans, global_pool, drop_path_rate, drop_block_rate: as :class:`TimmMoDResNet`.
+        drop_rate: dropout before the classifier (torchvision's ``dropout``, default 0.2).
+        **kwargs: torchvision ``MobileNetV2`` keywords (``width_mult``, ``round_nearest``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.2,
+        drop_path_rate: float = 0.0,
+        drop_block_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if "dropout" in kwargs:
+            raise ValueError(
+                f"pass drop_rate (timm's name for the classifier dropout), not dropout={kwargs['dropout']!r}"
+            )
+        _check_int("num_classes", num_classes, 0)
+        _check_int("in_chans", in_chans, 1)
+        _check_pool(global_pool, num_classes)
+        drop_rate = _check_rate("drop_rate", drop_rate)
+        _check_unsupported_regularisers(drop_path_rate, drop_block_rate)
+        super().__init__(num_classes=max(num_classes, 1), dropout=drop_rate, **kwargs)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.num_features = self.last_channel
+        if in_chans != 3:
+            stem = self.features[0][0]
+            self.features[0][0] = nn.Conv2d(in_chans, stem.out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+            init_conv_and_norm(self.features[0][0])
+        self.feature_info = _mobilenetv2.mobilenet_v2_stage_info(self)
+        self.global_pool = _global_pool(global_pool)
+        if num_classes == 0 or self.global_pool.feat_mult() != 1:
+            self.classifier[1] = self._new_classifier(num_classes, self.global_pool)
+        self._set_head_size(self.global_pool)
+
+    def _new_classifier(self, num_classes: int, pool: SelectAdaptivePool2d) -> nn.Module:
+        classifier = super()._new_classifier(num_classes, pool)
+        if isinstance(classifier, nn.Linear):  # torchvision's MobileNetV2 initialisation of its classifier
+            nn.init.normal_(classifier.weight, 0, 0.01)
+            nn.init.zeros_(classifier.bias)
+        return classifier
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups for timm's layer-wise learning rate decay: the stem, then one group per block."""
+        return dict(stem=r"^features\.0\.", blocks=r"^features\.(\d+)\.")  # features are one flat sequence
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "classifier.1" if name_only else self.classifier[1]
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """As :meth:`TimmMoDResNet.reset_classifier`; the dropout before it is kept."""
+        _check_int("num_classes", num_classes, 0)
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        _check_pool(pool_type, num_classes)
+        self.num_classes = num_classes
+        self.global_pool = _global_pool(pool_type)
+        self.classifier[1] = self._new_classifier(num_classes, self.global_pool).train(self.training)
+        self._set_head_size(self.global_pool)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``[B, in_chans, H, W]`` -> the head conv's map ``[B, num_features, H/32, W/32]``."""
+        x = self.features[0](x)  # the stem is not checkpointed: the checkpointed blocks need an input with grad
+        return self._run_blocks(self.features[1:], x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """``[B, num_features, h, w]`` -> logits ``[B, num_classes]`` (pooled features with ``pre_logits``)."""
+        x = self.classifier[0](self.global_pool(x))  # dropout
+        return x if pre_logits else self.classifier[1](x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------
+
+
+def _pretrained_cfg(name: str, *, first_conv: str, classifier: str) -> dict[str, Any]:
+    """The data config timm's scripts resolve for a variant: the paper's ImageNet preprocessing
+    (224 px, bilinear, center crop 0.875 = resize 256, ImageNet mean/std); no weights."""
+    return dict(
+        url="",
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=EVAL_CROP_RATIO,
+        crop_mode="center",
+        interpolation="bilinear",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        first_conv=first_conv,
+        classifier=classifier,
+        paper_ids="arXiv:2409.17016",
+        paper_name="CNN Mixture-of-Depths",
+        description=f"{name}: torchvision architecture, every second block of a stage MoD; no pretrained weights",
+    )
+
+
+def _timm_builder(name: str) -> tuple[Callable[..., nn.Module], dict[str, Any], dict[str, Any]]:
+    """(builder constructing the timm subclass, pretrained cfg, feature cfg) of variant ``name``."""
+    if name in _resnet.RESNET_MOD_CONFIGS:
+        cfg = _pretrained_cfg(name, first_conv="conv1", classifier="fc")
+        return _resnet._make_builder(name, model_class=TimmMoDResNet), cfg, {}
+    cfg = _pretrained_cfg(name, first_conv="features.0.0", classifier="classifier.1")
+    setting = _mobilenetv2.MOBILENET_V2_MOD_SETTINGS[name]
+    builder = _mobilenetv2._make_builder(name, setting, model_class=TimmMoDMobileNetV2)
+    return builder, cfg, {"flatten_sequential": True}  # feature modules are features.N
+
+
+def _check_dtype(dtype: object) -> Optional[torch.dtype]:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    return dtype
+
+
+def _make_entrypoint(name: str, builder: Callable[..., nn.Module], feature_cfg: dict[str, Any]):
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if pretrained is not False:
+            raise ValueError(
+                f"{name}: pretrained={pretrained!r}, but no pretrained weights exist for MoD models; pass "
+                "pretrained=False (load your own weights with timm.create_model(..., checkpoint_path=PATH))"
+            )
+        device = kwargs.pop("device", None)
+        dtype = _check_dtype(kwargs.pop("dtype", None))
+        device = torch.device(device) if device is not None else None
+        norm_layer = _norm_layer_with(
+            kwargs.pop("norm_layer", None), kwargs.pop("bn_momentum", None), kwargs.pop("bn_eps", None)
+        )
+        if norm_layer is not None:
+            kwargs["norm_layer"] = norm_layer
+        model = build_model_with_cfg(builder, name, pretrained=False, feature_cfg=dict(feature_cfg), **kwargs)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = (
+        f"timm entry point of {name} (see mod_models.integrations.timm): timm.create_model({name!r}, **kwargs)."
+    )
+    return entrypoint
+
+
+_BUILDERS = {name: _timm_builder(name) for name in MOD_BUILDERS}
+# timm's register_model reads each variant's pretrained cfg from this module's default_cfgs.
+default_cfgs = generate_default_cfgs({name: cfg for name, (_, cfg, _) in _BUILDERS.items()})
+for _name, (_builder, _, _feature_cfg) in _BUILDERS.items():
+    globals()[_name] = register_model(_make_entrypoint(_name, _builder, _feature_cfg))
+del _name, _builder, _feature_cfg
