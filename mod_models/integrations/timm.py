@@ -146,16 +146,23 @@ class _TimmInterface:
             _check_checkpointing_allowed(self)
         self.grad_checkpointing = enable
 
-    def _run_blocks(
-        self, blocks: Union[nn.Sequential, list[nn.Sequential]], x: Tensor, *, flatten: bool = False
-    ) -> Tensor:
-        """Run ``blocks`` (a Sequential, or stages with ``flatten=True``), one checkpoint per block when
-        gradient checkpointing is on and autograd records (under ``no_grad`` there is nothing to save)."""
+    def _checkpointing(self) -> bool:
+        """True when a forward checkpoints its blocks: gradient checkpointing is on and autograd records
+        (under ``no_grad`` there is nothing to save)."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             _check_checkpointing_allowed(self)  # inplace may have been switched on after set_grad_checkpointing
-            return checkpoint_seq(blocks, x, flatten=flatten)
-        for block in (blocks if not flatten else [b for stage in blocks for b in stage]):
-            x = block(x)
+            return True
+        return False
+
+    def _run_stages(self, stages: list[nn.Sequential], x: Tensor) -> Tensor:
+        """Run ``stages`` (Sequentials of blocks) in order. Each stage is called as a module, so forward
+        hooks on it fire as in the plain model; with gradient checkpointing (see :meth:`_checkpointing`)
+        one checkpoint per block, as timm's own models do (hooks on the blocks fire, those on the stage
+        containers do not, in timm's models too)."""
+        if self._checkpointing():
+            return checkpoint_seq(stages, x, flatten=True)
+        for stage in stages:
+            x = stage(x)
         return x
 
     def _new_classifier(self, num_classes: int, pool: SelectAdaptivePool2d) -> nn.Module:
@@ -251,7 +258,7 @@ class TimmMoDResNet(_TimmInterface, ResNet):
         """``[B, in_chans, H, W]`` -> the last stage's map ``[B, num_features, H/32, W/32]``
         (``H/8`` with ``replace_stride_with_dilation=[False, True, True]``)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self._run_blocks([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        return self._run_stages([self.layer1, self.layer2, self.layer3, self.layer4], x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """``[B, num_features, h, w]`` -> logits ``[B, num_classes]`` (pooled features with ``pre_logits``)."""
@@ -342,13 +349,16 @@ class TimmMoDMobileNetV2(_TimmInterface, MobileNetV2):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, in_chans, H, W]`` -> the head conv's map ``[B, num_features, H/32, W/32]``."""
+        if not self._checkpointing():
+            return self.features(x)
         x = self.features[0](x)  # the stem is not checkpointed: the checkpointed blocks need an input with grad
-        return self._run_blocks(self.features[1:], x)
+        return checkpoint_seq(self.features[1:], x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """``[B, num_features, h, w]`` -> logits ``[B, num_classes]`` (pooled features with ``pre_logits``)."""
-        x = self.classifier[0](self.global_pool(x))  # dropout
-        return x if pre_logits else self.classifier[1](x)
+        x = self.global_pool(x)
+        # classifier = (dropout, linear), called whole as in the plain model (its forward hooks fire)
+        return self.classifier[0](x) if pre_logits else self.classifier(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -187,6 +187,38 @@ def test_forward_features_head_and_reset_classifier(name):
         model.reset_classifier(5)  # keeps global_pool='', which needs no classifier
 
 
+def _hook_every_module(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Forward hooks on every module of ``model``: the list fills with ``(name, output)`` per call."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    for module_name, module in model.named_modules():
+        module.register_forward_hook(
+            lambda _m, _i, out, module_name=module_name: calls.append((module_name, out.detach().clone()))
+        )
+    return calls
+
+
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_forward_hooks_fire_on_every_module_as_in_the_eager_model(name):
+    torch.manual_seed(0)
+    eager = MOD_BUILDERS[name](num_classes=3).eval()
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3).eval()
+    eager_calls, timm_calls = _hook_every_module(eager), _hook_every_module(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=0, atol=0)
+    # The stage containers (layer1 .. layer4, features) and every module inside them fire, in the eager
+    # order, with the eager outputs; only the pooling differs (timm's pool flattens and has children).
+    eager_modules = dict(eager.named_modules())
+    common = [(n, out) for n, out in timm_calls if n in eager_modules and not n.startswith(("avgpool", "global"))]
+    expected = [(n, out) for n, out in eager_calls if not n.startswith("avgpool")]
+    assert [n for n, _ in common] == [n for n, _ in expected]
+    stages = ["layer1", "layer2", "layer3", "layer4"] if name.startswith("resnet") else ["features"]
+    assert all(stage in [n for n, _ in common] for stage in stages)
+    for (module_name, out), (_, eager_out) in zip(common, expected):
+        torch.testing.assert_close(out, eager_out, rtol=0, atol=0, msg=module_name)
+
+
 def test_group_matcher_drives_timms_layer_decay():
     model = timm.create_model("resnet18_mod", num_classes=3)
     optimizer = timm.optim.create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.5)
@@ -213,9 +245,10 @@ RESNET_FEATURE_MODULES = ["relu", "layer1", "layer2", "layer3", "layer4"]
          ["features.1", "features.3", "features.6", "features.13", "features.17"]),
     ],
 )
-def test_features_only_matches_hooked_features(name, kwargs, channels, reductions, modules):
+@pytest.mark.parametrize("feature_cls", ["list", "hook"])
+def test_features_only_matches_hooked_features(name, kwargs, channels, reductions, modules, feature_cls):
     torch.manual_seed(0)
-    extractor = timm.create_model(name, features_only=True, **kwargs).eval()
+    extractor = timm.create_model(name, features_only=True, feature_cls=feature_cls, **kwargs).eval()
     torch.manual_seed(0)
     reference = MOD_BUILDERS[name](**kwargs).eval()
     assert extractor.feature_info.channels() == channels
