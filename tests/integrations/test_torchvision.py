@@ -47,6 +47,19 @@ def test_get_model_get_model_builder_and_list_models_find_every_variant():
         tvm.get_model("resnet18_mod", weights="IMAGENET1K_V1")
 
 
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_get_model_weights_says_no_pretrained_weights_exist(name):
+    weights = tvm.get_model_weights(name)  # torchvision's loops over list_models() call this for every model
+    assert issubclass(weights, tvm.WeightsEnum) and list(weights) == []
+    assert "no pretrained MoD weights exist" in weights.__doc__
+    message = r"no pretrained MoD weights exist.*weights=None.*load_torchvision_weights"
+    with pytest.raises(AttributeError, match=message):
+        getattr(weights, "DEFAULT")  # noqa: B009  (the attribute access is the test)
+    with pytest.raises(KeyError, match=message):
+        weights["IMAGENET1K_V1"]
+    assert tvm.get_model_weights(MOD_BUILDERS[name]) is weights
+
+
 def test_torchvision_private_registry_is_what_get_model_reads():
     """The one private torchvision API mod_models uses: fails loudly if torchvision changes it."""
     from torchvision.models import _api
