@@ -115,6 +115,63 @@ def _norm_layer_with(norm_layer: Optional[Callable[..., nn.Module]], bn_momentum
     return partial(nn.BatchNorm2d, **options)
 
 
+# output stride -> torchvision's replace_stride_with_dilation (layer2, layer3, layer4), as timm's ResNet dilates.
+_DILATED_STAGES = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
+
+
+def _dilated_stages(output_stride: object, replace_stride_with_dilation: object) -> list[bool]:
+    """The stages to dilate instead of stride: from timm's ``output_stride`` or torchvision's flags."""
+    if output_stride is not None and (isinstance(output_stride, bool) or output_stride not in _DILATED_STAGES):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+    if replace_stride_with_dilation is None:
+        return list(_DILATED_STAGES[output_stride or 32])
+    flags = replace_stride_with_dilation
+    if not isinstance(flags, (list, tuple)) or len(flags) != 3 or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"replace_stride_with_dilation must be a list of 3 bools, got {flags!r}")
+    if output_stride is not None and list(flags) != _DILATED_STAGES[output_stride]:
+        raise ValueError(
+            f"output_stride={output_stride} asks for replace_stride_with_dilation={_DILATED_STAGES[output_stride]}, "
+            f"got replace_stride_with_dilation={list(flags)}; pass one of the two"
+        )
+    return list(flags)
+
+
+def _set_conv(conv: nn.Conv2d, *, dilation: int, stride: Optional[int] = None) -> None:
+    """Dilate a 3x3 convolution in place (padding = dilation keeps the size); its weights are unchanged."""
+    conv.dilation = (dilation, dilation)
+    conv.padding = (dilation, dilation)
+    if stride is not None:
+        conv.stride = (stride, stride)
+
+
+def _dilate_basic_blocks(model: ResNet, dilated: list[bool]) -> None:
+    """Dilate the BasicBlock stages of a strided ResNet as ``replace_stride_with_dilation=dilated`` would.
+
+    torchvision's ``BasicBlock`` refuses dilation, so the model is built strided and its convolutions
+    are then dilated in place (same modules, names and weights), as timm's ResNet builds them: in a
+    dilated stage the first block's strided 3x3 convolution and its downsample get stride 1, that
+    convolution keeps the previous dilation and every later 3x3 convolution of the stage takes the
+    doubled one."""
+    dilation = 1
+    for stage_name, dilate in zip(_resnet.STAGES[1:], dilated):
+        stage = getattr(model, stage_name)
+        previous = dilation
+        first = stage[0]
+        if dilate:
+            dilation *= first.stride
+            first.stride = 1
+            if first.downsample is not None:
+                first.downsample[0].stride = (1, 1)
+            _set_conv(first.conv1, dilation=previous, stride=1)
+        elif previous > 1:
+            _set_conv(first.conv1, dilation=previous)
+        if dilation > 1:
+            _set_conv(first.conv2, dilation=dilation)
+            for block in stage[1:]:
+                _set_conv(block.conv1, dilation=dilation)
+                _set_conv(block.conv2, dilation=dilation)
+
+
 def _check_checkpointing_allowed(model: nn.Module) -> None:
     """Activation checkpointing reruns each block's forward in backward from the block's saved input.
     Reentrant checkpointing runs the first forward under ``no_grad``, where a MoD block with
@@ -194,6 +251,9 @@ class TimmMoDResNet(_TimmInterface, ResNet):
         global_pool: one of :data:`POOL_TYPES`; ``"catavgmax"`` doubles the classifier input.
         drop_rate: dropout before the classifier (training only).
         drop_path_rate, drop_block_rate: must be 0.
+        output_stride: 32 (default), 16 or 8: timm's way to dilate the last stages instead of striding
+            them (``replace_stride_with_dilation`` ``[False, False, True]`` / ``[False, True, True]``);
+            BasicBlock stages are dilated as timm's ResNet dilates them.
         **kwargs: torchvision ``ResNet`` keywords.
 
     (timm's ``bn_momentum`` / ``bn_eps`` are turned into ``norm_layer`` by the timm entry points.)
@@ -210,6 +270,7 @@ class TimmMoDResNet(_TimmInterface, ResNet):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         drop_block_rate: float = 0.0,
+        output_stride: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         _check_int("num_classes", num_classes, 0)
@@ -217,8 +278,14 @@ class TimmMoDResNet(_TimmInterface, ResNet):
         _check_pool(global_pool, num_classes)
         drop_rate = _check_rate("drop_rate", drop_rate)
         _check_unsupported_regularisers(drop_path_rate, drop_block_rate)
+        dilated = _dilated_stages(output_stride, kwargs.pop("replace_stride_with_dilation", None))
         # With num_classes >= 1 this draws exactly the weights torchvision's ResNet (the plain builder) draws.
-        super().__init__(block, layers, num_classes=max(num_classes, 1), **kwargs)
+        if issubclass(block, Bottleneck):
+            super().__init__(block, layers, num_classes=max(num_classes, 1), replace_stride_with_dilation=dilated,
+                             **kwargs)
+        else:  # torchvision's BasicBlock refuses dilation: built strided, then dilated in place
+            super().__init__(block, layers, num_classes=max(num_classes, 1), **kwargs)
+            _dilate_basic_blocks(self, dilated)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -282,6 +349,7 @@ class TimmMoDMobileNetV2(_TimmInterface, MobileNetV2):
     Args:
         num_classes, in_chans, global_pool, drop_path_rate, drop_block_rate: as :class:`TimmMoDResNet`.
         drop_rate: dropout before the classifier (torchvision's ``dropout``, default 0.2).
+        output_stride: None or 32 (there is no dilated MobileNetV2).
         **kwargs: torchvision ``MobileNetV2`` keywords (``width_mult``, ``round_nearest``, ...).
     """
 
@@ -294,8 +362,14 @@ class TimmMoDMobileNetV2(_TimmInterface, MobileNetV2):
         drop_rate: float = 0.2,
         drop_path_rate: float = 0.0,
         drop_block_rate: float = 0.0,
+        output_stride: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
+        if output_stride not in (None, 32):
+            raise ValueError(
+                f"output_stride={output_stride!r}: only 32 is possible, torchvision's MobileNetV2 has no dilated form "
+                "(neither have the MoD inverted residuals); use a MoD ResNet for a dilated backbone"
+            )
         if "dropout" in kwargs:
             raise ValueError(
                 f"pass drop_rate (timm's name for the classifier dropout), not dropout={kwargs['dropout']!r}"
@@ -422,7 +496,13 @@ def _make_entrypoint(name: str, builder: Callable[..., nn.Module], feature_cfg: 
         )
         if norm_layer is not None:
             kwargs["norm_layer"] = norm_layer
-        model = build_model_with_cfg(builder, name, pretrained=False, feature_cfg=dict(feature_cfg), **kwargs)
+        merged_feature_cfg = dict(feature_cfg)
+        user_feature_cfg = kwargs.pop("feature_cfg", None)
+        if user_feature_cfg is not None:  # timm's build_model_with_cfg: the caller's entries win over the model's
+            if not isinstance(user_feature_cfg, dict):
+                raise TypeError(f"feature_cfg must be a dict, got {type(user_feature_cfg).__name__}")
+            merged_feature_cfg.update(user_feature_cfg)
+        model = build_model_with_cfg(builder, name, pretrained=False, feature_cfg=merged_feature_cfg, **kwargs)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         return model

@@ -278,6 +278,81 @@ def test_features_only_matches_hooked_features(name, kwargs, channels, reduction
         torch.testing.assert_close(again, feature, rtol=0, atol=0, msg=module)
 
 
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_features_only_with_a_feature_cfg_merges_it_as_timm_does(name):
+    torch.manual_seed(0)
+    by_cfg = timm.create_model(name, features_only=True, feature_cfg=dict(feature_cls="hook", out_indices=(1, 3)))
+    torch.manual_seed(0)
+    by_keywords = timm.create_model(name, features_only=True, feature_cls="hook", out_indices=(1, 3))
+    assert type(by_cfg) is type(by_keywords) is timm.models.FeatureHookNet
+    assert by_cfg.feature_info.reduction() == by_keywords.feature_info.reduction() == [4, 16]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(by_cfg.eval()(x), by_keywords.eval()(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # out_indices as a keyword wins over the feature_cfg's, as in timm's build_model_with_cfg
+    assert timm.create_model(name, features_only=True, feature_cfg=dict(out_indices=(1,)),
+                             out_indices=(2,)).feature_info.reduction() == [8]
+    with pytest.raises(TypeError, match="feature_cfg must be a dict"):
+        timm.create_model(name, features_only=True, feature_cfg="hook")
+
+
+# (variant, timm's own model with the same stage layout, output stride): the dilation timm puts in every
+# standard block's convolutions is the expectation.
+@pytest.mark.parametrize("name, baseline, output_stride", [
+    ("resnet18_mod", "resnet18", 16), ("resnet18_mod", "resnet18", 8), ("resnet50_mod", "resnet50", 16),
+    ("resnet50_mod", "resnet50", 8), ("resnet50_mod", "resnet50", 32),
+])
+def test_output_stride_dilates_like_timms_resnet(name, baseline, output_stride):
+    model = timm.create_model(name, num_classes=3, output_stride=output_stride).eval()
+    reference = timm.create_model(baseline, num_classes=3, output_stride=output_stride)
+    reference_convs = dict(reference.named_modules())
+    standard_convs = [(n, m) for n, m in model.named_modules()
+                      if isinstance(m, nn.Conv2d) and not any(n.startswith(b + ".") for b in _mod_block_names(model))]
+    assert len(standard_convs) > 10
+    for conv_name, conv in standard_convs:
+        expected = reference_convs[conv_name]
+        assert (conv.stride, conv.dilation, conv.padding) == (expected.stride, expected.dilation, expected.padding), \
+            conv_name
+    # A MoD block takes the dilation of the standard blocks of its stage.
+    for block_name in _mod_block_names(model):
+        stage = block_name.split(".")[0]
+        assert model.get_submodule(block_name).dilation == reference_convs[f"{stage}.1.conv2"].dilation[0]
+    assert [i["reduction"] for i in model.feature_info] == [i["reduction"] for i in reference.feature_info]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model.forward_features(x).shape[-1] == 64 // output_stride
+    features = timm.create_model(name, features_only=True, output_stride=output_stride)
+    assert features.feature_info.reduction() == [i["reduction"] for i in reference.feature_info]
+
+
+def test_output_stride_equals_replace_stride_with_dilation():
+    x = torch.randn(2, 3, 64, 64)
+    for output_stride, dilated in ((16, [False, False, True]), (8, [False, True, True])):
+        torch.manual_seed(0)
+        by_stride = timm.create_model("resnet50_mod", num_classes=3, output_stride=output_stride).eval()
+        torch.manual_seed(0)
+        by_flags = timm.create_model("resnet50_mod", num_classes=3, replace_stride_with_dilation=dilated).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(by_stride(x), by_flags(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keywords, message", [
+    ({"output_stride": 4}, r"output_stride must be 8, 16 or 32, got 4"),
+    ({"output_stride": 16, "replace_stride_with_dilation": [False, True, True]},
+     r"output_stride=16 asks for replace_stride_with_dilation=\[False, False, True\]"),
+])
+def test_bad_output_stride_raises_clear_errors(keywords, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("resnet50_mod", **keywords)
+
+
+def test_mobilenet_output_stride_is_refused_clearly():
+    assert timm.create_model("mobilenet_v2_mod", output_stride=32).feature_info[-1]["reduction"] == 32
+    with pytest.raises(ValueError, match=r"output_stride=16: .*MobileNetV2 has no dilated form"):
+        timm.create_model("mobilenet_v2_mod", output_stride=16)
+
+
 def test_features_only_fx_and_out_indices():
     torch.manual_seed(0)
     by_fx = timm.create_model("resnet18_mod", features_only=True, feature_cls="fx", out_indices=(2, 4)).eval()
