@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 try:
     from timm.layers import SelectAdaptivePool2d
-    from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+    from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 except ImportError as error:  # the rest of mod_models works without timm
     raise ImportError(f"mod_models.integrations.timm needs timm (pip install timm): {error}") from error
 from torchvision.models.mobilenetv2 import MobileNetV2
@@ -186,6 +186,44 @@ def _check_checkpointing_allowed(model: nn.Module) -> None:
         )
 
 
+def _take_indices(count: int, indices: object) -> tuple[list[int], int]:
+    """timm's ``indices`` of ``forward_intermediates`` / ``prune_intermediate_layers`` among ``count``
+    feature maps: None (all), an int n (the last n) or a sequence of indices (negative from the end).
+    Returns the absolute indices and the largest."""
+    def is_int(i: object) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool)
+
+    if not (
+        indices is None
+        or (is_int(indices) and 1 <= indices <= count)
+        or (isinstance(indices, (list, tuple)) and indices and all(is_int(i) and -count <= i < count for i in indices))
+    ):
+        raise ValueError(
+            f"indices must be None (all {count} feature maps), an int n in [1, {count}] (the last n) or a list of "
+            f"indices in [{-count}, {count - 1}] (negative from the end) of the {count} feature maps, got {indices!r}"
+        )
+    if indices is None:
+        take = list(range(count))
+    elif isinstance(indices, int):
+        take = list(range(count - indices, count))
+    else:
+        take = [i % count for i in indices]
+    return take, max(take)
+
+
+def _check_not_pruned(model: nn.Module, pruned: list[int]) -> None:
+    if pruned:
+        modules = [model.feature_info[i]["module"] for i in pruned]
+        raise ValueError(
+            f"feature maps {pruned} ({modules}) were removed by prune_intermediate_layers; ask for kept ones only"
+        )
+
+
+def _check_output_fmt(output_fmt: object) -> None:
+    if output_fmt != "NCHW":  # timm passes its Format enum, a str
+        raise ValueError(f"output_fmt must be 'NCHW' (the layout of these models' feature maps), got {output_fmt!r}")
+
+
 class _TimmInterface:
     """The parts of timm's model interface shared by :class:`TimmMoDResNet` and :class:`TimmMoDMobileNetV2`."""
 
@@ -321,6 +359,64 @@ class TimmMoDResNet(_TimmInterface, ResNet):
         self.fc = self._new_classifier(num_classes, self.avgpool).train(self.training)
         self._set_head_size(self.avgpool)
 
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, list[int], tuple[int, ...]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """timm's feature API: the feature maps of :attr:`feature_info` (the stem's ReLU, ``layer1`` ..
+        ``layer4``) picked by ``indices`` (None: all five; n: the last n; a list: those, negative from the
+        end), and the final map.
+
+        ``norm`` is accepted and has no effect (a ResNet has no final norm); ``stop_early`` runs no stage
+        after the last one picked (the final map is then that stage's); ``output_fmt`` must be ``"NCHW"``.
+        Returns ``(final map, [feature maps])``, or only the list with ``intermediates_only``. The final
+        map equals :meth:`forward_features`. With gradient checkpointing each stage's blocks are
+        checkpointed as in :meth:`forward_features`.
+        """
+        take, last = _take_indices(len(self.feature_info), indices)
+        _check_output_fmt(output_fmt)
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        _check_not_pruned(self, [i for i in take if i > 0 and len(stages[i - 1]) == 0])
+        intermediates = []
+        x = self.relu(self.bn1(self.conv1(x)))
+        if 0 in take:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        checkpointing = self._checkpointing()
+        for index, stage in enumerate(stages[:last] if stop_early else stages, start=1):
+            x = checkpoint_seq(stage, x) if checkpointing else stage(x)
+            if index in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, list[int], tuple[int, ...]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop what the feature maps ``indices`` (as in :meth:`forward_intermediates`) do not need, as
+        timm's ResNet does: later stages become empty ``nn.Sequential`` (module names of the kept ones
+        unchanged), the max pool goes when only the stem's map is kept, and the head goes (``prune_head``,
+        or when a stage was dropped: ``num_features`` is then the last kept stage's width). Returns the
+        absolute indices kept. ``prune_norm`` has no effect (no final norm)."""
+        take, last = _take_indices(len(self.feature_info), indices)
+        for stage_name in _resnet.STAGES[last:]:
+            setattr(self, stage_name, nn.Sequential())
+        if last == 0:
+            self.maxpool = nn.Identity()
+        prune_end = last < len(self.feature_info) - 1
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
+
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, in_chans, H, W]`` -> the last stage's map ``[B, num_features, H/32, W/32]``
         (``H/8`` with ``replace_stride_with_dilation=[False, True, True]``)."""
@@ -420,6 +516,64 @@ class TimmMoDMobileNetV2(_TimmInterface, MobileNetV2):
         self.global_pool = _global_pool(pool_type)
         self.classifier[1] = self._new_classifier(num_classes, self.global_pool).train(self.training)
         self._set_head_size(self.global_pool)
+
+    def _stage_ends(self) -> list[int]:
+        """The ``features`` index of every :attr:`feature_info` map (its last block)."""
+        return [int(info["module"].split(".")[1]) for info in self.feature_info]
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, list[int], tuple[int, ...]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """timm's feature API, as :meth:`TimmMoDResNet.forward_intermediates`: the five maps of
+        :attr:`feature_info` (the last block before every stride-2 block and the last inverted residual;
+        reductions 2 .. 32) and the final map, which equals :meth:`forward_features` (the head
+        convolution is applied when every block ran, as in timm's MobileNetV2). ``norm`` has no effect."""
+        take, last = _take_indices(len(self.feature_info), indices)
+        _check_output_fmt(output_fmt)
+        ends = self._stage_ends()
+        built = len(self.features) - 1  # the last module's index (fewer after prune_intermediate_layers)
+        _check_not_pruned(self, [i for i in take if ends[i] > built])
+        take_blocks = {ends[i] for i in take}
+        final_block = min(ends[last] if stop_early else ends[-1], built)
+        checkpointing = self._checkpointing()
+        intermediates = []
+        x = self.features[0](x)  # the stem (never checkpointed: the checkpointed blocks need an input with grad)
+        for index in range(1, final_block + 1):
+            block = self.features[index]
+            x = checkpoint(block, x) if checkpointing else block(x)
+            if index in take_blocks:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if final_block == ends[-1] and len(self.features) > final_block + 1:  # the head convolution
+            x = self.features[final_block + 1](x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, list[int], tuple[int, ...]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop what the feature maps ``indices`` do not need, as timm's MobileNetV2 does: ``features`` is
+        cut after the last block needed (module names of the kept blocks unchanged); the head convolution
+        and the classifier go with ``prune_head`` or ``prune_norm`` or when blocks were cut
+        (``num_features`` is then the last kept map's width). Returns the absolute indices kept."""
+        take, last = _take_indices(len(self.feature_info), indices)
+        ends = self._stage_ends()
+        prune_end = prune_norm or prune_head or last < len(ends) - 1
+        if prune_end:
+            self.features = self.features[: ends[last] + 1]
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, in_chans, H, W]`` -> the head conv's map ``[B, num_features, H/32, W/32]``."""

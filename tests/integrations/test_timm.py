@@ -245,7 +245,7 @@ RESNET_FEATURE_MODULES = ["relu", "layer1", "layer2", "layer3", "layer4"]
          ["features.1", "features.3", "features.6", "features.13", "features.17"]),
     ],
 )
-@pytest.mark.parametrize("feature_cls", ["list", "hook"])
+@pytest.mark.parametrize("feature_cls", ["list", "hook", "getter"])
 def test_features_only_matches_hooked_features(name, kwargs, channels, reductions, modules, feature_cls):
     torch.manual_seed(0)
     extractor = timm.create_model(name, features_only=True, feature_cls=feature_cls, **kwargs).eval()
@@ -276,6 +276,137 @@ def test_features_only_matches_hooked_features(name, kwargs, channels, reduction
         in_place = extractor(x)
     for module, feature, again in zip(modules, features, in_place):
         torch.testing.assert_close(again, feature, rtol=0, atol=0, msg=module)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward_intermediates, prune_intermediate_layers (timm's feature API; feature_cls="getter")
+# ----------------------------------------------------------------------------------------------
+
+# variant: (feature modules of the plain model, channels, reductions), written out from the architectures
+INTERMEDIATES = {
+    "resnet18_mod": (RESNET_FEATURE_MODULES, [64, 64, 128, 256, 512], [2, 4, 8, 16, 32]),
+    "resnet50_mod": (RESNET_FEATURE_MODULES, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+    "mobilenet_v2_mod": (["features.1", "features.3", "features.6", "features.13", "features.17"],
+                         [16, 24, 32, 96, 320], [2, 4, 8, 16, 32]),
+    "mobilenet_v2_mod_l": (["features.1", "features.3", "features.6", "features.13", "features.17"],
+                           [16, 32, 64, 128, 320], [2, 4, 8, 16, 32]),
+}
+
+
+def _hooked(model: nn.Module, modules: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of ``modules`` in one eager forward of ``model`` (forward hooks, cloned at once)."""
+    captured = {}
+    handles = [model.get_submodule(m).register_forward_hook(
+        lambda _m, _i, out, m=m: captured.__setitem__(m, out.clone())) for m in modules]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return [captured[m] for m in modules]
+
+
+@pytest.mark.parametrize("name", list(INTERMEDIATES))
+def test_forward_intermediates_as_timms_own_tests_check_it(name):
+    modules, channels, reductions = INTERMEDIATES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3).eval()
+    torch.manual_seed(0)
+    plain = MOD_BUILDERS[name](num_classes=3).eval()
+    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    assert info.channels() == channels and info.reduction() == reductions
+    x = torch.randn(1, 3, 64, 64)
+    output, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
+    assert [tuple(t.shape) for t in intermediates] == [(1, c, 64 // r, 64 // r) for c, r in zip(channels, reductions)]
+    for module, feature, expected in zip(modules, intermediates, _hooked(plain, modules, x), strict=True):
+        torch.testing.assert_close(feature, expected, rtol=0, atol=0, msg=module)
+    torch.testing.assert_close(output, model.forward_features(x), rtol=0, atol=0)
+    model.set_grad_checkpointing()  # timm's test: the checkpointed path gives the same output
+    again, checkpointed = model.forward_intermediates(x)
+    torch.testing.assert_close(again, output, rtol=0, atol=0)
+    for a, b in zip(checkpointed, intermediates, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_forward_intermediates_indices_stop_early_and_intermediates_only(name):
+    model = timm.create_model(name, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, every = model.forward_intermediates(x)
+        assert len(every) == 5
+        for indices, taken in ((2, [3, 4]), ([0, -1], [0, 4]), ((1, 3), [1, 3]), (None, [0, 1, 2, 3, 4])):
+            only = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+            assert len(only) == len(taken)
+            for t, i in zip(only, taken, strict=True):
+                torch.testing.assert_close(t, every[i], rtol=0, atol=0)
+        last, early = model.forward_intermediates(x, indices=[1, 2], stop_early=True, norm=True)
+        torch.testing.assert_close(last, every[2], rtol=0, atol=0)  # nothing after the last index ran
+        assert [tuple(t.shape) for t in early] == [tuple(every[1].shape), tuple(every[2].shape)]
+
+
+@pytest.mark.parametrize("keywords, error, message", [
+    ({"indices": 6}, ValueError, r"indices must be .* 5 feature maps, got 6"),
+    ({"indices": [0, 5]}, ValueError, r"indices must be .* 5 feature maps, got \[0, 5\]"),
+    ({"indices": 0}, ValueError, "indices must be"),
+    ({"indices": "all"}, ValueError, "indices must be"),
+    ({"output_fmt": "NHWC"}, ValueError, "output_fmt must be 'NCHW'"),
+])
+def test_forward_intermediates_rejects_bad_arguments(keywords, error, message):
+    model = timm.create_model("resnet18_mod", num_classes=3)
+    with pytest.raises(error, match=message):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), **keywords)
+
+
+def test_prune_intermediate_layers_refuses_bad_indices_and_changes_nothing():
+    model = timm.create_model("resnet18_mod", num_classes=3)
+    before = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"indices must be .* 5 feature maps, got \(2, 7\)"):
+        model.prune_intermediate_layers((2, 7))
+    assert list(model.state_dict()) == before and model.num_classes == 3
+
+
+@pytest.mark.parametrize("name, indices, kept, width", [
+    ("resnet18_mod", (1, 2), ["layer1", "layer2"], 128),
+    ("resnet18_mod", (4,), ["layer1", "layer2", "layer3", "layer4"], 512),
+    ("mobilenet_v2_mod", (0, 2), 7, 32),
+    ("mobilenet_v2_mod", (4,), 18, 320),
+])
+def test_prune_intermediate_layers_keeps_what_the_indices_need(name, indices, kept, width):
+    model = timm.create_model(name, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    assert model.prune_intermediate_layers(indices) == list(indices)
+    if name.startswith("resnet"):  # later stages emptied (as in timm's ResNet), the head gone
+        assert [s for s in RESNET_FEATURE_MODULES[1:] if len(model.get_submodule(s))] == kept
+    else:  # the blocks after the last index and the head convolution cut off
+        assert len(model.features) == kept
+    assert model.num_classes == 0 and model.num_features == width
+    with torch.no_grad():
+        for a, b in zip(model.forward_intermediates(x, indices=indices, intermediates_only=True), expected,
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), expected[-1], rtol=0, atol=0)  # no head: the last kept features
+    if indices[-1] < 4:  # a map that was pruned is refused, never computed from what is left
+        with pytest.raises(ValueError, match=r"feature maps \[4\] .* were removed by prune_intermediate_layers"):
+            model.forward_intermediates(x, indices=[4])
+
+
+def test_getter_features_with_out_indices_and_training():
+    torch.manual_seed(0)
+    getter = timm.create_model("resnet50_mod", features_only=True, feature_cls="getter", out_indices=(1, 3))
+    torch.manual_seed(0)
+    listed = timm.create_model("resnet50_mod", features_only=True, out_indices=(1, 3))
+    assert type(getter).__name__ == "FeatureGetterNet"
+    assert getter.feature_info.channels() == [256, 1024] and getter.feature_info.reduction() == [4, 16]
+    assert len(getter.model.layer4) == 0  # pruned: nothing after layer3 is built into the getter
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(getter.eval()(x), listed.eval()(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    getter.train()
+    sum(f.mean() for f in getter(x)).backward()
+    assert getter.model.layer1[1].router.fc1.weight.grad is not None
 
 
 @pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
