@@ -159,6 +159,28 @@ def test_resnet_drop_rate_is_dropout_before_the_classifier():
 
 
 @pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_drop_rate_is_off_in_eval_mode(name):
+    torch.manual_seed(0)
+    dropping = timm.create_model(name, num_classes=3, drop_rate=0.5).eval()
+    torch.manual_seed(0)
+    without = timm.create_model(name, num_classes=3, drop_rate=0.0).eval()
+    for a, b in zip(dropping.state_dict().values(), without.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # dropout has no weights and draws none
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        first, second = dropping(x), dropping(x)
+        pooled = dropping.forward_head(dropping.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)  # deterministic
+        torch.testing.assert_close(first, without(x), rtol=0, atol=0)  # and nothing dropped or rescaled
+        torch.testing.assert_close(pooled, without.forward_head(without.forward_features(x), pre_logits=True),
+                                   rtol=0, atol=0)
+    with torch.no_grad():
+        features = dropping.forward_features(x)
+        dropping.train()  # the check above can fail: on the same features, the training-mode head drops
+        assert not torch.equal(dropping.forward_head(features, pre_logits=True), pooled)
+
+
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
 def test_forward_features_head_and_reset_classifier(name):
     model = timm.create_model(name, num_classes=4).eval()
     width = NUM_FEATURES[name]
