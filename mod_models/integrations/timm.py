@@ -38,7 +38,15 @@ from torch import Tensor, nn
 
 try:
     from timm.layers import SelectAdaptivePool2d
-    from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+    from timm.models import (
+        FeatureDictNet,
+        FeatureHookNet,
+        build_model_with_cfg,
+        checkpoint,
+        checkpoint_seq,
+        generate_default_cfgs,
+        register_model,
+    )
 except ImportError as error:  # the rest of mod_models works without timm
     raise ImportError(f"mod_models.integrations.timm needs timm (pip install timm): {error}") from error
 from torchvision.models.mobilenetv2 import MobileNetV2
@@ -47,6 +55,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from .. import mobilenetv2 as _mobilenetv2
 from .. import resnet as _resnet
 from ..blocks import MoDBlock, init_conv_and_norm
+from ..deploy import NAMED_CONV_NORM_PAIRS, register_conv_norm_pairs, register_sequential_container
 from ..zoo import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MOD_BUILDERS
 
 __all__ = ["TimmMoDMobileNetV2", "TimmMoDResNet", "POOL_TYPES"]
@@ -668,6 +677,13 @@ def _make_entrypoint(name: str, builder: Callable[..., nn.Module], feature_cfg: 
     )
     return entrypoint
 
+
+# optimize_for_inference folds the stem of a timm MoD ResNet as torchvision's (forward_features runs
+# conv1 -> bn1), and the children of timm's feature extractors, which run them in order.
+register_conv_norm_pairs(TimmMoDResNet, NAMED_CONV_NORM_PAIRS[ResNet])
+for _container in (FeatureDictNet, FeatureHookNet):
+    register_sequential_container(_container)
+del _container
 
 _BUILDERS = {name: _timm_builder(name) for name in MOD_BUILDERS}
 # timm's register_model reads each variant's pretrained cfg from this module's default_cfgs.
