@@ -15,21 +15,29 @@ and state_dict keys (a checkpoint moves freely between ``timm.create_model("resn
 ``mod_models.resnet50_mod()``; with the same seed and default keywords both build the same
 weights), plus timm's interface: ``pretrained_cfg``, ``num_classes``, ``num_features``,
 ``get_classifier`` / ``reset_classifier``, ``forward_features`` / ``forward_head``,
-``feature_info`` (``features_only=True``), ``set_grad_checkpointing`` and ``group_matcher``.
+``forward_intermediates`` / ``prune_intermediate_layers``, ``feature_info`` (``features_only=True``,
+every ``feature_cls``), ``set_grad_checkpointing``, ``group_matcher`` and ``load_pretrained``.
 
-timm keywords: ``pretrained`` must be False (no pretrained MoD weights exist; load your own with
-``checkpoint_path=``); ``in_chans``, ``num_classes`` (0: no classifier), ``global_pool`` (timm's
-pool types), ``drop_rate`` (dropout before the classifier), ``bn_momentum`` / ``bn_eps``,
-``device`` / ``dtype``; ``drop_path_rate`` and ``drop_block_rate`` must be 0 (neither
-torchvision's blocks nor the MoD blocks have stochastic depth or DropBlock). The MoD keywords
-(``capacity``, ``fusion``, ``router``, ``backend``, ``inplace``) and torchvision's
-(``zero_init_residual``, ``replace_stride_with_dilation``, ``norm_layer``, ``width_mult``, ...)
-pass through to the builders.
+timm keywords: ``pretrained`` (no pretrained MoD weights exist: ``pretrained=True`` needs a local
+file, ``pretrained_cfg_overlay=dict(file=PATH)`` as timm's train.py ``--pretrained-path`` passes it,
+holding a state_dict of the variant or of its torchvision/timm baseline; see
+:meth:`TimmMoDResNet.load_pretrained`; ``checkpoint_path=`` loads a whole checkpoint of the
+variant); ``in_chans``, ``num_classes`` (0: no classifier), ``global_pool`` (timm's pool types),
+``drop_rate`` (dropout before the classifier), ``bn_momentum`` / ``bn_eps``, ``output_stride``
+(ResNets: 32, 16 or 8), ``device`` / ``dtype``, ``feature_cfg``; ``drop_path_rate`` and
+``drop_block_rate`` must be 0 (neither torchvision's blocks nor the MoD blocks have stochastic depth
+or DropBlock). The MoD keywords (``capacity``, ``fusion``, ``router``, ``backend``, ``inplace``) and
+torchvision's (``zero_init_residual``, ``replace_stride_with_dilation``, ``norm_layer``,
+``width_mult``, ...) pass through to the builders.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from functools import lru_cache, partial
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -41,11 +49,14 @@ try:
     from timm.models import (
         FeatureDictNet,
         FeatureHookNet,
+        adapt_input_conv,
         build_model_with_cfg,
         checkpoint,
         checkpoint_seq,
         generate_default_cfgs,
+        load_state_dict,
         register_model,
+        resolve_pretrained_cfg,
     )
 except ImportError as error:  # the rest of mod_models works without timm
     raise ImportError(f"mod_models.integrations.timm needs timm (pip install timm): {error}") from error
@@ -56,9 +67,12 @@ from .. import mobilenetv2 as _mobilenetv2
 from .. import resnet as _resnet
 from ..blocks import MoDBlock, init_conv_and_norm
 from ..deploy import NAMED_CONV_NORM_PAIRS, register_conv_norm_pairs, register_sequential_container
-from ..zoo import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MOD_BUILDERS
+from ..zoo import BASELINE_OF, EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MOD_BUILDERS
+from .torchvision import WeightLoadReport, check_not_deployed, check_state_dict, load_torchvision_weights
 
 __all__ = ["TimmMoDMobileNetV2", "TimmMoDResNet", "POOL_TYPES"]
+
+_logger = logging.getLogger(__name__)
 
 # Every pool type of timm's SelectAdaptivePool2d ("" = no pooling, only without a classifier).
 POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
@@ -233,6 +247,142 @@ def _check_output_fmt(output_fmt: object) -> None:
         raise ValueError(f"output_fmt must be 'NCHW' (the layout of these models' feature maps), got {output_fmt!r}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Pretrained weights from a file (timm's pretrained=True with pretrained_cfg_overlay=dict(file=...))
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _baseline_keys(variant: str) -> frozenset[str]:
+    """The state_dict keys of torchvision's baseline of ``variant`` (timm's ResNets use the same)."""
+    import torchvision
+
+    with torch.device("meta"):
+        return frozenset(torchvision.models.get_model(BASELINE_OF[variant], weights=None).state_dict())
+
+
+def _first(keys: Any, count: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:count]) + (f" (+{len(keys) - count} more)" if len(keys) > count else "")
+
+
+def _shape_mismatches(model_state: Mapping[str, Tensor], state_dict: Mapping[str, Tensor]) -> list[str]:
+    return [
+        f"{key} has shape {tuple(value.shape)} in the checkpoint, {tuple(model_state[key].shape)} in the model"
+        for key, value in state_dict.items()
+        if key in model_state and tuple(value.shape) != tuple(model_state[key].shape)
+    ]
+
+
+def _looks_deployed(model: nn.Module, state_dict: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> list[str]:
+    """Convolution biases the checkpoint has and the model's bias-free convolutions lack (batch norms
+    folded into them by optimize_for_inference)."""
+    modules = dict(model.named_modules())
+    return [
+        key for key in state_dict
+        if key.endswith(".bias") and key not in model_state
+        and isinstance(modules.get(key[: -len(".bias")]), nn.Conv2d) and modules[key[: -len(".bias")]].bias is None
+    ]
+
+
+def _load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> WeightLoadReport:
+    """Load ``state_dict`` into ``model`` (see :meth:`_TimmInterface.load_pretrained`); all checks first."""
+    check_not_deployed(model, "load_pretrained")
+    state_dict = dict(check_state_dict(state_dict))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    variant = cfg.get("architecture")
+    model_state = model.state_dict()
+    classifier = model.get_classifier(name_only=True)
+    head = {f"{classifier}.weight", f"{classifier}.bias"}
+
+    # timm's rule: the classifier loads when the model's class count (0 for features_only) equals the
+    # class count the pretrained cfg declares (-1: never); otherwise it is dropped and stays as drawn.
+    target_classes = 0 if getattr(model, "_timm_features_only", False) else model.num_classes
+    cfg_classes = cfg.get("num_classes", 1000)
+    drop_head = target_classes != cfg_classes
+    skipped: dict[str, str] = {}
+    if drop_head:
+        for key in sorted(head & set(state_dict)):
+            del state_dict[key]
+            skipped[key] = (
+                f"classifier dropped: the model has {target_classes} classes, pretrained_cfg num_classes is "
+                f"{cfg_classes} (left as initialised)"
+            )
+
+    if set(state_dict) - head == set(model_state) - head:
+        kind = "mod"
+    elif variant in BASELINE_OF and set(state_dict) - head == set(_baseline_keys(variant)) - head:
+        kind = "baseline"
+    else:
+        deployed = _looks_deployed(model, state_dict, model_state)
+        if deployed:
+            raise ValueError(
+                f"{source}: is the deploy form of a model (optimize_for_inference folded its batch norms into "
+                f"convolution biases: {_first(deployed)}); load the checkpoint saved before optimize_for_inference"
+            )
+        missing, unexpected = set(model_state) - set(state_dict) - head, set(state_dict) - set(model_state) - head
+        hint = ""
+        if any(".router." in key for key in unexpected):
+            hint = " (a MoD state_dict of another variant?)"
+        baseline = f"torchvision's/timm's {BASELINE_OF[variant]} state_dict" if variant in BASELINE_OF else "a baseline"
+        raise ValueError(
+            f"{source}: is neither a {variant or type(model).__name__} state_dict nor {baseline}{hint}: "
+            f"{len(missing)} of the model's tensors are not in it ({_first(missing)}), {len(unexpected)} of its "
+            f"tensors are not in the model ({_first(unexpected)}); nothing was loaded"
+        )
+
+    # in_chans: adapt the stem's weights as timm does (adapt_input_conv) when the channel counts differ.
+    weight_key = f"{cfg.get('first_conv') or model.first_conv_name}.weight"
+    pretrained_in_chans = (cfg.get("input_size") or (3,))[0]
+    weight, in_chans = state_dict.get(weight_key), model.in_chans
+    if weight is not None and weight.dim() == 4 and weight.shape[1] != in_chans:
+        if weight.shape[1] != pretrained_in_chans:
+            raise ValueError(
+                f"{source}: {weight_key} takes {weight.shape[1]} input channels, but pretrained_cfg input_size "
+                f"declares {pretrained_in_chans}; set pretrained_cfg_overlay=dict(..., input_size=("
+                f"{weight.shape[1]}, H, W)) to adapt it to the model's in_chans={in_chans}"
+            )
+        state_dict[weight_key] = adapt_input_conv(in_chans, weight, base_chans=pretrained_in_chans)
+        _logger.info("%s: %s adapted from %d to %d input channels", source, weight_key, pretrained_in_chans, in_chans)
+
+    if not drop_head:
+        head_in_model, head_in_file = head & set(model_state), head & set(state_dict)
+        mismatched = _shape_mismatches(model_state, {k: state_dict[k] for k in head_in_file})
+        if head_in_model != head_in_file or mismatched:
+            raise ValueError(
+                f"{source}: the classifier must load (the model's {target_classes} classes equal pretrained_cfg "
+                f"num_classes), but it does not fit: "
+                + ("; ".join(mismatched) or f"the checkpoint has {_first(head_in_file) or 'no classifier'}")
+                + "; pass pretrained_cfg_overlay=dict(file=..., num_classes=-1) for a fresh classifier, or the "
+                "checkpoint's num_classes"
+            )
+
+    if kind == "baseline":
+        report = load_torchvision_weights(model, state_dict)
+        report = WeightLoadReport(loaded=report.loaded, skipped={**skipped, **report.skipped}, missing=report.missing)
+        by_reason: dict[str, list[str]] = {}
+        for key, reason in report.skipped.items():
+            by_reason.setdefault(reason, []).append(key)
+        _logger.info(
+            "%s: %s's baseline weights: %s; the MoD blocks start fresh. Skipped: %s", source, variant, report,
+            "; ".join(f"{len(keys)} tensors ({_first(keys, 2)}): {reason}" for reason, keys in by_reason.items()),
+        )
+        return report
+
+    mismatched = _shape_mismatches(model_state, state_dict)
+    if mismatched:
+        raise ValueError(
+            f"{source}: a {variant or type(model).__name__} state_dict built with other keywords (capacity, "
+            f"router, widths?): {'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}; nothing was loaded"
+        )
+    with torch.no_grad():
+        model.load_state_dict(state_dict, strict=False)
+    loaded = list(state_dict)
+    report = WeightLoadReport(loaded=loaded, skipped=skipped, missing=[k for k in model_state if k not in state_dict])
+    _logger.info("%s: %s", source, report)
+    return report
+
+
 class _TimmInterface:
     """The parts of timm's model interface shared by :class:`TimmMoDResNet` and :class:`TimmMoDMobileNetV2`."""
 
@@ -249,6 +399,34 @@ class _TimmInterface:
         if enable:
             _check_checkpointing_allowed(self)
         self.grad_checkpointing = enable
+
+    def load_pretrained(self, checkpoint: Union[str, os.PathLike, Mapping[str, Tensor]]) -> WeightLoadReport:
+        """Start from a checkpoint: what ``timm.create_model(name, pretrained=True,
+        pretrained_cfg_overlay=dict(file=PATH))`` (timm's train.py ``--pretrained-path``) calls.
+
+        ``checkpoint``: a file (read by timm's ``load_state_dict``: a state_dict, or a training
+        checkpoint with ``state_dict`` / ``model`` / EMA weights) or a state_dict, either
+
+        * a MoD state_dict of the same variant: every tensor loads;
+        * torchvision's (or timm's) baseline of the variant (``mod_models.BASELINE_OF``): its stem,
+          standard blocks and head load through :func:`mod_models.load_torchvision_weights` (the MoD
+          blocks start fresh; the report is logged).
+
+        As timm loads its own models' weights: the classifier is dropped (left as initialised) when the
+        model's ``num_classes`` differs from ``pretrained_cfg["num_classes"]`` (-1: always), otherwise it
+        must fit; the stem is adapted with timm's ``adapt_input_conv`` when ``in_chans`` differs from
+        ``pretrained_cfg["input_size"][0]``. Anything else (another variant or configuration, a deployed
+        model's state_dict, a foreign one) raises ``ValueError`` and nothing is loaded; so does a model
+        deployed by ``optimize_for_inference`` (load before deploying).
+
+        Returns the :class:`~mod_models.WeightLoadReport`.
+        """
+        if isinstance(checkpoint, (str, os.PathLike)):
+            path = os.fspath(checkpoint)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"load_pretrained: no file {path}")
+            return _load_pretrained(self, load_state_dict(path), path)
+        return _load_pretrained(self, checkpoint, "load_pretrained")
 
     def _checkpointing(self) -> bool:
         """True when a forward checkpoints its blocks: gradient checkpointing is on and autograd records
@@ -305,6 +483,8 @@ class TimmMoDResNet(_TimmInterface, ResNet):
 
     (timm's ``bn_momentum`` / ``bn_eps`` are turned into ``norm_layer`` by the timm entry points.)
     """
+
+    first_conv_name = "conv1"  # the stem convolution (pretrained_cfg["first_conv"])
 
     def __init__(
         self,
@@ -457,6 +637,8 @@ class TimmMoDMobileNetV2(_TimmInterface, MobileNetV2):
         output_stride: None or 32 (there is no dilated MobileNetV2).
         **kwargs: torchvision ``MobileNetV2`` keywords (``width_mult``, ``round_nearest``, ...).
     """
+
+    first_conv_name = "features.0.0"  # the stem convolution (pretrained_cfg["first_conv"])
 
     def __init__(
         self,
@@ -644,13 +826,45 @@ def _check_dtype(dtype: object) -> Optional[torch.dtype]:
     return dtype
 
 
+def _pretrained_file_cfg(name: str, kwargs: dict[str, Any]) -> Any:
+    """For ``pretrained=True``: the resolved pretrained cfg, which must name a local file, set to load
+    it with the model's own ``load_pretrained`` (timm's ``custom_load``). Raises when there is none."""
+    cfg = resolve_pretrained_cfg(
+        name, pretrained_cfg=kwargs.pop("pretrained_cfg", None), pretrained_cfg_overlay=kwargs.pop(
+            "pretrained_cfg_overlay", None),
+    )
+    if not cfg.file:
+        others = {key: getattr(cfg, key) for key in ("url", "hf_hub_id", "state_dict") if getattr(cfg, key)}
+        if others:
+            shown = ", ".join(f"{key}={value!r}" for key, value in others.items() if key != "state_dict")
+            raise ValueError(
+                f"{name}: pretrained=True loads only a local file for MoD models, got {shown or 'a state_dict'}; "
+                "save or download it and pass pretrained_cfg_overlay=dict(file=PATH), or call "
+                "model.load_pretrained(state_dict) on the built model"
+            )
+        raise ValueError(
+            f"{name}: pretrained=True, but no pretrained weights exist for MoD models; pass pretrained=False, or "
+            f"start from a file: pretrained_cfg_overlay=dict(file=PATH) (a {name} state_dict, or torchvision's "
+            f"{BASELINE_OF[name]} weights; add num_classes=-1 for a fresh classifier, as timm's train.py "
+            "--pretrained-path does), or checkpoint_path=PATH for a whole checkpoint"
+        )
+    return dataclasses.replace(cfg, custom_load=True)  # timm then calls model.load_pretrained(file)
+
+
 def _make_entrypoint(name: str, builder: Callable[..., nn.Module], feature_cfg: dict[str, Any]):
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if pretrained is not False:
-            raise ValueError(
-                f"{name}: pretrained={pretrained!r}, but no pretrained weights exist for MoD models; pass "
-                "pretrained=False (load your own weights with timm.create_model(..., checkpoint_path=PATH))"
-            )
+        if not isinstance(pretrained, bool):
+            raise TypeError(f"{name}: pretrained must be True or False, got {pretrained!r}")
+        build = builder
+        if pretrained:
+            kwargs["pretrained_cfg"] = _pretrained_file_cfg(name, kwargs)
+            if kwargs.get("features_only", False):  # timm's rule: a feature extractor never loads a classifier
+
+                def build(**model_kwargs: Any) -> nn.Module:
+                    model = builder(**model_kwargs)
+                    model._timm_features_only = True
+                    return model
+
         device = kwargs.pop("device", None)
         dtype = _check_dtype(kwargs.pop("dtype", None))
         device = torch.device(device) if device is not None else None
@@ -665,7 +879,7 @@ def _make_entrypoint(name: str, builder: Callable[..., nn.Module], feature_cfg: 
             if not isinstance(user_feature_cfg, dict):
                 raise TypeError(f"feature_cfg must be a dict, got {type(user_feature_cfg).__name__}")
             merged_feature_cfg.update(user_feature_cfg)
-        model = build_model_with_cfg(builder, name, pretrained=False, feature_cfg=merged_feature_cfg, **kwargs)
+        model = build_model_with_cfg(build, name, pretrained=pretrained, feature_cfg=merged_feature_cfg, **kwargs)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         return model

@@ -119,7 +119,8 @@ def _owner(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
-def _check_state_dict(state_dict: object) -> Mapping[str, Tensor]:
+def check_state_dict(state_dict: object) -> Mapping[str, Tensor]:
+    """``state_dict`` if it is a mapping of str to tensors, else a ``TypeError`` saying what it is."""
     if isinstance(state_dict, nn.Module):
         raise TypeError(
             f"state_dict must be a mapping of names to tensors, got a {type(state_dict).__name__}; "
@@ -186,7 +187,7 @@ def load_torchvision_weights(model: nn.Module, state_dict: Mapping[str, Tensor])
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_not_deployed(model, "load_torchvision_weights")
-    checkpoint = _check_state_dict(state_dict)
+    checkpoint = check_state_dict(state_dict)
     target = model.state_dict()
     mod_blocks = [name for name, module in model.named_modules() if isinstance(module, MoDBlock)]
 
