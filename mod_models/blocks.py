@@ -336,9 +336,12 @@ def trace_as_leaf(block: MoDBlock, x: torch.fx.Proxy) -> torch.fx.Proxy:
     ``torch.fx.symbolic_trace``, ``create_feature_extractor`` and ``get_graph_node_names``
     do with any leaf module (the node is named by the block's path, e.g. ``"layer1.1"``).
 
+    A block with ``inplace=True`` (built so, or deployed) is called on a copy of its input (a
+    ``clone`` node before it): other nodes of the graph may read or return that input (a feature
+    extractor returning ``"layer1.0"``, which feeds ``"layer1.1"``), and the block must not
+    overwrite it. Tracing changes nothing in the model.
+
     Raises:
-        ValueError: the block has ``inplace=True``: a traced graph may hand the block's input
-            to other nodes (a returned feature, say), which the block would overwrite.
         TypeError: the block is the root of the trace (there is no path to call it by).
     """
     path = x.tracer.path_of_module(block)
@@ -348,10 +351,7 @@ def trace_as_leaf(block: MoDBlock, x: torch.fx.Proxy) -> torch.fx.Proxy:
             "module); trace a model that contains it, e.g. torch.nn.Sequential(block)"
         )
     if block.inplace:
-        raise ValueError(
-            f"MoD block {path!r} has inplace=True: in a traced graph it would overwrite its input, which other nodes "
-            "may read or return; set inplace=False first (mod_models.integrations.features.disable_inplace(model))"
-        )
+        x = x.tracer.create_proxy("call_function", torch.clone, (x,), {})
     return x.tracer.create_proxy("call_module", path, (x,), {})
 
 

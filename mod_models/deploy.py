@@ -9,7 +9,8 @@ ecosystem do (``torch.jit.freeze``, TensorRT's builder, timm's ``reparameterize`
    downsample branches and the MoD blocks' reduced blocks alike. The same utility folds torchvision's
    own ResNets and MobileNetV2, so benchmarks compare deploy form with deploy form;
 2. every MoD block is switched to in-place fusion (it writes only its ``k`` target channels into its
-   input tensor) and marked deployed, which on the ``"triton"`` backend runs the whole block as three
+   input tensor; not a block that a ``torch.fx`` graph, e.g. a feature extractor, calls on a tensor
+   other nodes read or return) and marked deployed, which on the ``"triton"`` backend runs the whole block as three
    kernel launches (:mod:`mod_kernels.fused_block`); the ``"reference"`` backend runs the same folded
    convolutions in plain PyTorch and stays the source of truth;
 3. the model is frozen for inference: parameters stop requiring grad, and a forward in training mode
@@ -21,10 +22,12 @@ convolution biases), so keep the trained checkpoint; the deploy form is made fro
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections import Counter
+from typing import Iterable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -42,7 +45,26 @@ NAMED_CONV_NORM_PAIRS = {
     MoDBottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
 }
 
+# Containers whose forward runs their children in order, each on the previous one's output
+# (subclasses included): a convolution followed by a norm among their children is a pair.
+SEQUENTIAL_CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, IntermediateLayerGetter)
+
 _DEPLOY_HOOK_ATTR = "_mod_deploy_hook"
+
+
+def register_conv_norm_pairs(module_type: type[nn.Module], pairs: Iterable[tuple[str, str]]) -> None:
+    """Tell :func:`fold_batch_norms` that ``module_type``'s forward applies each norm child directly to
+    the output of its convolution child: ``pairs`` of ``(conv name, norm name)``, e.g. a ResNet
+    subclass with torchvision's stem (``[("conv1", "bn1")]``). Only that exact type is affected."""
+    NAMED_CONV_NORM_PAIRS[module_type] = tuple((conv, norm) for conv, norm in pairs)
+
+
+def register_sequential_container(container_type: type[nn.Module]) -> None:
+    """Tell :func:`fold_batch_norms` that ``container_type`` (and its subclasses) runs its children in
+    order, each on the previous one's output, as ``nn.Sequential`` does."""
+    global SEQUENTIAL_CONTAINERS
+    if not issubclass(container_type, SEQUENTIAL_CONTAINERS):
+        SEQUENTIAL_CONTAINERS = (*SEQUENTIAL_CONTAINERS, container_type)
 
 
 def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> None:
@@ -79,65 +101,90 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> None:
         conv.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
 
 
-def _fold_pairs(module: nn.Module) -> Iterator[str]:
-    """Fold the conv -> norm pairs ``module`` owns directly; yields the folded norms' names."""
-    for kind, pairs in NAMED_CONV_NORM_PAIRS.items():
-        if type(module) is kind:
-            for conv_name, norm_name in pairs:
-                conv, norm = getattr(module, conv_name), getattr(module, norm_name)
-                if isinstance(conv, nn.Conv2d) and isinstance(norm, FOLDABLE_NORMS):
-                    fold_conv_bn(conv, norm)
-                    setattr(module, norm_name, nn.Identity().eval())
-                    yield norm_name
-    if isinstance(module, nn.Sequential):
-        children = list(module.named_children())
-        for (_, first), (norm_name, second) in zip(children, children[1:]):
-            if isinstance(first, nn.Conv2d) and isinstance(second, FOLDABLE_NORMS):
-                fold_conv_bn(first, second)
-                setattr(module, norm_name, nn.Identity().eval())
-                yield norm_name
+def _pairs_of(module: nn.Module) -> Iterator[tuple[str, str]]:
+    """The ``(conv, norm)`` pairs ``module``'s forward applies one after the other, as paths relative to
+    it (not yet checked to be a convolution and a norm)."""
+    for conv_name, norm_name in NAMED_CONV_NORM_PAIRS.get(type(module), ()):
+        yield conv_name, norm_name
+    if isinstance(module, SEQUENTIAL_CONTAINERS):
+        children = [name for name, _ in module.named_children()]
+        yield from zip(children, children[1:])
+    if isinstance(module, fx.GraphModule):
+        yield from _graph_pairs(module)
+
+
+def _graph_pairs(graph_module: fx.GraphModule) -> Iterator[tuple[str, str]]:
+    """Pairs of a ``torch.fx`` graph (a feature extractor, say): a module called once on the output of
+    another module called once, which nothing else reads."""
+    calls = Counter(node.target for node in graph_module.graph.nodes if node.op == "call_module")
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[node.target] != 1:
+            continue
+        source = node.args[0]
+        if (isinstance(source, fx.Node) and source.op == "call_module" and calls[source.target] == 1
+                and len(source.users) == 1):
+            yield source.target, node.target
+
+
+def _plan_folds(model: nn.Module) -> dict[int, tuple[nn.Conv2d, nn.Module, nn.Module, str]]:
+    """Every norm of ``model`` that directly follows a convolution: ``id(norm) -> (conv, norm, the
+    module holding the norm, its attribute name there)``."""
+    plan: dict[int, tuple[nn.Conv2d, nn.Module, nn.Module, str]] = {}
+    for module in model.modules():
+        for conv_path, norm_path in _pairs_of(module):
+            conv, norm = module.get_submodule(conv_path), module.get_submodule(norm_path)
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, FOLDABLE_NORMS):
+                parent_path, _, attribute = norm_path.rpartition(".")
+                plan.setdefault(id(norm), (conv, norm, module.get_submodule(parent_path), attribute))
+    return plan
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """Fold every batch norm that directly follows a convolution into it (in place; returns ``model``).
 
-    Recognised: consecutive ``Conv2d`` -> norm inside any ``nn.Sequential`` (torchvision's
-    ``Conv2dNormActivation``, ResNet downsample branches, MobileNetV2's inverted residuals), and the
-    ``convN`` -> ``bnN`` pairs of torchvision's ``ResNet``/``BasicBlock``/``Bottleneck`` and of the MoD
-    ResNet blocks. A batch norm left anywhere else cannot be folded safely and raises ``ValueError``
-    naming it (nothing is changed then).
+    Recognised: consecutive ``Conv2d`` -> norm children of any ``nn.Sequential`` (torchvision's
+    ``Conv2dNormActivation``, ResNet downsample branches, MobileNetV2's inverted residuals) and of
+    the other containers that run their children in order (torchvision's ``IntermediateLayerGetter``
+    under detection backbones, and those added by :func:`register_sequential_container`); the
+    ``convN`` -> ``bnN`` pairs of torchvision's ``ResNet``/``BasicBlock``/``Bottleneck``, of the MoD
+    ResNet blocks and of the types added by :func:`register_conv_norm_pairs`; and in a ``torch.fx``
+    ``GraphModule`` (a feature extractor), a norm called on the output of a convolution that
+    nothing else reads. A batch norm left anywhere else cannot be folded safely and raises
+    ``ValueError`` naming it (nothing is changed then).
 
     Args:
         model: in eval mode (the running statistics are what gets folded).
     """
     _check_eval(model, "fold_batch_norms")
+    plan = _plan_folds(model)
     for name, module in model.named_modules():
         for norm_name, norm in module.named_children():
-            if isinstance(norm, FOLDABLE_NORMS) and not _folds(module, norm_name):
+            if isinstance(norm, FOLDABLE_NORMS) and id(norm) not in plan:
                 path = f"{name}.{norm_name}" if name else norm_name
                 raise ValueError(
                     f"fold_batch_norms: {path} ({type(norm).__name__}) does not directly follow a convolution "
-                    "that this utility can fold it into; nothing was changed"
+                    f"that this utility can fold it into: it does not know in which order a {type(module).__name__} "
+                    "runs its children (mod_models.deploy.register_conv_norm_pairs or register_sequential_container "
+                    "tell it); nothing was changed"
                 )
-    for module in list(model.modules()):
-        for _ in _fold_pairs(module):
-            pass
+    for conv, norm, parent, attribute in plan.values():
+        fold_conv_bn(conv, norm)
+        setattr(parent, attribute, nn.Identity().eval())
     return model
 
 
-def _folds(module: nn.Module, norm_name: str) -> bool:
-    """True when :func:`_fold_pairs` folds ``module.<norm_name>``."""
-    for kind, pairs in NAMED_CONV_NORM_PAIRS.items():
-        if type(module) is kind:
-            for conv_name, pair_norm in pairs:
-                if pair_norm == norm_name and isinstance(getattr(module, conv_name), nn.Conv2d):
-                    return True
-    if isinstance(module, nn.Sequential):
-        children = list(module.named_children())
-        for (_, first), (name, _) in zip(children, children[1:]):
-            if name == norm_name and isinstance(first, nn.Conv2d):
-                return True
-    return False
+def _writes_in_place_safely(model: nn.Module) -> dict[int, bool]:
+    """``id(block) -> False`` for the MoD blocks a ``torch.fx`` graph of ``model`` calls on a tensor that
+    other nodes read too (a feature extractor returning a MoD block's input): those must not write into
+    their input."""
+    safe: dict[int, bool] = {}
+    for graph_module in (m for m in model.modules() if isinstance(m, fx.GraphModule)):
+        for node in graph_module.graph.nodes:
+            if node.op == "call_module" and isinstance(graph_module.get_submodule(node.target), MoDBlock):
+                source = node.args[0] if node.args else None
+                if isinstance(source, fx.Node) and len(source.users) > 1:
+                    safe[id(graph_module.get_submodule(node.target))] = False
+    return safe
 
 
 def _check_eval(model: nn.Module, what: str) -> None:
@@ -173,7 +220,10 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     reduced block with its fusion in at most three kernel launches; blocks whose reduced block is
     too wide for the fused kernel run the routing kernels, the folded convolutions and the fusion
     kernel: see :func:`mod_kernels.fused_block.fused_block_plan`), and freezes the model for inference.
-    Works on models without MoD blocks too (torchvision's ResNet and MobileNetV2).
+    Works on models without MoD blocks too (torchvision's ResNet and MobileNetV2), and on the models
+    built around MoD networks: timm's (``mod_models.integrations.timm`` registers its types) and their
+    feature extractors, ``torch.fx`` feature extractors, Faster R-CNN and FCN. A MoD block that a
+    ``torch.fx`` graph calls on a tensor other nodes also read keeps writing a new tensor.
 
     Args:
         model: in eval mode.
@@ -186,9 +236,10 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     _check_eval(model, "optimize_for_inference")
     fold_batch_norms(model)
     _make_ordinary(model)
+    safe = _writes_in_place_safely(model)
     for module in model.modules():
         if isinstance(module, MoDBlock):
-            module.inplace = True
+            module.inplace = safe.get(id(module), True)
             module.deployed = True
             if module.folded_convs() is not None:
                 module._fused_operands()

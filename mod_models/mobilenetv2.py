@@ -15,7 +15,7 @@ from typing import Any, Optional
 from torchvision.models.mobilenetv2 import MobileNetV2
 
 from .blocks import MoDInvertedResidual, init_conv_and_norm
-from .builder_args import check_builder_args
+from .builder_args import annotate_weights, check_builder_args
 
 MOBILENET_V2_SETTING = [
     # t, c, n, s
@@ -120,6 +120,7 @@ def _make_builder(name: str, setting: list[list[int]], model_class: type[MobileN
         )
 
     builder.__name__ = builder.__qualname__ = name
+    annotate_weights(builder)
     builder.__doc__ = (
         f"{name}: torchvision MobileNetV2 with setting (t, c, n, s) {setting}, every second block of a group MoD.\n\n"
         "Args: as the ResNet builders (capacity defaults to 16); **kwargs go to torchvision's MobileNetV2\n"

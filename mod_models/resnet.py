@@ -35,7 +35,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .blocks import MoDBasicBlock, MoDBottleneck, init_conv_and_norm, last_norm
-from .builder_args import check_builder_args
+from .builder_args import annotate_weights, check_builder_args
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -133,6 +133,7 @@ def _make_builder(name: str, model_class: type[ResNet] = ResNet):
         )
 
     builder.__name__ = builder.__qualname__ = name
+    annotate_weights(builder)
     builder.__doc__ = (
         f"{name}: torchvision ResNet with {block.__name__} stages {list(layers)}, every second block MoD.\n\n"
         "Args:\n"

@@ -119,6 +119,20 @@ MUTANTS = (
         ("tests/test_kernels.py", "-k", "tie"),
         "equal scores select the higher channel first",
     ),
+    Mutant(
+        "timm-resnet-dropout-in-eval", "mod_models/integrations/timm.py",
+        "x = F.dropout(x, p=self.drop_rate, training=self.training)",
+        "x = F.dropout(x, p=self.drop_rate, training=True)",
+        ("tests/integrations/test_timm.py", "-k", "drop_rate_is_off_in_eval_mode and resnet"),
+        "a timm MoD ResNet's classifier dropout stays on in eval mode",
+    ),
+    Mutant(
+        "timm-mobilenet-dropout-in-eval", "mod_models/integrations/timm.py",
+        "        x = self.global_pool(x)\n",
+        "        x = F.dropout(self.global_pool(x), p=self.drop_rate, training=True)\n",
+        ("tests/integrations/test_timm.py", "-k", "drop_rate_is_off_in_eval_mode and mobilenet"),
+        "a timm MoD MobileNetV2 drops features before its classifier in eval mode",
+    ),
 )
 
 

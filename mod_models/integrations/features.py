@@ -7,10 +7,16 @@ backend dispatch, in-place legality), so the tracer cannot look inside. torchvis
 directly; a block's output (e.g. ``"layer1.1"``) can be returned, nodes inside it cannot.
 
 By default a MoD block never writes into its input, so no returned feature is overwritten by a
-later block. A block with ``inplace=True`` (built so, or switched to it for deployment)
-refuses to be traced, because the graph may return its input (``"layer1.0"`` feeding the MoD
-block ``"layer1.1"``). :func:`mod_feature_extractor` switches ``inplace`` off on every MoD block
-of the model it is given (the extractor shares those modules) and then traces it.
+later block. A block with ``inplace=True`` (built so, or deployed by ``optimize_for_inference``)
+is traced as a call on a copy of its input (a ``clone`` node), because the graph may return
+or read that input elsewhere (``"layer1.0"`` feeding the MoD block ``"layer1.1"``); tracing
+changes nothing in the model.
+
+torchvision's ``create_feature_extractor`` and ``get_graph_node_names`` switch the whole model
+to train mode and then to eval mode to trace it, and set every module to the model's former
+mode afterwards (or leave it in train mode when they raise). :func:`mod_feature_extractor` and
+:func:`mod_graph_node_names` are the same calls that put every module back in its own former
+mode, whether they return or raise: a refusal changes nothing.
 
 :func:`mod_resnet_backbone` builds the MoD ResNet that :mod:`mod_models.integrations.detection` and
 :mod:`mod_models.integrations.segmentation` put under torchvision's Faster R-CNN and FCN heads.
@@ -18,7 +24,8 @@ of the model it is given (the extractor shares those modules) and then traces it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Optional, Sequence, Union
 
 from torch import nn
@@ -40,15 +47,27 @@ def disable_inplace(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module of ``model`` back in its own training mode on leaving, also on an error."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def mod_graph_node_names(model: nn.Module, **kwargs: Any) -> tuple[list[str], list[str]]:
     """``get_graph_node_names`` for a MoD model: ``(train_nodes, eval_nodes)``, MoD blocks as single nodes.
 
-    Equal to torchvision's ``get_graph_node_names(model, **kwargs)`` (kept for backwards
-    compatibility).
+    torchvision's ``get_graph_node_names(model, **kwargs)`` that leaves every module in its former
+    training mode (torchvision sets all of them to the model's).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return get_graph_node_names(model, **kwargs)
+    with _modes_kept(model):
+        return get_graph_node_names(model, **kwargs)
 
 
 def mod_feature_extractor(
@@ -60,23 +79,26 @@ def mod_feature_extractor(
     tracer_kwargs: Optional[dict[str, Any]] = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """``create_feature_extractor`` for a MoD model whose blocks may have ``inplace=True``.
+    """``create_feature_extractor`` that changes nothing in ``model``, also when it raises.
 
-    Switches ``inplace`` off on the MoD blocks of ``model`` (see the module docstring) and
-    otherwise takes the arguments of
-    :func:`torchvision.models.feature_extraction.create_feature_extractor`. The returned
-    ``GraphModule`` shares parameters with ``model`` and returns ``{name: feature}``, e.g.
-    ``{"layer2": [B, 128, H/8, W/8]}`` for a BasicBlock ResNet.
+    Takes the arguments of :func:`torchvision.models.feature_extraction.create_feature_extractor`
+    and returns its ``GraphModule``, which shares parameters with ``model`` and returns
+    ``{name: feature}``, e.g. ``{"layer2": [B, 128, H/8, W/8]}`` for a BasicBlock ResNet. Every module
+    of ``model`` keeps its own training mode (torchvision sets all of them to the model's, or leaves
+    them in train mode when it raises, e.g. for a node name the model does not have); MoD blocks
+    with ``inplace=True`` stay so (the graph gives them a copy of their input).
     """
-    disable_inplace(model)
-    return create_feature_extractor(
-        model,
-        return_nodes=return_nodes,
-        train_return_nodes=train_return_nodes,
-        eval_return_nodes=eval_return_nodes,
-        tracer_kwargs=tracer_kwargs,
-        **kwargs,
-    )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    with _modes_kept(model):
+        return create_feature_extractor(
+            model,
+            return_nodes=return_nodes,
+            train_return_nodes=train_return_nodes,
+            eval_return_nodes=eval_return_nodes,
+            tracer_kwargs=tracer_kwargs,
+            **kwargs,
+        )
 
 
 def mod_resnet_backbone(

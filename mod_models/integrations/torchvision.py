@@ -12,11 +12,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..blocks import MoDBlock
+from ..deploy import is_deployed
 from ..zoo import MOD_BUILDERS
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +119,8 @@ def _owner(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
-def _check_state_dict(state_dict: object) -> Mapping[str, Tensor]:
+def check_state_dict(state_dict: object) -> Mapping[str, Tensor]:
+    """``state_dict`` if it is a mapping of str to tensors, else a ``TypeError`` saying what it is."""
     if isinstance(state_dict, nn.Module):
         raise TypeError(
             f"state_dict must be a mapping of names to tensors, got a {type(state_dict).__name__}; "
@@ -134,17 +137,38 @@ def _check_state_dict(state_dict: object) -> Mapping[str, Tensor]:
     return state_dict
 
 
+def _mod_block_reason(block: str) -> str:
+    return (
+        f"MoD block {block!r}: its reduced block f_k sees the k selected channels in score order, not a standard "
+        "block's channels, so a standard block's tensors mean nothing there (left as initialised)"
+    )
+
+
+def check_not_deployed(model: nn.Module, what: str) -> None:
+    """Refuse a model that ``optimize_for_inference`` deployed: its batch norms are folded into the
+    convolutions, so a checkpoint's tensors no longer mean what they meant."""
+    if is_deployed(model) or any(isinstance(m, MoDBlock) and m.deployed for m in model.modules()):
+        raise ValueError(
+            f"{what}: the model was deployed by optimize_for_inference (batch norms folded into the convolutions, "
+            "which changed its tensors and state_dict); load the weights into the model before "
+            "optimize_for_inference, then deploy it"
+        )
+
+
 def load_torchvision_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> WeightLoadReport:
-    """Load every tensor of a torchvision checkpoint whose name and shape fit ``model``.
+    """Load every tensor of a torchvision checkpoint whose name and shape fit ``model``, outside its MoD blocks.
 
     A MoD model keeps torchvision's module names for its stem, standard blocks and head, but
-    its MoD blocks reuse names like ``layer1.1.conv1`` for tensors of other shapes, so
-    ``load_state_dict(strict=False)`` raises size mismatches. This loads what fits, one module
-    at a time: a module's tensors (e.g. a BatchNorm's weight, bias and running statistics) are
-    loaded together or not at all, so no module mixes checkpoint and initial values. A module
-    is loaded when every tensor it shares by name with the checkpoint has the same shape;
-    checkpoint tensors the model does not have (e.g. ``num_batches_tracked`` for a model with
-    ``FrozenBatchNorm2d``) are skipped. Values are cast to the model's dtype and device.
+    its MoD blocks reuse names like ``layer1.1.conv1``. Those are never loaded, whatever their
+    shapes (with ``capacity=1`` they are a standard block's): a MoD block's reduced block ``f_k``
+    sees the selected channels in the order of their scores, so the tensors of a standard block
+    at that position mean nothing there; they are reported as skipped and the block stays as
+    initialised. Everything else loads what fits, one module at a time: a module's tensors
+    (e.g. a BatchNorm's weight, bias and running statistics) are loaded together or not at all,
+    so no module mixes checkpoint and initial values. A module is loaded when every tensor it
+    shares by name with the checkpoint has the same shape; checkpoint tensors the model does not
+    have (e.g. ``num_batches_tracked`` for a model with ``FrozenBatchNorm2d``) are skipped. Values
+    are cast to the model's dtype and device.
 
     Args:
         model: the MoD (or any) model to fill.
@@ -157,15 +181,23 @@ def load_torchvision_weights(model: nn.Module, state_dict: Mapping[str, Tensor])
 
     Raises:
         TypeError: ``model`` is not a module, or ``state_dict`` is not a mapping of str to tensors.
-        ValueError: no tensor of the checkpoint fits the model.
+        ValueError: ``model`` was deployed by ``optimize_for_inference`` (load before deploying), or
+            no tensor of the checkpoint fits the model. Nothing is loaded then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    checkpoint = _check_state_dict(state_dict)
+    check_not_deployed(model, "load_torchvision_weights")
+    checkpoint = check_state_dict(state_dict)
     target = model.state_dict()
+    mod_blocks = [name for name, module in model.named_modules() if isinstance(module, MoDBlock)]
+
+    def mod_block_of(key: str) -> Optional[str]:
+        return next((block for block in mod_blocks if key.startswith(block + ".")), None)
 
     misfits: dict[str, str] = {}  # owner module -> first shape mismatch
     for key, value in checkpoint.items():
+        if mod_block_of(key) is not None:
+            continue
         if key in target and tuple(target[key].shape) != tuple(value.shape):
             misfits.setdefault(
                 _owner(key),
@@ -176,7 +208,10 @@ def load_torchvision_weights(model: nn.Module, state_dict: Mapping[str, Tensor])
     loaded: list[str] = []
     skipped: dict[str, str] = {}
     for key in checkpoint:
-        if key not in target:
+        block = mod_block_of(key)
+        if block is not None:
+            skipped[key] = _mod_block_reason(block)
+        elif key not in target:
             skipped[key] = "not in the model"
         elif _owner(key) in misfits:
             skipped[key] = misfits[_owner(key)]

@@ -179,6 +179,17 @@ def test_dense_builders_reject_bad_arguments():
         fcn_resnet50_mod(progress="no")
     with pytest.raises(TypeError, match="torchvision ResNet"):
         resnet_fpn(mod_models.mobilenet_v2_mod())
-    # A backbone whose MoD blocks write in place cannot be traced into FCN's feature extractor.
-    with pytest.raises(ValueError, match="inplace=True"):
-        fcn_resnet50_mod(backbone_kwargs={"inplace": True})
+
+
+def test_fcn_on_a_backbone_that_writes_in_place_equals_the_default():
+    # Its feature extractor's graph gives every in-place MoD block a copy of its input: same outputs.
+    torch.manual_seed(0)
+    in_place = fcn_resnet50_mod(num_classes=3, aux_loss=True, backbone_kwargs={"inplace": True}).eval()
+    torch.manual_seed(0)
+    default = fcn_resnet50_mod(num_classes=3, aux_loss=True).eval()
+    assert any(node.target is torch.clone for node in in_place.backbone.graph.nodes)
+    x = torch.randn(2, 3, MASK_IMAGE, MASK_IMAGE)
+    with torch.no_grad():
+        ours, expected = in_place(x), default(x)
+    for key in ("out", "aux"):
+        torch.testing.assert_close(ours[key], expected[key], rtol=0, atol=0, msg=key)

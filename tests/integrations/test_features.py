@@ -1,10 +1,13 @@
 """MoD models as backbones: torch.fx and torchvision.models.feature_extraction (mod_models.integrations.features)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+import mod_models
 from mod_models import build_model
 from mod_models.blocks import MoDBlock
 from mod_models.integrations.features import disable_inplace, mod_feature_extractor, mod_graph_node_names
@@ -24,7 +27,7 @@ def _manual_resnet_features(model, x):
 @pytest.mark.parametrize("name", ["resnet18_mod", "resnet50_mod"])
 def test_feature_extractor_returns_intact_features(name):
     torch.manual_seed(0)
-    # inplace=True: without mod_feature_extractor switching it off, "layer1.1" would write into "layer1.0".
+    # inplace=True: unless the graph gives "layer1.1" a copy of its input, it would write into "layer1.0".
     model = build_model(name, num_classes=10, backend="reference", inplace=True).eval()
     nodes = ["layer1.0", "layer1.1", "layer2.0", "layer3.1", "layer4"]
     extractor = mod_feature_extractor(model, nodes)
@@ -38,7 +41,7 @@ def test_feature_extractor_returns_intact_features(name):
         key = node if node != "layer4" else f"layer4.{len(model.layer4) - 1}"
         torch.testing.assert_close(features[node], expected[key], rtol=0, atol=0)
     assert not torch.equal(features["layer1.0"], features["layer1.1"])
-    assert all(not m.inplace for m in model.modules() if isinstance(m, MoDBlock))
+    assert all(m.inplace for m in model.modules() if isinstance(m, MoDBlock))  # the model is left as it was
 
 
 def test_feature_extractor_trains():
@@ -152,15 +155,64 @@ def test_symbolic_trace_matches_eager_forward_and_backward():
         torch.testing.assert_close(grads[1][1][key], grad, rtol=0, atol=0, msg=key)
 
 
-def test_tracing_refuses_in_place_blocks_and_a_bare_block():
+def _modes(model: nn.Module) -> dict[str, tuple[bool, object]]:
+    """Every module's training flag, and each MoD block's ``inplace`` and ``deployed`` flags."""
+    return {name: (m.training, (m.inplace, m.deployed) if isinstance(m, MoDBlock) else None)
+            for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("deployed", [False, True], ids=["inplace", "deployed"])
+def test_torchvisions_feature_extractor_on_in_place_blocks_changes_nothing_and_returns_intact_features(deployed):
+    torch.manual_seed(0)
+    model = build_model("resnet18_mod", num_classes=10, backend="reference", inplace=True).eval()
+    if deployed:
+        mod_models.optimize_for_inference(model)
+    before = _modes(model)
+    nodes = ["layer1.0", "layer1.1", "layer3.1", "layer4"]  # "layer1.0" feeds the in-place MoD block "layer1.1"
+    extractor = create_feature_extractor(model, nodes)  # torchvision's own
+    assert _modes(model) == before  # still eval mode, still in place
+    assert not extractor.training
+    clones = [n for n in extractor.graph.nodes if n.target is torch.clone]
+    assert len(clones) == 4  # every in-place block the graph calls (layer1.1 .. layer4.1) gets a copy of its input
+    x = torch.randn(2, 3, 64, 64)
+    expected_model = copy.deepcopy(model)
+    disable_inplace(expected_model)
+    with torch.no_grad():
+        features = extractor(x)
+        expected = _manual_resnet_features(expected_model, x)
+    for node in nodes:
+        key = node if node != "layer4" else f"layer4.{len(model.layer4) - 1}"
+        torch.testing.assert_close(features[node], expected[key], rtol=0, atol=0, msg=node)
+    with torch.no_grad():  # the model itself still writes in place
+        torch.testing.assert_close(model(x), expected_model(x), rtol=0, atol=0)
+
+
+def test_mod_feature_extractor_keeps_every_modules_mode_and_a_refusal_changes_nothing():
+    model = build_model("resnet18_mod", num_classes=10, backend="reference", inplace=True).train()
+    model.bn1.eval()  # mixed modes: a frozen stem norm inside a model that trains
+    before = _modes(model)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="node: 'layer9' is not present in model"):
+        mod_feature_extractor(model, ["layer2", "layer9"])
+    assert _modes(model) == before
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    extractor = mod_feature_extractor(model, ["layer2"])
+    assert _modes(model) == before and extractor.training  # torchvision would leave every module in train mode
+    assert not model.bn1.training
+    train_nodes, _ = mod_graph_node_names(model)
+    assert "layer1.1" in train_nodes and _modes(model) == before
+
+
+def test_tracing_in_place_blocks_and_refusing_a_bare_block():
     model = build_model("resnet18_mod", num_classes=10)
     model.layer3[1].inplace = True
-    with pytest.raises(ValueError, match=r"MoD block 'layer3.1' has inplace=True"):
-        create_feature_extractor(model, ["layer3.0", "layer4"])
-    with pytest.raises(ValueError, match="inplace=True"):
-        torch.fx.symbolic_trace(model)
-    extractor = mod_feature_extractor(model, ["layer3.0"])  # switches it off, then traces
-    assert not model.layer3[1].inplace and extractor(torch.randn(1, 3, 32, 32))["layer3.0"].shape == (1, 256, 2, 2)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.args[0].target for n in traced.graph.nodes if n.target == "layer3.1"] == [torch.clone]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    extractor = mod_feature_extractor(model, ["layer3.0"])
+    assert model.layer3[1].inplace and extractor(torch.randn(1, 3, 32, 32))["layer3.0"].shape == (1, 256, 2, 2)
     with pytest.raises(TypeError, match="cannot be traced on its own"):
         torch.fx.symbolic_trace(model.layer1[1])
     wrapped = torch.fx.symbolic_trace(nn.Sequential(model.layer1[1]))

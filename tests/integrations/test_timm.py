@@ -159,6 +159,28 @@ def test_resnet_drop_rate_is_dropout_before_the_classifier():
 
 
 @pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_drop_rate_is_off_in_eval_mode(name):
+    torch.manual_seed(0)
+    dropping = timm.create_model(name, num_classes=3, drop_rate=0.5).eval()
+    torch.manual_seed(0)
+    without = timm.create_model(name, num_classes=3, drop_rate=0.0).eval()
+    for a, b in zip(dropping.state_dict().values(), without.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # dropout has no weights and draws none
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        first, second = dropping(x), dropping(x)
+        pooled = dropping.forward_head(dropping.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)  # deterministic
+        torch.testing.assert_close(first, without(x), rtol=0, atol=0)  # and nothing dropped or rescaled
+        torch.testing.assert_close(pooled, without.forward_head(without.forward_features(x), pre_logits=True),
+                                   rtol=0, atol=0)
+    with torch.no_grad():
+        features = dropping.forward_features(x)
+        dropping.train()  # the check above can fail: on the same features, the training-mode head drops
+        assert not torch.equal(dropping.forward_head(features, pre_logits=True), pooled)
+
+
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
 def test_forward_features_head_and_reset_classifier(name):
     model = timm.create_model(name, num_classes=4).eval()
     width = NUM_FEATURES[name]
@@ -187,6 +209,38 @@ def test_forward_features_head_and_reset_classifier(name):
         model.reset_classifier(5)  # keeps global_pool='', which needs no classifier
 
 
+def _hook_every_module(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Forward hooks on every module of ``model``: the list fills with ``(name, output)`` per call."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    for module_name, module in model.named_modules():
+        module.register_forward_hook(
+            lambda _m, _i, out, module_name=module_name: calls.append((module_name, out.detach().clone()))
+        )
+    return calls
+
+
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_forward_hooks_fire_on_every_module_as_in_the_eager_model(name):
+    torch.manual_seed(0)
+    eager = MOD_BUILDERS[name](num_classes=3).eval()
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3).eval()
+    eager_calls, timm_calls = _hook_every_module(eager), _hook_every_module(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=0, atol=0)
+    # The stage containers (layer1 .. layer4, features) and every module inside them fire, in the eager
+    # order, with the eager outputs; only the pooling differs (timm's pool flattens and has children).
+    eager_modules = dict(eager.named_modules())
+    common = [(n, out) for n, out in timm_calls if n in eager_modules and not n.startswith(("avgpool", "global"))]
+    expected = [(n, out) for n, out in eager_calls if not n.startswith("avgpool")]
+    assert [n for n, _ in common] == [n for n, _ in expected]
+    stages = ["layer1", "layer2", "layer3", "layer4"] if name.startswith("resnet") else ["features"]
+    assert all(stage in [n for n, _ in common] for stage in stages)
+    for (module_name, out), (_, eager_out) in zip(common, expected):
+        torch.testing.assert_close(out, eager_out, rtol=0, atol=0, msg=module_name)
+
+
 def test_group_matcher_drives_timms_layer_decay():
     model = timm.create_model("resnet18_mod", num_classes=3)
     optimizer = timm.optim.create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.5)
@@ -213,9 +267,10 @@ RESNET_FEATURE_MODULES = ["relu", "layer1", "layer2", "layer3", "layer4"]
          ["features.1", "features.3", "features.6", "features.13", "features.17"]),
     ],
 )
-def test_features_only_matches_hooked_features(name, kwargs, channels, reductions, modules):
+@pytest.mark.parametrize("feature_cls", ["list", "hook", "getter"])
+def test_features_only_matches_hooked_features(name, kwargs, channels, reductions, modules, feature_cls):
     torch.manual_seed(0)
-    extractor = timm.create_model(name, features_only=True, **kwargs).eval()
+    extractor = timm.create_model(name, features_only=True, feature_cls=feature_cls, **kwargs).eval()
     torch.manual_seed(0)
     reference = MOD_BUILDERS[name](**kwargs).eval()
     assert extractor.feature_info.channels() == channels
@@ -243,6 +298,212 @@ def test_features_only_matches_hooked_features(name, kwargs, channels, reduction
         in_place = extractor(x)
     for module, feature, again in zip(modules, features, in_place):
         torch.testing.assert_close(again, feature, rtol=0, atol=0, msg=module)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward_intermediates, prune_intermediate_layers (timm's feature API; feature_cls="getter")
+# ----------------------------------------------------------------------------------------------
+
+# variant: (feature modules of the plain model, channels, reductions), written out from the architectures
+INTERMEDIATES = {
+    "resnet18_mod": (RESNET_FEATURE_MODULES, [64, 64, 128, 256, 512], [2, 4, 8, 16, 32]),
+    "resnet50_mod": (RESNET_FEATURE_MODULES, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+    "mobilenet_v2_mod": (["features.1", "features.3", "features.6", "features.13", "features.17"],
+                         [16, 24, 32, 96, 320], [2, 4, 8, 16, 32]),
+    "mobilenet_v2_mod_l": (["features.1", "features.3", "features.6", "features.13", "features.17"],
+                           [16, 32, 64, 128, 320], [2, 4, 8, 16, 32]),
+}
+
+
+def _hooked(model: nn.Module, modules: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of ``modules`` in one eager forward of ``model`` (forward hooks, cloned at once)."""
+    captured = {}
+    handles = [model.get_submodule(m).register_forward_hook(
+        lambda _m, _i, out, m=m: captured.__setitem__(m, out.clone())) for m in modules]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return [captured[m] for m in modules]
+
+
+@pytest.mark.parametrize("name", list(INTERMEDIATES))
+def test_forward_intermediates_as_timms_own_tests_check_it(name):
+    modules, channels, reductions = INTERMEDIATES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3).eval()
+    torch.manual_seed(0)
+    plain = MOD_BUILDERS[name](num_classes=3).eval()
+    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    assert info.channels() == channels and info.reduction() == reductions
+    x = torch.randn(1, 3, 64, 64)
+    output, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
+    assert [tuple(t.shape) for t in intermediates] == [(1, c, 64 // r, 64 // r) for c, r in zip(channels, reductions)]
+    for module, feature, expected in zip(modules, intermediates, _hooked(plain, modules, x), strict=True):
+        torch.testing.assert_close(feature, expected, rtol=0, atol=0, msg=module)
+    torch.testing.assert_close(output, model.forward_features(x), rtol=0, atol=0)
+    model.set_grad_checkpointing()  # timm's test: the checkpointed path gives the same output
+    again, checkpointed = model.forward_intermediates(x)
+    torch.testing.assert_close(again, output, rtol=0, atol=0)
+    for a, b in zip(checkpointed, intermediates, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_forward_intermediates_indices_stop_early_and_intermediates_only(name):
+    model = timm.create_model(name, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, every = model.forward_intermediates(x)
+        assert len(every) == 5
+        for indices, taken in ((2, [3, 4]), ([0, -1], [0, 4]), ((1, 3), [1, 3]), (None, [0, 1, 2, 3, 4])):
+            only = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+            assert len(only) == len(taken)
+            for t, i in zip(only, taken, strict=True):
+                torch.testing.assert_close(t, every[i], rtol=0, atol=0)
+        last, early = model.forward_intermediates(x, indices=[1, 2], stop_early=True, norm=True)
+        torch.testing.assert_close(last, every[2], rtol=0, atol=0)  # nothing after the last index ran
+        assert [tuple(t.shape) for t in early] == [tuple(every[1].shape), tuple(every[2].shape)]
+
+
+@pytest.mark.parametrize("keywords, error, message", [
+    ({"indices": 6}, ValueError, r"indices must be .* 5 feature maps, got 6"),
+    ({"indices": [0, 5]}, ValueError, r"indices must be .* 5 feature maps, got \[0, 5\]"),
+    ({"indices": 0}, ValueError, "indices must be"),
+    ({"indices": "all"}, ValueError, "indices must be"),
+    ({"output_fmt": "NHWC"}, ValueError, "output_fmt must be 'NCHW'"),
+])
+def test_forward_intermediates_rejects_bad_arguments(keywords, error, message):
+    model = timm.create_model("resnet18_mod", num_classes=3)
+    with pytest.raises(error, match=message):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), **keywords)
+
+
+def test_prune_intermediate_layers_refuses_bad_indices_and_changes_nothing():
+    model = timm.create_model("resnet18_mod", num_classes=3)
+    before = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"indices must be .* 5 feature maps, got \(2, 7\)"):
+        model.prune_intermediate_layers((2, 7))
+    assert list(model.state_dict()) == before and model.num_classes == 3
+
+
+@pytest.mark.parametrize("name, indices, kept, width", [
+    ("resnet18_mod", (1, 2), ["layer1", "layer2"], 128),
+    ("resnet18_mod", (4,), ["layer1", "layer2", "layer3", "layer4"], 512),
+    ("mobilenet_v2_mod", (0, 2), 7, 32),
+    ("mobilenet_v2_mod", (4,), 18, 320),
+])
+def test_prune_intermediate_layers_keeps_what_the_indices_need(name, indices, kept, width):
+    model = timm.create_model(name, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    assert model.prune_intermediate_layers(indices) == list(indices)
+    if name.startswith("resnet"):  # later stages emptied (as in timm's ResNet), the head gone
+        assert [s for s in RESNET_FEATURE_MODULES[1:] if len(model.get_submodule(s))] == kept
+    else:  # the blocks after the last index and the head convolution cut off
+        assert len(model.features) == kept
+    assert model.num_classes == 0 and model.num_features == width
+    with torch.no_grad():
+        for a, b in zip(model.forward_intermediates(x, indices=indices, intermediates_only=True), expected,
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), expected[-1], rtol=0, atol=0)  # no head: the last kept features
+    if indices[-1] < 4:  # a map that was pruned is refused, never computed from what is left
+        with pytest.raises(ValueError, match=r"feature maps \[4\] .* were removed by prune_intermediate_layers"):
+            model.forward_intermediates(x, indices=[4])
+
+
+def test_getter_features_with_out_indices_and_training():
+    torch.manual_seed(0)
+    getter = timm.create_model("resnet50_mod", features_only=True, feature_cls="getter", out_indices=(1, 3))
+    torch.manual_seed(0)
+    listed = timm.create_model("resnet50_mod", features_only=True, out_indices=(1, 3))
+    assert type(getter).__name__ == "FeatureGetterNet"
+    assert getter.feature_info.channels() == [256, 1024] and getter.feature_info.reduction() == [4, 16]
+    assert len(getter.model.layer4) == 0  # pruned: nothing after layer3 is built into the getter
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(getter.eval()(x), listed.eval()(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    getter.train()
+    sum(f.mean() for f in getter(x)).backward()
+    assert getter.model.layer1[1].router.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_features_only_with_a_feature_cfg_merges_it_as_timm_does(name):
+    torch.manual_seed(0)
+    by_cfg = timm.create_model(name, features_only=True, feature_cfg=dict(feature_cls="hook", out_indices=(1, 3)))
+    torch.manual_seed(0)
+    by_keywords = timm.create_model(name, features_only=True, feature_cls="hook", out_indices=(1, 3))
+    assert type(by_cfg) is type(by_keywords) is timm.models.FeatureHookNet
+    assert by_cfg.feature_info.reduction() == by_keywords.feature_info.reduction() == [4, 16]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(by_cfg.eval()(x), by_keywords.eval()(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # out_indices as a keyword wins over the feature_cfg's, as in timm's build_model_with_cfg
+    assert timm.create_model(name, features_only=True, feature_cfg=dict(out_indices=(1,)),
+                             out_indices=(2,)).feature_info.reduction() == [8]
+    with pytest.raises(TypeError, match="feature_cfg must be a dict"):
+        timm.create_model(name, features_only=True, feature_cfg="hook")
+
+
+# (variant, timm's own model with the same stage layout, output stride): the dilation timm puts in every
+# standard block's convolutions is the expectation.
+@pytest.mark.parametrize("name, baseline, output_stride", [
+    ("resnet18_mod", "resnet18", 16), ("resnet18_mod", "resnet18", 8), ("resnet50_mod", "resnet50", 16),
+    ("resnet50_mod", "resnet50", 8), ("resnet50_mod", "resnet50", 32),
+])
+def test_output_stride_dilates_like_timms_resnet(name, baseline, output_stride):
+    model = timm.create_model(name, num_classes=3, output_stride=output_stride).eval()
+    reference = timm.create_model(baseline, num_classes=3, output_stride=output_stride)
+    reference_convs = dict(reference.named_modules())
+    standard_convs = [(n, m) for n, m in model.named_modules()
+                      if isinstance(m, nn.Conv2d) and not any(n.startswith(b + ".") for b in _mod_block_names(model))]
+    assert len(standard_convs) > 10
+    for conv_name, conv in standard_convs:
+        expected = reference_convs[conv_name]
+        assert (conv.stride, conv.dilation, conv.padding) == (expected.stride, expected.dilation, expected.padding), \
+            conv_name
+    # A MoD block takes the dilation of the standard blocks of its stage.
+    for block_name in _mod_block_names(model):
+        stage = block_name.split(".")[0]
+        assert model.get_submodule(block_name).dilation == reference_convs[f"{stage}.1.conv2"].dilation[0]
+    assert [i["reduction"] for i in model.feature_info] == [i["reduction"] for i in reference.feature_info]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model.forward_features(x).shape[-1] == 64 // output_stride
+    features = timm.create_model(name, features_only=True, output_stride=output_stride)
+    assert features.feature_info.reduction() == [i["reduction"] for i in reference.feature_info]
+
+
+def test_output_stride_equals_replace_stride_with_dilation():
+    x = torch.randn(2, 3, 64, 64)
+    for output_stride, dilated in ((16, [False, False, True]), (8, [False, True, True])):
+        torch.manual_seed(0)
+        by_stride = timm.create_model("resnet50_mod", num_classes=3, output_stride=output_stride).eval()
+        torch.manual_seed(0)
+        by_flags = timm.create_model("resnet50_mod", num_classes=3, replace_stride_with_dilation=dilated).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(by_stride(x), by_flags(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keywords, message", [
+    ({"output_stride": 4}, r"output_stride must be 8, 16 or 32, got 4"),
+    ({"output_stride": 16, "replace_stride_with_dilation": [False, True, True]},
+     r"output_stride=16 asks for replace_stride_with_dilation=\[False, False, True\]"),
+])
+def test_bad_output_stride_raises_clear_errors(keywords, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("resnet50_mod", **keywords)
+
+
+def test_mobilenet_output_stride_is_refused_clearly():
+    assert timm.create_model("mobilenet_v2_mod", output_stride=32).feature_info[-1]["reduction"] == 32
+    with pytest.raises(ValueError, match=r"output_stride=16: .*MobileNetV2 has no dilated form"):
+        timm.create_model("mobilenet_v2_mod", output_stride=16)
 
 
 def test_features_only_fx_and_out_indices():

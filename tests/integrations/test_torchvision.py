@@ -47,6 +47,19 @@ def test_get_model_get_model_builder_and_list_models_find_every_variant():
         tvm.get_model("resnet18_mod", weights="IMAGENET1K_V1")
 
 
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_get_model_weights_says_no_pretrained_weights_exist(name):
+    weights = tvm.get_model_weights(name)  # torchvision's loops over list_models() call this for every model
+    assert issubclass(weights, tvm.WeightsEnum) and list(weights) == []
+    assert "no pretrained MoD weights exist" in weights.__doc__
+    message = r"no pretrained MoD weights exist.*weights=None.*load_torchvision_weights"
+    with pytest.raises(AttributeError, match=message):
+        getattr(weights, "DEFAULT")  # noqa: B009  (the attribute access is the test)
+    with pytest.raises(KeyError, match=message):
+        weights["IMAGENET1K_V1"]
+    assert tvm.get_model_weights(MOD_BUILDERS[name]) is weights
+
+
 def test_torchvision_private_registry_is_what_get_model_reads():
     """The one private torchvision API mod_models uses: fails loudly if torchvision changes it."""
     from torchvision.models import _api
@@ -148,7 +161,7 @@ def test_load_torchvision_resnet50_weights_counts_and_values():
     assert report.loaded == [key for key in torchvision_state if not _is_mod_position_resnet(key)]
     assert all(_is_mod_position_resnet(key) for key in report.skipped)
     reason = report.skipped["layer1.1.conv1.weight"]
-    assert "layer1.1.conv1.weight has shape (64, 256, 1, 1) in the checkpoint" in reason
+    assert reason.startswith("MoD block 'layer1.1': its reduced block f_k sees the k selected channels")
     after = model.state_dict()
     for key in report.loaded:
         assert torch.equal(after[key], torchvision_state[key]), key
@@ -187,6 +200,49 @@ def test_load_torchvision_weights_loads_a_module_all_or_nothing():
     assert report.skipped["extra.weight"] == "not in the model"
     assert torch.equal(model.bn1.weight, stem_bn_before)
     assert model.conv1.weight.dtype == torch.float32 and torch.equal(model.conv1.weight, state["conv1.weight"].float())
+
+
+@pytest.mark.parametrize("name, baseline", [
+    ("resnet18_mod", "resnet18"), ("resnet50_mod", "resnet50"), ("mobilenet_v2_mod", "mobilenet_v2"),
+])
+def test_load_torchvision_weights_never_loads_into_a_mod_block(name, baseline):
+    # capacity=1: k = C, so f_k has the standard block's tensor shapes, but it sees the channels in score
+    # order; a standard block's weights mean nothing there.
+    torchvision_state = tvm.get_model(baseline, weights=None).state_dict()
+    model = MOD_BUILDERS[name](capacity=1)
+    mod_blocks = [n for n, m in model.named_modules() if isinstance(m, MoDBlock)]
+    in_a_mod_block = [k for k in torchvision_state if any(k.startswith(b + ".") for b in mod_blocks)]
+    assert in_a_mod_block and all(
+        model.state_dict()[k].shape == torchvision_state[k].shape for k in in_a_mod_block if "conv" in k
+    )
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    report = load_torchvision_weights(model, torchvision_state)
+    assert not [k for k in report.loaded if k in in_a_mod_block]
+    assert sorted(report.skipped) == sorted(in_a_mod_block)
+    block = mod_blocks[0]
+    assert report.skipped[f"{block}.conv1.weight" if name.startswith("resnet") else f"{block}.conv.0.0.weight"] == (
+        f"MoD block {block!r}: its reduced block f_k sees the k selected channels in score order, not a standard "
+        "block's channels, so a standard block's tensors mean nothing there (left as initialised)"
+    )
+    after = model.state_dict()
+    for key in after:
+        if any(key.startswith(b + ".") for b in mod_blocks):
+            assert key in report.missing and torch.equal(after[key], before[key]), key
+    assert len(report.loaded) == len(torchvision_state) - len(in_a_mod_block)
+
+
+def test_load_torchvision_weights_refuses_a_deployed_model_and_changes_nothing():
+    model = mod_models.resnet18_mod(num_classes=10).eval()
+    mod_models.optimize_for_inference(model)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"deployed by optimize_for_inference.*load .*before optimize_for_inference"):
+        load_torchvision_weights(model, tvm.resnet18(weights=None, num_classes=10).state_dict())
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    torchvision_model = tvm.resnet18(weights=None).eval()
+    mod_models.optimize_for_inference(torchvision_model)  # a deployed plain model is refused too
+    with pytest.raises(ValueError, match="deployed by optimize_for_inference"):
+        load_torchvision_weights(torchvision_model, tvm.resnet18(weights=None).state_dict())
 
 
 def test_load_torchvision_weights_rejects_bad_input():
