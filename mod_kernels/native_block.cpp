@@ -83,15 +83,19 @@ inline float dot(const A* a, const float* b, int64_t n) {
 inline float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
 inline float relu6_keep_nan(float v) { return v < 0.f ? 0.f : (v > 6.f ? 6.f : v); }
 
+// The low half of a channel's key: larger for lower channels, so that ties go to the lower
+// channel. Its own inverse (it also turns a key's low half back into the channel).
+inline int64_t tie_rank(int64_t channel, int64_t channels) { return channels - 1 - channel; }
+
 // Distinct 64-bit keys whose descending order is the stable descending order of the scores:
-// higher score first, ties to the lower channel, every NaN above every number.
+// higher score first, ties to the lower channel, every NaN above every number (-0.0 ties 0.0).
 inline int64_t score_key(float score, int64_t channel, int64_t channels) {
   int32_t bits;
   std::memcpy(&bits, &score, sizeof bits);
   int32_t ordered = bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
   if (score == 0.f) ordered = 0;
   if (score != score) ordered = 0x7FC00000;
-  return (static_cast<int64_t>(ordered) << 32) | (channels - 1 - channel);
+  return (static_cast<int64_t>(ordered) << 32) | tie_rank(channel, channels);
 }
 
 // idx[0..k) = the k largest keys' channels in descending key order.
@@ -113,7 +117,7 @@ void top_k(const float* scores, int64_t channels, int64_t k, int64_t* idx, std::
     for (int64_t c = 0; c < channels; ++c) keys[c] = score_key(scores[c], c, channels);
     std::partial_sort(keys.begin(), keys.begin() + k, keys.end(), std::greater<int64_t>());
   }
-  for (int64_t j = 0; j < k; ++j) idx[j] = channels - 1 - (keys[j] & 0xFFFFFFFF);
+  for (int64_t j = 0; j < k; ++j) idx[j] = tie_rank(keys[j] & 0xFFFFFFFF, channels);
 }
 
 // Runs body(item) for item in [0, n) on torch's intra-op threads. Each item is one unit of work
