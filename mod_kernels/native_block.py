@@ -439,7 +439,19 @@ def native_block_forward(
         )
     if inplace and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError("inplace=True needs a dense x (NCHW or channels_last); pass inplace=False for views")
-    relu = activation == "relu"
+    return native_block_dispatch(
+        x, kind, weights, biases, k, hidden, dilation, fusion, activation == "relu", fc1_weight, fc2_weight, scores,
+        inplace, has_expand,
+    )
+
+
+def native_block_dispatch(
+    x: Tensor, kind: str, weights: list[Tensor], biases: list[Optional[Tensor]], k: int, hidden: int,
+    dilation: int, fusion: str, relu: bool, fc1_weight: Optional[Tensor], fc2_weight: Optional[Tensor],
+    scores: Optional[Tensor], inplace: bool, has_expand: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`native_block_forward` of checked inputs (a deployed block's own, checked when it was
+    built): the extension directly in eager mode, the custom ops while a compiler traces."""
     inplace = inplace and fusion != "original"
     if type(x) is Tensor and not torch.compiler.is_compiling():
         return native_block_unchecked(

@@ -276,7 +276,7 @@ class MoDBlock(nn.Module):
                 f"{type(self).__name__} was deployed by optimize_for_inference (batch norms folded): "
                 "inference only; call .eval()"
             )
-        if MF.autograd_needs(x, *self.parameters()):
+        if torch.is_grad_enabled() and MF.autograd_needs(x, *self.parameters()):
             raise RuntimeError(
                 f"{type(self).__name__} was deployed by optimize_for_inference: its forward does not support "
                 "autograd; run under torch.inference_mode() or torch.no_grad()"
@@ -312,22 +312,28 @@ class MoDBlock(nn.Module):
         where :meth:`deploy_plan` says the kernel does not take the block."""
         from mod_kernels import native_block
 
-        if not self.deploy_plan("cpu").native:
+        convs = self.folded_convs()
+        plan = native_block.native_block_plan(
+            self.fused_kind, self.channels, self.k, self.reduced_width, self.first_conv().weight.dtype,
+            folded=convs is not None, has_expand=self.fused_has_expand,
+        )
+        if not plan.native:
             return self._forward_reference(x)
+        if x.dtype not in native_block.KERNEL_DTYPES:
+            raise TypeError(f"{type(self).__name__}: the native kernel takes float32/float16/bfloat16 input, got {x.dtype}")
         if self._forced_selection is not None:
             raise ValueError(
                 f"{type(self).__name__}: forced_selection is set, but the deployed block runs the native kernel "
                 f"(backend {self.backend!r}), which chooses its own selection; use backend='reference' to force one"
             )
-        convs = self.folded_convs()
         if self.router is None:
-            router = dict(scores=MF.random_scores(x))
+            fc1, fc2, scores = None, None, MF.random_scores(x)
         else:
-            router = dict(fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
-        out, idx, _, scores = native_block.native_block_forward(
+            fc1, fc2, scores = self.router.fc1.weight, self.router.fc2.weight, None
+        out, idx, _, scores = native_block.native_block_dispatch(
             x, self.fused_kind, [conv.weight for conv in convs], [conv.bias for conv in convs], self.k,
-            self.reduced_width, dilation=self.dilation, fusion=self.fusion, activation=self.activation,
-            inplace=self._inplace and MF.may_write_in_place(x), has_expand=self.fused_has_expand, **router,
+            self.reduced_width, self.dilation, self.fusion, self.activation == "relu", fc1, fc2, scores,
+            self._inplace and MF.may_write_in_place(x), self.fused_has_expand,
         )
         self._record(idx)
         self._record_scores(scores)
