@@ -48,6 +48,9 @@ inline float to_f(T v) {
 
 // The kLanes partial sums added in a fixed tree (unrolled, so that it stays in vector registers).
 static_assert(kLanes == 16, "combine() adds 16 partial sums");
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
 inline float combine(float* acc) {
 #pragma GCC unroll 8
   for (int l = 0; l < 8; ++l) acc[l] += acc[l + 8];
@@ -67,6 +70,30 @@ inline float sum_run(const T* a, int64_t n) {
     for (int l = 0; l < kLanes; ++l) acc[l] += to_f(a[i + l]);
   for (int l = 0; i + l < n; ++l) acc[l] += to_f(a[i + l]);
   return combine(acc);
+}
+
+// sum_run of four runs at once (independent chains, the same order as four sum_run calls).
+template <typename T>
+inline void sum_runs4(const T* a0, const T* a1, const T* a2, const T* a3, int64_t n, float* sums) {
+  float acc0[kLanes] = {0}, acc1[kLanes] = {0}, acc2[kLanes] = {0}, acc3[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      acc0[l] += to_f(a0[i + l]);
+      acc1[l] += to_f(a1[i + l]);
+      acc2[l] += to_f(a2[i + l]);
+      acc3[l] += to_f(a3[i + l]);
+    }
+  for (int l = 0; i + l < n; ++l) {
+    acc0[l] += to_f(a0[i + l]);
+    acc1[l] += to_f(a1[i + l]);
+    acc2[l] += to_f(a2[i + l]);
+    acc3[l] += to_f(a3[i + l]);
+  }
+  sums[0] = combine(acc0);
+  sums[1] = combine(acc1);
+  sums[2] = combine(acc2);
+  sums[3] = combine(acc3);
 }
 
 // sum_i a[i] b[i] (fp32), product i into partial sum i % kLanes.
@@ -206,16 +233,34 @@ struct Problem {
 // zeroed where a later 3x3 convolution reads them and skipped by the fusion.
 // ---------------------------------------------------------------------------------------------
 
-// out[o][q] = act(bias[o] + sum_i weight[o, i] in[i][q]) for q in [0, len).
+// out[o][q] = act(bias[o] + sum_i weight[o, i] in[i][q]) for q in [0, len), the sum in the order
+// of i. Four inputs per pass over q keep the running sums in registers between them.
 template <int Act>  // 0: none, 1: ReLU, 2: ReLU6
 void conv1x1(const float* in, int64_t in_stride, int64_t n_in, float* out, int64_t out_stride, int64_t n_out,
              const float* weight, const float* bias, int64_t len) {
   for (int64_t o = 0; o < n_out; ++o) {
     float* dst = out + o * out_stride;
+    const float* wo = weight + o * n_in;
     const float b = bias[o];
     for (int64_t q = 0; q < len; ++q) dst[q] = b;
-    for (int64_t i = 0; i < n_in; ++i) {
-      const float wv = weight[o * n_in + i];
+    int64_t i = 0;
+    for (; i + 4 <= n_in; i += 4) {
+      const float w0 = wo[i], w1 = wo[i + 1], w2 = wo[i + 2], w3 = wo[i + 3];
+      const float* s0 = in + i * in_stride;
+      const float* s1 = s0 + in_stride;
+      const float* s2 = s1 + in_stride;
+      const float* s3 = s2 + in_stride;
+      for (int64_t q = 0; q < len; ++q) {
+        float v = dst[q];
+        v += w0 * s0[q];
+        v += w1 * s1[q];
+        v += w2 * s2[q];
+        v += w3 * s3[q];
+        dst[q] = v;
+      }
+    }
+    for (; i < n_in; ++i) {
+      const float wv = wo[i];
       const float* src = in + i * in_stride;
       for (int64_t q = 0; q < len; ++q) dst[q] += wv * src[q];
     }
@@ -226,17 +271,32 @@ void conv1x1(const float* in, int64_t in_stride, int64_t n_in, float* out, int64
   }
 }
 
-// acc[q] = bias + sum_{i, dy, dx} weight_o[i, dy, dx] in[i][q + (dy - 1) d pitch + (dx - 1) d].
+// acc[q] = bias + sum_{i, dy, dx} weight_o[i, dy, dx] in[i][q + (dy - 1) d pitch + (dx - 1) d], the sum
+// in the order of (i, dy, dx); the nine taps of one input channel in one pass over q.
 inline void conv3x3(const float* in, int64_t in_stride, int64_t n_in, const float* weight_o, float bias,
                     int64_t pitch, int64_t dilation, int64_t len, float* acc) {
   for (int64_t q = 0; q < len; ++q) acc[q] = bias;
-  for (int64_t i = 0; i < n_in; ++i)
-    for (int dy = 0; dy < 3; ++dy)
-      for (int dx = 0; dx < 3; ++dx) {
-        const float wv = weight_o[(i * 3 + dy) * 3 + dx];
-        const float* src = in + i * in_stride + (dy - 1) * dilation * pitch + (dx - 1) * dilation;
-        for (int64_t q = 0; q < len; ++q) acc[q] += wv * src[q];
-      }
+  const int64_t row = dilation * pitch;
+  for (int64_t i = 0; i < n_in; ++i) {
+    const float* w = weight_o + i * 9;
+    const float* c = in + i * in_stride;  // the centre tap
+    const float* up = c - row;
+    const float* down = c + row;
+    const int64_t d = dilation;
+    for (int64_t q = 0; q < len; ++q) {
+      float v = acc[q];
+      v += w[0] * up[q - d];
+      v += w[1] * up[q];
+      v += w[2] * up[q + d];
+      v += w[3] * c[q - d];
+      v += w[4] * c[q];
+      v += w[5] * c[q + d];
+      v += w[6] * down[q - d];
+      v += w[7] * down[q];
+      v += w[8] * down[q + d];
+      acc[q] = v;
+    }
+  }
 }
 
 // Zeroes the pad columns of `rows` rows of every channel (the zero padding a 3x3 convolution reads).
@@ -476,11 +536,18 @@ void pool_chunk(const Problem& p, const T* x, T* out, float* snapshot, int64_t b
       }
     return;
   }
+  const bool flat = s.w == 1 && (H == 1 || s.h == W);
+  int64_t pooled_to = c0;  // flat planes: sums of four channels at a time, up to here
+  if (pool && flat) {
+    for (; pooled_to + 4 <= c1; pooled_to += 4) {
+      const T* plane = xb + pooled_to * s.c;
+      sum_runs4(plane, plane + s.c, plane + 2 * s.c, plane + 3 * s.c, HW, sums + (pooled_to - c0));
+    }
+  }
   for (int64_t c = c0; c < c1; ++c) {
     const T* plane = xb + c * s.c;
     T* out_plane = ob ? ob + c * o.c : nullptr;
-    const bool flat = s.w == 1 && (H == 1 || s.h == W);
-    if (pool) {
+    if (pool && c >= pooled_to) {
       if (flat) {
         sums[c - c0] = sum_run(plane, HW);
       } else {
