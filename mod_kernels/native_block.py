@@ -28,31 +28,54 @@ Registered as ``torch.library.custom_op`` ``mod_kernels::native_block`` (and the
 ``mod_kernels::native_block_``) with fake implementations, so ``torch.compile(fullgraph=True)``
 keeps one call per MoD block.
 
-Why a C++ extension (measured 2026-12-04 on the project's 2-vCPU AMD EPYC VM, shared with other
-jobs, so per-call thread CPU time, one thread, median; one deployed block in place, fp32 NCHW;
-"read" is ``x.sum()``; the reference is the deployed block on the reference backend):
+Why a C++ extension. Measured 2026-12-04 on the project's 2-vCPU AMD EPYC VM (AVX-512), which other
+jobs kept at a load of 4-8, so as per-call *thread CPU time*, one thread, median of 15 samples; fp32
+NCHW, B = 1; the deployed block in place; "read" is ``x.sum()``; "reference" is the deployed block on
+the reference backend (folded convolutions in plain PyTorch, about 16 ATen calls).
 
-=========================================  ======  =====  ======================  =====================
-shape (B = 1)                              ref us  read   C++ (final) us / vs ref  numba prototype us
-=========================================  ======  =====  ======================  =====================
-bottleneck C=256 56x56 k=4 (resnet layer1)   275    38      78 / 3.5x                 323
-bottleneck C=1024 14x14 k=16 (layer3)        278    11      62 / 4.5x                 252
-bottleneck C=2048 7x7 k=32 (layer4)          380     5     130 / 2.9x                 602
-inverted C=24 56x56 k=1 (mobilenet_v2)       400     4      32 / 12.6x                 -
-inverted C=96 14x14 k=6                      360     2      26 / 14.0x                 -
-inverted C=160 7x7 k=10                      303     2      32 / 9.4x                  -
-=========================================  ======  =====  ======================  =====================
+Prototypes of the bottleneck block, the raw kernel call (same algorithm: chunked pool with the
+router's first layer, second layer, per-tile top-k, gather, direct convolutions on padded tiles):
 
-* numba (``@njit(parallel=True, cache=True)``, the same algorithm, bottleneck fp32 only): 3-5x
-  slower than the C++ kernel, 48 s to compile one signature cold (0.8 s from its on-disk cache),
-  a signature per dtype / layout / block type, no bfloat16 in NumPy, its own thread pool.
+=================================  ========  =====  ======================  ====================
+shape                              ref (us)  read   C++ prototype (us)      numba prototype (us)
+=================================  ========  =====  ======================  ====================
+C=256 56x56 k=4 (resnet75 layer1)     295      41          86                     323
+C=1024 14x14 k=16 (layer3)            337      13         125 (62 after        252
+                                                          lane / tree fixes)
+C=2048 7x7 k=32 (layer4)              446       8         216 (130 after)        602
+=================================  ========  =====  ======================  ====================
+
+* numba (``@njit(parallel=True, cache=True)``, bottleneck fp32 only): 2-4x slower than the C++
+  prototype, 48 s to compile one signature cold and 0.8 s from its on-disk cache, one signature per
+  dtype / layout / block type, no bfloat16 in NumPy, and its own thread pool beside torch's.
 * C++ extension (``torch.utils.cpp_extension.load`` at first use, ``-O3`` and the machine's own
-  instruction set, OpenMP through ATen's ``parallel_for``): one build of every dtype, layout and
-  block type, 35-90 s cold on 2 busy cores, about 0.02 s from torch's extension cache afterwards
-  (rebuilt when the source, the flags or the CPU change). It needs a C++ compiler (as
-  ``torch.compile`` on a CPU does) and ``ninja`` (a PyPI dependency of this project).
-* What stays above one read of the input: the router's weights (``2 C C_h`` floats: 2 MB at
-  C = 2048, five times layer4's input) and ``f_k``'s arithmetic at small k (mobilenet_v2).
+  instruction set, OpenMP through ATen's ``parallel_for``, so torch's intra-op threads): one build
+  for every dtype, layout and block type, 33 s cold on the quiet machine (50-130 s at a load of
+  6-8), 0.02-0.2 s from torch's extension cache afterwards (rebuilt when the source, the flags or the
+  CPU change). It needs a C++ compiler (as ``torch.compile`` on a CPU does) and ``ninja`` (a PyPI
+  dependency of this project). Chosen.
+
+The final kernel, through the deployed block's forward (Python overhead included, about 15-25 us
+here), B = 1 / B = 8 per call:
+
+=====================================  ==============  ==============  ============  ===================
+shape                                  native (us)     reference (us)  read (us)     native / read
+=====================================  ==============  ==============  ============  ===================
+resnet75_mod layer1 C=256 56x56 k=4     107 / 1692      268 / 2121      37 / 738      2.9x / 2.3x
+resnet75_mod layer2 C=512 28x28 k=8      88 / 764       248 / 1209      20 / 180      4.4x / 4.3x
+resnet75_mod layer3 C=1024 14x14 k=16    88 / 614       218 / 1229      11 / 76       8.3x / 8.1x
+resnet75_mod layer4 C=2048 7x7 k=32     142 / 1253      358 / 2177       5 / 37        26x / 34x
+mobilenet_v2 C=24 56x56 k=1              58 / 353       425 / 1730       6 / 30        9x / 12x
+mobilenet_v2 C=96 14x14 k=6              50 / 170       352 / 526        2 / 8        21x / 22x
+mobilenet_v2 C=160 7x7 k=10              52 / 172       343 / 436        2 / 4        28x / 45x
+=====================================  ==============  ==============  ============  ===================
+
+1.3-7.4x faster than the reference deploy block; the target of one read of the input times two is
+met only where the input dominates (layer1, batch 8). What stays above it: the router's weights
+(``2 C C_h`` floats: 2 MB at C = 2048, five times layer4's input, read per call), the per-call
+Python of the block (most of a small block's time at B = 1), and ``f_k``'s arithmetic for
+MobileNetV2's expanded widths. ``python -m bench.native_block`` measures wall time on the machine at
+hand.
 
 Without a compiler (or when the build fails) the ``"native"`` backend raises a ``RuntimeError``
 that says so; it never falls back to another implementation. ``$MOD_NATIVE_CFLAGS`` replaces the
