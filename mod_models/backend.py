@@ -5,7 +5,14 @@
   compiled; on CPU tensors they run under Triton's interpreter, which needs
   ``TRITON_INTERPRET=1`` in the environment before :mod:`mod_kernels` is imported.
   Anything else raises: there is never a silent fallback.
-* ``"auto"``: ``"triton"`` for CUDA tensors, ``"reference"`` everywhere else.
+* ``"native"``: CPU tensors only. A deployed block (:func:`mod_models.optimize_for_inference`) runs
+  the native CPU kernel of :mod:`mod_kernels.native_block` (one call per block; a C++ extension
+  built at first use, which needs a C++ compiler), or the reference where
+  ``block.deploy_plan()`` says the kernel does not take the block. Blocks that are not deployed
+  run the reference (the native kernel computes inference with folded batch norms only). CUDA
+  tensors raise.
+* ``"auto"``: ``"triton"`` for CUDA tensors; on CPU tensors ``"native"`` for deployed blocks and
+  ``"reference"`` for blocks as trained; ``"reference"`` on every other device.
 
 The environment variable ``MOD_BACKEND`` sets the default for blocks built with
 ``backend=None``. :func:`mod_models.blocks.set_backend` switches a whole model; switching never
@@ -18,7 +25,7 @@ import os
 
 from torch import Tensor
 
-BACKENDS = ("reference", "triton", "auto")
+BACKENDS = ("reference", "triton", "native", "auto")
 BACKEND_ENV_VAR = "MOD_BACKEND"
 
 
@@ -41,8 +48,11 @@ def default_backend() -> str:
 
 
 def resolve_backend(name: str, x: Tensor) -> str:
-    """The implementation (``"reference"`` or ``"triton"``) that runs for input ``x``."""
+    """The implementation (``"reference"`` or ``"triton"``) that runs a block as trained for input ``x``."""
     if name == "reference":
+        return "reference"
+    if name == "native":
+        _require_cpu(x)
         return "reference"
     if name == "auto":
         if x.device.type != "cuda":
@@ -55,11 +65,27 @@ def resolve_backend(name: str, x: Tensor) -> str:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
+def resolve_deployed_backend(name: str, x: Tensor) -> str:
+    """The implementation (``"native"``, ``"triton"`` or ``"reference"``) that runs a deployed block
+    (:func:`mod_models.optimize_for_inference`) for input ``x``."""
+    if name == "native" or (name == "auto" and x.device.type == "cpu"):
+        _require_cpu(x)
+        return "native"
+    return resolve_backend(name, x)
+
+
+def _require_cpu(x: Tensor) -> None:
+    if x.device.type != "cpu":
+        raise RuntimeError(
+            f"backend 'native' runs on CPU tensors, got a tensor on {x.device}; use backend 'triton' or 'auto' there"
+        )
+
+
 def _require_kernels(x: Tensor) -> None:
     try:
-        import mod_kernels  # noqa: F401  (imports Triton)
+        from mod_kernels import check_device_supported  # imports Triton
     except ImportError as error:  # pragma: no cover - depends on the install
         raise RuntimeError(
             f"backend 'triton' needs the Triton package, which failed to import: {error}"
         ) from error
-    mod_kernels.check_device_supported(x.device)
+    check_device_supported(x.device)

@@ -9,8 +9,8 @@ Every block computes (the method in full: :mod:`mod_models.functional`)::
     out = x; out[b, t[b, j]] = act(x[b, t[b, j]] + s[b, idx[b, j]] * y[b, j])
 
 with ``k = channels // capacity``. The backend switch (``"reference"``,
-``"triton"``, ``"auto"``) picks who computes everything but ``f_k``; it never
-changes parameters or state_dict keys.
+``"triton"``, ``"native"``, ``"auto"``) picks who computes everything but ``f_k`` (and, for a
+deployed block, ``f_k`` too); it never changes parameters or state_dict keys.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 from . import functional as MF
-from .backend import check_backend, default_backend, resolve_backend
+from .backend import check_backend, default_backend, resolve_backend, resolve_deployed_backend
 
 if TYPE_CHECKING:
-    import mod_kernels
+    pass
 
 NormLayer = Optional[Callable[..., nn.Module]]
 
@@ -58,8 +58,8 @@ class MoDBlock(nn.Module):
         fusion: ``"first_k"`` (default), ``"last_k"`` or ``"original"``.
         router: ``"learned"`` (SE-style router) or ``"random"`` (k random channels,
             scores of 1, no router parameters).
-        backend: ``"reference"``, ``"triton"``, ``"auto"``, or ``None`` for
-            ``$MOD_BACKEND`` (default ``"auto"``).
+        backend: ``"reference"``, ``"triton"``, ``"native"``, ``"auto"``, or ``None`` for
+            ``$MOD_BACKEND`` (default ``"auto"``); see :mod:`mod_models.backend`.
         inplace: ``False`` (default): the block never writes into its input. ``True``: when
             it is legal, write the result into the input tensor and touch only the ``k``
             target channels (no copy of the other ``C - k``). Legal means autograd does not
@@ -194,9 +194,36 @@ class MoDBlock(nn.Module):
         activations the fused kernel computes (norms replaced by ``nn.Identity``), else None."""
         raise NotImplementedError
 
-    def deploy_plan(self) -> "mod_kernels.FusedBlockPlan":
-        """How a deployed block runs on the ``"triton"`` backend: the fused kernel, or (with the
-        reason) the routing kernels, the folded convolutions and the fusion kernel."""
+    def deploy_plan(self, device: "torch.device | str | None" = None):
+        """How the deployed block runs, and why.
+
+        Args:
+            device: where its input lives. Default: where the block's backend runs a deployed block
+                (``"native"`` and ``"reference"``: the CPU; ``"triton"``: CUDA; ``"auto"``: CUDA when
+                available, else the CPU).
+
+        Returns:
+            Backend ``"triton"`` (any device) and ``"auto"`` on CUDA: a ``mod_kernels.FusedBlockPlan``,
+            the fused kernel or (with the reason) the routing kernels, the folded convolutions and the
+            fusion kernel. Backends ``"native"`` and ``"auto"`` on the CPU: a
+            :class:`mod_kernels.native_block.NativeBlockPlan`, the native kernel or, with the reason,
+            the reference path. Backend ``"reference"``: a ``NativeBlockPlan`` saying so.
+        """
+        from mod_kernels import native_block
+
+        if self.backend == "reference":
+            return native_block.NativeBlockPlan(False, "backend 'reference': the folded convolutions in plain PyTorch")
+        if device is None:
+            cuda = self.backend == "triton" or (self.backend == "auto" and torch.cuda.is_available())
+            device = "cuda" if cuda else "cpu"
+        on_cpu = torch.device(device).type == "cpu"
+        if self.backend == "native" and not on_cpu:
+            return native_block.NativeBlockPlan(False, f"backend 'native' runs on CPU tensors only, not on {device}")
+        if on_cpu and self.backend != "triton":
+            return native_block.native_block_plan(
+                self.fused_kind, self.channels, self.k, self.reduced_width, self.first_conv().weight.dtype,
+                folded=self.folded_convs() is not None, has_expand=self.fused_has_expand,
+            )
         import mod_kernels
 
         if self.folded_convs() is None:
@@ -252,16 +279,19 @@ class MoDBlock(nn.Module):
                 f"{type(self).__name__} was deployed by optimize_for_inference (batch norms folded): "
                 "inference only; call .eval()"
             )
-        if MF.autograd_needs(x, *self.parameters()):
+        if torch.is_grad_enabled() and MF.autograd_needs(x, *self.parameters()):
             raise RuntimeError(
                 f"{type(self).__name__} was deployed by optimize_for_inference: its forward does not support "
                 "autograd; run under torch.inference_mode() or torch.no_grad()"
             )
-        if resolve_backend(self.backend, x) != "triton":
+        path = resolve_deployed_backend(self.backend, x)
+        if path == "native":
+            return self._forward_native(x)
+        if path != "triton":
             return self._forward_reference(x)
         if self._forced_selection is not None:
             raise ValueError(f"{type(self).__name__}: forced_selection needs backend='reference'")
-        plan = self.deploy_plan()
+        plan = self.deploy_plan("cuda")
         if not plan.fused:
             return self._forward_fused(x)
         import mod_kernels
@@ -275,6 +305,40 @@ class MoDBlock(nn.Module):
             x, self.fused_kind, params, self.k, self.reduced_width, dilation=self.dilation,
             fusion=self.fusion, activation=self.activation, inplace=self._inplace and MF.may_write_in_place(x),
             has_expand=self.fused_has_expand, **router,
+        )
+        self._record(idx)
+        self._record_scores(scores)
+        return out
+
+    def _forward_native(self, x: Tensor) -> Tensor:
+        """A deployed block on CPU tensors: the native kernel in one call, or the reference path
+        where :meth:`deploy_plan` says the kernel does not take the block."""
+        from mod_kernels import native_block
+
+        convs = self.folded_convs()
+        plan = native_block.native_block_plan(
+            self.fused_kind, self.channels, self.k, self.reduced_width, self.first_conv().weight.dtype,
+            folded=convs is not None, has_expand=self.fused_has_expand,
+        )
+        if not plan.native:
+            return self._forward_reference(x)
+        if x.dtype not in native_block.KERNEL_DTYPES:
+            raise TypeError(
+                f"{type(self).__name__}: the native kernel takes float32/float16/bfloat16 input, got {x.dtype}"
+            )
+        if self._forced_selection is not None:
+            raise ValueError(
+                f"{type(self).__name__}: forced_selection is set, but the deployed block runs the native kernel "
+                f"(backend {self.backend!r}), which chooses its own selection; use backend='reference' to force one"
+            )
+        if self.router is None:
+            fc1, fc2, scores = None, None, MF.random_scores(x)
+        else:
+            fc1, fc2, scores = self.router.fc1.weight, self.router.fc2.weight, None
+        out, idx, _, scores = native_block.native_block_dispatch(
+            x, self.fused_kind, [conv.weight for conv in convs], [conv.bias for conv in convs], self.k,
+            self.reduced_width, self.dilation, self.fusion, self.activation == "relu", fc1, fc2, scores,
+            self._inplace and MF.may_write_in_place(x), self.fused_has_expand,
         )
         self._record(idx)
         self._record_scores(scores)

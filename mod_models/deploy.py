@@ -241,7 +241,7 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         if isinstance(module, MoDBlock):
             module.inplace = safe.get(id(module), True)
             module.deployed = True
-            if module.folded_convs() is not None:
+            if module.folded_convs() is not None and _triton_imports():
                 module._fused_operands()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -262,6 +262,13 @@ def _make_ordinary(model: nn.Module) -> None:
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.is_inference():
                     module._buffers[name] = buffer.clone()
+
+
+def _triton_imports() -> bool:
+    """True where the Triton kernels import (the native CPU kernel needs no packed operands)."""
+    import mod_kernels
+
+    return mod_kernels.TRITON_IMPORT_ERROR is None
 
 
 def is_deployed(model: nn.Module) -> bool:

@@ -133,6 +133,34 @@ MUTANTS = (
         ("tests/integrations/test_timm.py", "-k", "drop_rate_is_off_in_eval_mode and mobilenet"),
         "a timm MoD MobileNetV2 drops features before its classifier in eval mode",
     ),
+    Mutant(
+        "native-drops-last-tile", "mod_kernels/native_block.cpp",
+        "for_items(B * n_tiles, work, [&](int64_t item) {",
+        "for_items(B * n_tiles - 1, work, [&](int64_t item) {",
+        ("tests/test_native_block.py", "-k", "odd_spatial_sizes and bottleneck"),
+        "the native block skips the last row tile of the last sample",
+    ),
+    Mutant(
+        "native-ties-to-higher-channel", "mod_kernels/native_block.cpp",
+        "inline int64_t tie_rank(int64_t channel, int64_t channels) { return channels - 1 - channel; }",
+        "inline int64_t tie_rank(int64_t channel, int64_t channels) { return channel; }",
+        ("tests/test_native_block.py", "-k", "ties"),
+        "the native top-k breaks score ties towards the higher channel",
+    ),
+    Mutant(
+        "native-halo-padded-with-bias", "mod_kernels/native_block.cpp",
+        "  zero_pad_columns(t1.data + first, t1.stride, m, hi - lo, pitch, d, W);\n",
+        "",
+        ("tests/test_native_block.py", "-k", "equals_the_unfolded and bottleneck and float32"),
+        "the native bottleneck's 3x3 convolution reads relu(bias) instead of zeros in its left/right padding",
+    ),
+    Mutant(
+        "native-relu-drops-nan", "mod_kernels/native_block.cpp",
+        "inline float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }",
+        "inline float relu_keep_nan(float v) { return std::max(0.f, v); }",
+        ("tests/test_native_block.py", "-k", "nan_inf_and_ties"),
+        "the native kernel's ReLU turns NaN into 0 (std::max) instead of keeping it like torch.relu",
+    ),
 )
 
 
