@@ -82,7 +82,8 @@ that says so; it never falls back to another implementation. ``$MOD_NATIVE_CFLAG
 instruction-set flags (default ``-march=native`` on x86-64, ``-mcpu=native`` on Linux aarch64).
 
 :func:`native_block_plan` is the dispatch rule: the blocks the kernel takes (its loops are direct
-convolutions, so it stops where oneDNN's convolutions win) and why the others run the reference.
+convolutions, so it takes reduced blocks up to a size bound above the paper's zoo) and why the
+others run the reference (``block.deploy_plan()`` says which path a block takes).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ BLOCK_KINDS = {"bottleneck": 0, "basic": 1, "inverted": 2}
 FUSIONS = ("first_k", "last_k", "original")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CFLAGS_ENV_VAR = "MOD_NATIVE_CFLAGS"
-# Largest reduced block the kernel takes, in multiply-accumulates per output position of f_k
-# (beyond it oneDNN's convolutions on the reference path are faster than direct loops).
+# Largest reduced block the kernel takes, in multiply-accumulates per output position of f_k: above
+# every block of the paper's zoo at its capacities (direct loops grow with the width; where oneDNN's
+# convolutions on the reference path start to win has not been measured).
 MAX_MACS_PER_POSITION = 16384
 
 
