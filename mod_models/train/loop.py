@@ -50,7 +50,7 @@ from .distributed import (
 )
 from .progress import Progress
 from .run_folder import BestWeights, OutputError, RunFolder, best_from_checkpoint, check_run_folder
-from .seeding import capture_rng_state, check_rng_states, epoch_seed, restore_rng_state, seed_everything
+from .seeding import capture_rng_state, epoch_seed, restore_rng_state, seed_everything
 
 EXIT_TRAINING_FAILED = 3
 EXIT_INTERRUPTED = 130
@@ -405,7 +405,6 @@ def _check_before_writing(
                 f"checkpoint {resume!r} was trained on classes {checkpoint['classes'][:5]}..., "
                 f"not those of {config.data!r}"
             )
-        check_rng_states(checkpoint.get("rng") or [], resume)
     out_dir = config.resolved_out()
     _checked_on_main(info, lambda: check_run_folder(out_dir, resume=resume))
     if len(data.train) < config.batch_size:
