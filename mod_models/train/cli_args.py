@@ -23,6 +23,10 @@ EXIT_INPUT_ERROR = 2
 # torch.manual_seed takes 64-bit seeds and the training loop adds the process rank and epoch to
 # the seed, so seeds stay below 2**63 to leave that headroom.
 MAX_SEED = 2**63 - 1
+# The largest image side the tools accept: one 4096 x 4096 RGB image is 200 MB as float32, and a
+# batch of them already fills a large GPU. Far larger sides only end in a MemoryError.
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 4096
 
 
 def print_error(message: object) -> None:
@@ -59,6 +63,7 @@ def int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 seed_int = int_at_least(0, MAX_SEED)
+image_size_int = int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
 
 
 def finite_float(text: str) -> float:

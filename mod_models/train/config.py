@@ -20,9 +20,12 @@ from ..functional import FUSIONS, ROUTERS
 from ..zoo import MOD_BUILDERS, build_model, model_names
 from .checkpoint import CheckpointError, check_training_checkpoint, load_checkpoint
 from .cli_args import (
+    MAX_IMAGE_SIZE,
     MAX_SEED,
+    MIN_IMAGE_SIZE,
     CliParser,
     finite_float,
+    image_size_int,
     non_negative_int,
     positive_float,
     positive_int,
@@ -170,8 +173,12 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"log_every must be None or an int >= 1, got {config.log_every!r}")
     if not _is_number(config.log_seconds) or not 0 < config.log_seconds < math.inf:
         raise ConfigError(f"log_seconds must be a number > 0, got {config.log_seconds!r}")
-    if config.image_size is not None and (not _is_int(config.image_size) or config.image_size < 8):
-        raise ConfigError(f"image_size must be an int >= 8, got {config.image_size!r}")
+    if config.image_size is not None and (
+        not _is_int(config.image_size) or not MIN_IMAGE_SIZE <= config.image_size <= MAX_IMAGE_SIZE
+    ):
+        raise ConfigError(
+            f"image_size must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {config.image_size!r}"
+        )
     if config.capacity is not None and (not _is_int(config.capacity) or config.capacity < 1):
         raise ConfigError(f"capacity must be an int >= 1, got {config.capacity!r}")
     for name in ("lr", "lr_gamma"):
@@ -235,7 +242,9 @@ def build_parser() -> CliParser:
         help="'synthetic' (built-in shapes set) or an ImageNet-style folder with train/ and val/ (default synthetic)",
     )
     what.add_argument(
-        "--image-size", type=positive_int, help="training resolution (default 224 for folders, 64 synthetic)"
+        "--image-size",
+        type=image_size_int,
+        help=f"training resolution, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 224 for folders, 64 synthetic)",
     )
     what.add_argument(
         "--num-classes",

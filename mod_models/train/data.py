@@ -30,7 +30,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..zoo import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
-from .cli_args import EXIT_INPUT_ERROR, CliParser, int_at_least, positive_int, print_error, seed_int
+from .cli_args import (
+    EXIT_INPUT_ERROR,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    CliParser,
+    image_size_int,
+    positive_int,
+    print_error,
+    seed_int,
+)
 
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -170,11 +179,13 @@ SHAPE_CLASSES: tuple[tuple[str, Callable[[_Frame], np.ndarray]], ...] = (
 MAX_SYNTHETIC_CLASSES = len(SHAPE_CLASSES)
 
 
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+def _check_positive_int(name: str, value: object, minimum: int = 1, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
@@ -183,7 +194,7 @@ class SyntheticShapes(Dataset):
 
     Args:
         num_samples: length of the split.
-        image_size: side of the square images (>= 8).
+        image_size: side of the square images (8 .. 4096).
         num_classes: 2 .. ``MAX_SYNTHETIC_CLASSES`` (16); labels cycle ``0, 1, ..., n-1``
             over the indices, so every class is equally frequent.
         seed: the set is a function of ``(seed, split, index)``.
@@ -209,7 +220,7 @@ class SyntheticShapes(Dataset):
         normalize: bool = True,
     ) -> None:
         self.num_samples = _check_positive_int("num_samples", num_samples)
-        self.image_size = _check_positive_int("image_size", image_size, minimum=8)
+        self.image_size = _check_positive_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         self.num_classes = _check_positive_int("num_classes", num_classes, minimum=2)
         if self.num_classes > MAX_SYNTHETIC_CLASSES:
             raise ValueError(f"num_classes must be <= {MAX_SYNTHETIC_CLASSES} for the synthetic set, got {num_classes}")
@@ -318,7 +329,7 @@ def imagenet_transform(train: bool, image_size: int = 224):
     """
     from torchvision import transforms as T
 
-    image_size = _check_positive_int("image_size", image_size, minimum=8)
+    image_size = _check_positive_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
         return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
@@ -397,7 +408,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--train-samples", type=positive_int, default=2000)
     parser.add_argument("--val-samples", type=positive_int, default=500)
-    parser.add_argument("--image-size", type=int_at_least(8), default=64)
+    parser.add_argument("--image-size", type=image_size_int, default=64)
     parser.add_argument("--num-classes", type=positive_int, default=10)
     parser.add_argument("--seed", type=seed_int, default=0)
     args = parser.parse_args(argv)

@@ -10,9 +10,9 @@ import torch
 from _training import file_digest, tiny_config
 
 from mod_models.tools import analysis, export
+from mod_models.train import checkpoint as checkpoint_module
 from mod_models.train import main as train_main
 from mod_models.train import train
-from mod_models.train import checkpoint as checkpoint_module
 
 
 @pytest.fixture(scope="module")

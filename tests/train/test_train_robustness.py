@@ -509,3 +509,19 @@ def test_checkpoints_from_before_best_records_still_resume(tmp_path, reference_r
     error = capsys.readouterr().err
     assert "warning: the best weights (epoch 1, val top-1 60.00%) are lost" in error, error
     assert not (run / "best.pt").exists()
+
+
+def test_an_image_size_beyond_the_bound_is_an_input_error(tmp_path, capsys):
+    """A million-pixel side would need terabytes per image (a MemoryError deep in the data set):
+    refused by the argument parser, by validate_config and by the generated set, naming the bound."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_args(tmp_path / "out", "--image-size", "1000000"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: argument --image-size: expected an integer <= 4096, got 1000000")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="image_size must be an int in \\[8, 4096\\], got 1000000"):
+        validate_config(TrainConfig(image_size=1_000_000))
+    from mod_models.train.data import SyntheticShapes
+
+    with pytest.raises(ValueError, match="image_size must be <= 4096"):
+        SyntheticShapes(4, image_size=4097)
