@@ -112,6 +112,7 @@ class TrainConfig:
     fusion: Optional[str] = None
     router: Optional[str] = None
     sync_bn: bool = False
+    skip_bad_images: bool = False
     log_every: Optional[int] = None
     log_seconds: float = 30.0
     progress: bool = True
@@ -199,6 +200,8 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"fusion must be one of {FUSIONS}, got {config.fusion!r}")
     if config.router is not None and config.router not in ROUTERS:
         raise ConfigError(f"router must be one of {ROUTERS}, got {config.router!r}")
+    if not isinstance(config.skip_bad_images, bool):
+        raise ConfigError(f"skip_bad_images must be True or False, got {config.skip_bad_images!r}")
     if not isinstance(config.data, str) or not config.data:
         raise ConfigError(f"data must be 'synthetic' or a folder path, got {config.data!r}")
     if config.data == SYNTHETIC and not 2 <= config.num_classes <= MAX_SYNTHETIC_CLASSES:
@@ -240,6 +243,12 @@ def build_parser() -> CliParser:
     what.add_argument(
         "--data",
         help="'synthetic' (built-in shapes set) or an ImageNet-style folder with train/ and val/ (default synthetic)",
+    )
+    what.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="image folders: leave out (with a warning that counts them) the images found unusable before training "
+        "(empty, truncated or damaged PNG, decompression bomb, dangling link); by default they are an error",
     )
     what.add_argument(
         "--image-size",

@@ -85,6 +85,7 @@ class DataBundle:
     val: Dataset
     num_classes: int
     classes: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def build_datasets(config: TrainConfig) -> DataBundle:
@@ -95,8 +96,14 @@ def build_datasets(config: TrainConfig) -> DataBundle:
         train = SyntheticShapes(config.train_samples, split="train", **common)
         val = SyntheticShapes(config.val_samples, split="val", **common)
         return DataBundle(train, val, config.num_classes, list(train.classes))
-    train, val = image_folder_splits(config.data, image_size=image_size)
-    return DataBundle(train, val, len(train.classes), list(train.classes))
+    train, val = image_folder_splits(config.data, image_size=image_size, skip_bad_images=config.skip_bad_images)
+    notes = [
+        f"left out {len(split.skipped)} of the {len(split.skipped) + len(split)} images in {split.root!r} "
+        f"(--skip-bad-images); first: {split.skipped[0][0]!r}: {split.skipped[0][1]}"
+        for split in (train, val)
+        if split.skipped
+    ]
+    return DataBundle(train, val, len(train.classes), list(train.classes), notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +401,8 @@ def _check_before_writing(
             f"--batch-size {config.batch_size} must be divisible by the number of processes ({info.world_size})"
         )
     data = build_datasets(config)
+    for note in data.warnings:
+        _log(info, f"warning: {note}", error=True)
     if resume is not None:
         resume = os.fspath(resume)
         if checkpoint is None:
