@@ -49,7 +49,7 @@ from .distributed import (
     state_digest,
 )
 from .progress import Progress
-from .run_folder import BestWeights, OutputError, RunFolder, best_from_checkpoint, check_run_folder
+from .run_folder import BestWeights, OutputError, RunFolder, RunLock, best_from_checkpoint, check_run_folder
 from .seeding import capture_rng_state, epoch_seed, restore_rng_state, seed_everything
 
 EXIT_TRAINING_FAILED = 3
@@ -314,6 +314,24 @@ def _train(
     out_dir = config.resolved_out()
     data, checkpoint = _check_before_writing(config, info, resume, checkpoint)
     resume = None if resume is None else os.fspath(resume)
+    # The first write: the main process locks the run folder (a second run on it is refused).
+    lock = RunLock(out_dir)
+    _checked_on_main(info, lambda: lock.locked(resume))
+    try:
+        return _run_epochs(config, info, data, checkpoint, resume, out_dir)
+    finally:
+        lock.release()
+
+
+def _run_epochs(
+    config: TrainConfig,
+    info: DistInfo,
+    data: DataBundle,
+    checkpoint: Optional[dict],
+    resume: Optional[str],
+    out_dir: str,
+) -> TrainResult:
+    """Build the run (or restore it from ``checkpoint``), then train, evaluate and save epoch by epoch."""
     run = _build_run(config, info, data, out_dir)
     if checkpoint is not None:
         _restore_run(run, checkpoint, resume, config, info)
