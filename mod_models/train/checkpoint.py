@@ -190,6 +190,23 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
+def _is_init_record(record: Any) -> bool:
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+    def reasons(value: Any) -> bool:
+        return isinstance(value, dict) and names(list(value)) and names(list(value.values()))
+
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("path"), str)
+        and isinstance(record.get("source"), str)
+        and names(record.get("loaded"))
+        and reasons(record.get("skipped"))
+        and reasons(record.get("fresh"))
+    )
+
+
 # The model keywords mod_models.train records (TrainConfig.model_kwargs); nothing else is built from a file.
 MOD_MODEL_KWARGS = ("num_classes", "capacity", "fusion", "router")
 BASELINE_MODEL_KWARGS = ("num_classes",)
@@ -249,6 +266,8 @@ def validate_checkpoint(checkpoint: Any, path: str | os.PathLike) -> None:
     history = checkpoint.get("history", [])
     if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
         raise bad("history", "a list of per-epoch metric rows")
+    if "init" in checkpoint and not _is_init_record(checkpoint["init"]):
+        raise bad("init", "a record {path, source, loaded, skipped, fresh} of the weights the run started from")
     if checkpoint["kind"] == "full":
         _check_training_state(checkpoint, path, shapes, parameters, bad)
 

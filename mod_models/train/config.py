@@ -83,6 +83,8 @@ class TrainConfig:
     ``min(4, CPUs // processes)`` data-loading processes per training process (0 loads in the
     training process). Progress lines (when the output is not a terminal) come at the first
     step, every ``log_seconds`` seconds, every ``log_every`` steps if set, and at the last step.
+    ``init``: a file of weights a new run starts from (:mod:`mod_models.train.finetune`); a resumed
+    run ignores it (its weights are in the checkpoint).
     """
 
     model: str = "resnet18_mod"
@@ -116,6 +118,7 @@ class TrainConfig:
     log_every: Optional[int] = None
     log_seconds: float = 30.0
     progress: bool = True
+    init: Optional[str] = None
 
     def resolved_image_size(self) -> int:
         if self.image_size is not None:
@@ -208,6 +211,8 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"num_classes must be in [2, {MAX_SYNTHETIC_CLASSES}] for the synthetic set, got {config.num_classes}"
         )
+    if config.init is not None and (not isinstance(config.init, str) or not config.init):
+        raise ConfigError(f"init must be None or the path of a weights file, got {config.init!r}")
     if config.out is not None and (not isinstance(config.out, str) or not config.out):
         raise ConfigError(f"out must be a folder path, got {config.out!r}")
     if config.capacity is not None:
@@ -290,12 +295,24 @@ def build_parser() -> CliParser:
     recipe.add_argument("--label-smoothing", type=finite_float, help="cross-entropy label smoothing (default 0)")
     run = parser.add_argument_group("execution")
     run.add_argument("--out", help="output folder, new or empty unless resuming (default runs/<model>)")
-    run.add_argument(
+    start = run.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         nargs="?",
         const="",
         metavar="CHECKPOINT",
-        help=f"continue a run: from CHECKPOINT, or from <out>/{CHECKPOINT_NAME} when no path is given",
+        help=f"continue an interrupted run exactly where it stopped (weights, optimizer, schedule, epoch, random "
+        f"state, the same --out): from CHECKPOINT, or from <out>/{CHECKPOINT_NAME} when no path is given. "
+        "To start a new run from trained weights, use --init",
+    )
+    start.add_argument(
+        "--init",
+        metavar="WEIGHTS",
+        help="start a NEW run (fresh optimizer, schedule and epochs, a new or empty --out) from trained weights "
+        f"(fine-tuning): a {CHECKPOINT_NAME} or best.pt of this tool or a MoD state dict of the same architecture "
+        "(everything loads), or a torchvision/timm ResNet or MobileNetV2 state dict (stem, standard blocks and "
+        "head load; MoD blocks start fresh). The head is re-initialised when the class count differs; what "
+        "loaded is printed and kept in metrics.json. Not with --resume",
     )
     run.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default none)")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")

@@ -277,6 +277,7 @@ class RunFolder:
         self.world_size = world_size
         self.checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
         self.best_path = os.path.join(out_dir, BEST_NAME)
+        self.init: Optional[dict[str, Any]] = None  # what --init loaded (kept in checkpoints and metrics.json)
 
     def payload(self, state: dict[str, Tensor], epoch: int, history: list[dict], kind: str) -> dict[str, Any]:
         """A checkpoint dict (see :mod:`mod_models.train.checkpoint`) of weights ``state`` after ``epoch`` epochs."""
@@ -290,6 +291,7 @@ class RunFolder:
             "classes": list(self.classes),
             "config": asdict(self.config),
             "history": [dict(row) for row in history if row["epoch"] <= epoch],
+            **({"init": self.init} if self.init is not None else {}),
         }
 
     def prepare(self, log: Callable[[str], None]) -> None:
@@ -369,6 +371,7 @@ class RunFolder:
             "epochs_completed": len(history),
             "best_epoch": best.epoch if best is not None else None,
             "best_val_top1": best.val_top1 if best is not None else None,
+            "init": self.init,
             "history": history,
         }
         self._write(os.path.join(self.out_dir, METRICS_CSV), buffer.getvalue(), kept=kept)

@@ -36,7 +36,9 @@ DAMAGES = {
         lambda c: c["model_kwargs"].update(num_classes=10**10),
         "fc.weight has shape (4, 512), the model (10000000000, 512)",
     ),
-    "negative-image-size": (lambda c: c["config"].update(image_size=-5), "image_size must be an int in [8, 4096], got -5"),
+    "negative-image-size": (
+        lambda c: c["config"].update(image_size=-5), "image_size must be an int in [8, 4096], got -5"
+    ),
     "momentum-buffer": (_momentum, "momentum_buffer of parameter 0 (conv1.weight) has shape (3,)"),
     "last-epoch-a-string": (
         lambda c: c["scheduler"].update(last_epoch="one"),
