@@ -199,3 +199,20 @@ def test_an_init_run_end_to_end(trained, tmp_path, monkeypatch, capsys):
     assert json.loads((out / METRICS_JSON).read_text())["init"] == record
     assert "init from" not in capsys.readouterr().out  # a resumed run loads its own checkpoint only
     assert os.path.exists(out / "best.pt")
+
+
+def test_a_timm_resnet_loads_like_torchvision_and_a_timm_mobilenet_is_refused(tmp_path):
+    """timm's ResNets use torchvision's module names; its MobileNetV2 does not (conv_stem, blocks...)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", num_classes=5).state_dict()
+    torch.save({"state_dict": source}, tmp_path / "timm_resnet18.pt")  # as timm's train.py wraps it
+    model, plan, twin = _initialised("resnet18_mod", tmp_path / "timm_resnet18.pt", 5)
+    mod_keys = _mod_keys(model)
+    for key, value in model.state_dict().items():
+        expected = twin.state_dict()[key] if key in mod_keys else source[key]
+        assert torch.equal(value, expected), key
+    torch.save(timm.create_model("mobilenetv2_100", num_classes=5).state_dict(), tmp_path / "timm_mbv2.pt")
+    with pytest.raises(InitError, match="does not fit mobilenet_v2_mod: .* is it another architecture"):
+        plan_init(build_model("mobilenet_v2_mod", num_classes=5), "mobilenet_v2_mod",
+                  read_init_source(tmp_path / "timm_mbv2.pt"))
