@@ -583,3 +583,16 @@ def test_a_lock_left_by_a_killed_run_does_not_block_its_resume(tmp_path, capsys)
     assert main(["--out", str(out), "--resume", "--workers", "0"]) == 0
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     assert sorted(os.listdir(out)) == RUN_FILES
+
+
+@pytest.mark.parametrize("name", ["../..", "..", ".", "", "a/b", "/etc/passwd", ".hidden", "a\0b"])
+def test_a_name_that_is_not_one_safe_path_component_is_refused(name):
+    """Names that the tools put inside an output folder (file stems, run names): ``../..`` would
+    write outside it."""
+    import argparse
+
+    from mod_models.train.cli_args import path_component
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a plain name"):
+        path_component(name)
+    assert path_component("resnet18-short_2") == "resnet18-short_2"
