@@ -113,6 +113,37 @@ MUTANTS = (
         "the fused block adds f_k without scaling it by the router score",
     ),
     Mutant(
+        "resume-skips-numpy-rng", "mod_models/train/seeding.py",
+        """    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["key"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+""",
+        "",
+        ("tests/train/test_train.py", "-k", "restores_the_python_and_numpy_random_state"),
+        "a resumed run restores torch's random state but not NumPy's",
+    ),
+    Mutant(
+        "resume-skips-python-rng", "mod_models/train/seeding.py",
+        "    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))\n",
+        "",
+        ("tests/train/test_train.py", "-k", "restores_the_python_and_numpy_random_state"),
+        "a resumed run restores torch's random state but not Python's",
+    ),
+    Mutant(
+        "atomic-write-renames-before-fsync", "mod_models/train/checkpoint.py",
+        "            handle.flush()\n            os.fsync(handle.fileno())\n",
+        "            handle.flush()\n",
+        ("tests/train/test_train.py", "-k", "reach_the_disk_before_the_rename"),
+        "the atomic checkpoint write renames the temporary file without flushing it to disk first",
+    ),
+    Mutant(
         "ties-go-to-the-higher-channel", "mod_kernels/fused_route_pack.py",
         "    keys = (ordered.to(tl.int64) << 32) | (C - 1 - c).to(tl.int64)\n",
         "    keys = (ordered.to(tl.int64) << 32) | c.to(tl.int64)\n",

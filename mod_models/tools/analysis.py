@@ -36,6 +36,7 @@ from ..train.cli_args import (
     CliParser,
     check_backend_usable,
     check_writable_folder,
+    image_size_int,
     int_at_least,
     parse_device,
     positive_int,
@@ -347,7 +348,7 @@ def build_parser() -> CliParser:
         "--samples", type=positive_int, help="synthetic: samples of the val split (default: the run's)"
     )
     parser.add_argument("--max-samples", type=positive_int, help="stop after this many samples")
-    parser.add_argument("--image-size", type=int_at_least(8), help="default: the run's")
+    parser.add_argument("--image-size", type=image_size_int, help="default: the run's")
     parser.add_argument("--num-classes", type=int_at_least(2), help="synthetic: default the run's")
     parser.add_argument("--seed", type=seed_int, help="synthetic: default the run's")
     parser.add_argument("--batch-size", type=positive_int, default=64)

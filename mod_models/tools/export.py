@@ -44,6 +44,7 @@ from ..train.cli_args import (
     EXIT_INPUT_ERROR,
     CliParser,
     check_writable_folder,
+    image_size_int,
     int_at_least,
     positive_float,
     positive_int,
@@ -565,7 +566,7 @@ def build_parser() -> CliParser:
     source.add_argument("--model", help="a zoo model with freshly initialised weights")
     parser.add_argument("--num-classes", type=positive_int, default=1000, help="with --model")
     parser.add_argument("--seed", type=seed_int, default=0, help="with --model: seed of the initial weights")
-    parser.add_argument("--image-size", type=int_at_least(8), help="default: the run's (or 224)")
+    parser.add_argument("--image-size", type=image_size_int, help="default: the run's (or 224)")
     parser.add_argument(
         "--batch", type=int_at_least(2), default=2, help="example batch, >= 2 (the exported batch is dynamic)"
     )

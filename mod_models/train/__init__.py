@@ -12,6 +12,8 @@ Examples::
         --image-size 32 --train-samples 4000 --val-samples 1000 --out runs/r18
     # continue it (options not given are taken from the checkpoint; --epochs may be raised)
     python -m mod_models.train --out runs/r18 --resume --epochs 15
+    # a new run from its weights on another class count (fine-tuning; the head is re-initialised)
+    python -m mod_models.train --num-classes 5 --init runs/r18/best.pt --out runs/r18-ft
     # ImageNet-style folder (DIR/train/<class>/..., DIR/val/<class>/...) on 8 GPUs
     torchrun --nproc-per-node 8 -m mod_models.train --model resnet50_mod --data /data/imagenet \\
         --amp bf16 --channels-last --out runs/r50
@@ -34,8 +36,9 @@ interrupted run ends bitwise where an uninterrupted one would (on GPUs: with
 
 Where things are: :mod:`~mod_models.train.loop` (the loop and the command line, stage by stage),
 :mod:`~mod_models.train.config` (the run's definition and its arguments),
-:mod:`~mod_models.train.run_folder` (its files), :mod:`~mod_models.train.checkpoint` (atomic
-checkpoints, models rebuilt from them), :mod:`~mod_models.train.data` (the generated data set and
+:mod:`~mod_models.train.run_folder` (its files and its lock), :mod:`~mod_models.train.checkpoint`
+(atomic, validated checkpoints, models rebuilt from them), :mod:`~mod_models.train.finetune`
+(``--init``: the weights a new run starts from), :mod:`~mod_models.train.data` (the generated data set and
 image folders), :mod:`~mod_models.train.distributed`, :mod:`~mod_models.train.seeding`,
 :mod:`~mod_models.train.progress`, and :mod:`~mod_models.train.cli_args` (argument checks and exit
 codes shared with the command-line tools of :mod:`mod_models.tools`).

@@ -2,7 +2,8 @@
 
 * :class:`CliParser`: an ``argparse`` parser whose errors read ``error: <message>`` (exit status 2),
   like every other input error of these tools.
-* :func:`int_at_least`, :func:`finite_float`: argparse types with messages naming the bad value.
+* :func:`int_at_least`, :func:`finite_float`, :func:`path_component`: argparse types with messages
+  naming the bad value.
 * :func:`parse_device`, :func:`check_backend_usable`, :func:`check_writable_folder`: input checks
   that must pass before a tool writes anything. They raise ``ValueError``.
 """
@@ -23,6 +24,10 @@ EXIT_INPUT_ERROR = 2
 # torch.manual_seed takes 64-bit seeds and the training loop adds the process rank and epoch to
 # the seed, so seeds stay below 2**63 to leave that headroom.
 MAX_SEED = 2**63 - 1
+# The largest image side the tools accept: one 4096 x 4096 RGB image is 200 MB as float32, and a
+# batch of them already fills a large GPU. Far larger sides only end in a MemoryError.
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 4096
 
 
 def print_error(message: object) -> None:
@@ -59,6 +64,26 @@ def int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 seed_int = int_at_least(0, MAX_SEED)
+image_size_int = int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+
+
+def path_component(text: str) -> str:
+    """An argparse type: a name that is one safe component of a path (a file stem or run name put
+    inside an output folder): not empty, not ``.`` or ``..``, no path separator, no NUL, not hidden.
+    ``../..`` or ``/etc/x`` would otherwise write outside the folder the command was given."""
+    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    if (
+        not text
+        or text in (".", "..")
+        or text.startswith(".")
+        or "\0" in text
+        or any(separator in text for separator in separators)
+    ):
+        raise argparse.ArgumentTypeError(
+            f"expected a plain name (letters, digits, '-', '_', no path separators and not starting with '.'), "
+            f"got {text!r}"
+        )
+    return text
 
 
 def finite_float(text: str) -> float:

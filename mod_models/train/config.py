@@ -20,9 +20,12 @@ from ..functional import FUSIONS, ROUTERS
 from ..zoo import MOD_BUILDERS, build_model, model_names
 from .checkpoint import CheckpointError, check_training_checkpoint, load_checkpoint
 from .cli_args import (
+    MAX_IMAGE_SIZE,
     MAX_SEED,
+    MIN_IMAGE_SIZE,
     CliParser,
     finite_float,
+    image_size_int,
     non_negative_int,
     positive_float,
     positive_int,
@@ -80,6 +83,8 @@ class TrainConfig:
     ``min(4, CPUs // processes)`` data-loading processes per training process (0 loads in the
     training process). Progress lines (when the output is not a terminal) come at the first
     step, every ``log_seconds`` seconds, every ``log_every`` steps if set, and at the last step.
+    ``init``: a file of weights a new run starts from (:mod:`mod_models.train.finetune`); a resumed
+    run ignores it (its weights are in the checkpoint).
     """
 
     model: str = "resnet18_mod"
@@ -109,9 +114,11 @@ class TrainConfig:
     fusion: Optional[str] = None
     router: Optional[str] = None
     sync_bn: bool = False
+    skip_bad_images: bool = False
     log_every: Optional[int] = None
     log_seconds: float = 30.0
     progress: bool = True
+    init: Optional[str] = None
 
     def resolved_image_size(self) -> int:
         if self.image_size is not None:
@@ -170,8 +177,12 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"log_every must be None or an int >= 1, got {config.log_every!r}")
     if not _is_number(config.log_seconds) or not 0 < config.log_seconds < math.inf:
         raise ConfigError(f"log_seconds must be a number > 0, got {config.log_seconds!r}")
-    if config.image_size is not None and (not _is_int(config.image_size) or config.image_size < 8):
-        raise ConfigError(f"image_size must be an int >= 8, got {config.image_size!r}")
+    if config.image_size is not None and (
+        not _is_int(config.image_size) or not MIN_IMAGE_SIZE <= config.image_size <= MAX_IMAGE_SIZE
+    ):
+        raise ConfigError(
+            f"image_size must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {config.image_size!r}"
+        )
     if config.capacity is not None and (not _is_int(config.capacity) or config.capacity < 1):
         raise ConfigError(f"capacity must be an int >= 1, got {config.capacity!r}")
     for name in ("lr", "lr_gamma"):
@@ -192,12 +203,16 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"fusion must be one of {FUSIONS}, got {config.fusion!r}")
     if config.router is not None and config.router not in ROUTERS:
         raise ConfigError(f"router must be one of {ROUTERS}, got {config.router!r}")
+    if not isinstance(config.skip_bad_images, bool):
+        raise ConfigError(f"skip_bad_images must be True or False, got {config.skip_bad_images!r}")
     if not isinstance(config.data, str) or not config.data:
         raise ConfigError(f"data must be 'synthetic' or a folder path, got {config.data!r}")
     if config.data == SYNTHETIC and not 2 <= config.num_classes <= MAX_SYNTHETIC_CLASSES:
         raise ConfigError(
             f"num_classes must be in [2, {MAX_SYNTHETIC_CLASSES}] for the synthetic set, got {config.num_classes}"
         )
+    if config.init is not None and (not isinstance(config.init, str) or not config.init):
+        raise ConfigError(f"init must be None or the path of a weights file, got {config.init!r}")
     if config.out is not None and (not isinstance(config.out, str) or not config.out):
         raise ConfigError(f"out must be a folder path, got {config.out!r}")
     if config.capacity is not None:
@@ -235,7 +250,15 @@ def build_parser() -> CliParser:
         help="'synthetic' (built-in shapes set) or an ImageNet-style folder with train/ and val/ (default synthetic)",
     )
     what.add_argument(
-        "--image-size", type=positive_int, help="training resolution (default 224 for folders, 64 synthetic)"
+        "--skip-bad-images",
+        action="store_true",
+        help="image folders: leave out (with a warning that counts them) the images found unusable before training "
+        "(empty, truncated or damaged PNG, decompression bomb, dangling link); by default they are an error",
+    )
+    what.add_argument(
+        "--image-size",
+        type=image_size_int,
+        help=f"training resolution, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 224 for folders, 64 synthetic)",
     )
     what.add_argument(
         "--num-classes",
@@ -272,12 +295,24 @@ def build_parser() -> CliParser:
     recipe.add_argument("--label-smoothing", type=finite_float, help="cross-entropy label smoothing (default 0)")
     run = parser.add_argument_group("execution")
     run.add_argument("--out", help="output folder, new or empty unless resuming (default runs/<model>)")
-    run.add_argument(
+    start = run.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         nargs="?",
         const="",
         metavar="CHECKPOINT",
-        help=f"continue a run: from CHECKPOINT, or from <out>/{CHECKPOINT_NAME} when no path is given",
+        help=f"continue an interrupted run exactly where it stopped (weights, optimizer, schedule, epoch, random "
+        f"state, the same --out): from CHECKPOINT, or from <out>/{CHECKPOINT_NAME} when no path is given. "
+        "To start a new run from trained weights, use --init",
+    )
+    start.add_argument(
+        "--init",
+        metavar="WEIGHTS",
+        help="start a NEW run (fresh optimizer, schedule and epochs, a new or empty --out) from trained weights "
+        f"(fine-tuning): a {CHECKPOINT_NAME} or best.pt of this tool or a MoD state dict of the same architecture "
+        "(everything loads), or a torchvision/timm ResNet or MobileNetV2 state dict (stem, standard blocks and "
+        "head load; MoD blocks start fresh). The head is re-initialised when the class count differs; what "
+        "loaded is printed and kept in metrics.json. Not with --resume",
     )
     run.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (default none)")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -28,9 +29,19 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 
 from ..zoo import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
-from .cli_args import EXIT_INPUT_ERROR, CliParser, int_at_least, positive_int, print_error, seed_int
+from .cli_args import (
+    EXIT_INPUT_ERROR,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    CliParser,
+    image_size_int,
+    positive_int,
+    print_error,
+    seed_int,
+)
 
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -170,11 +181,13 @@ SHAPE_CLASSES: tuple[tuple[str, Callable[[_Frame], np.ndarray]], ...] = (
 MAX_SYNTHETIC_CLASSES = len(SHAPE_CLASSES)
 
 
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+def _check_positive_int(name: str, value: object, minimum: int = 1, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
@@ -183,7 +196,7 @@ class SyntheticShapes(Dataset):
 
     Args:
         num_samples: length of the split.
-        image_size: side of the square images (>= 8).
+        image_size: side of the square images (8 .. 4096).
         num_classes: 2 .. ``MAX_SYNTHETIC_CLASSES`` (16); labels cycle ``0, 1, ..., n-1``
             over the indices, so every class is equally frequent.
         seed: the set is a function of ``(seed, split, index)``.
@@ -209,7 +222,7 @@ class SyntheticShapes(Dataset):
         normalize: bool = True,
     ) -> None:
         self.num_samples = _check_positive_int("num_samples", num_samples)
-        self.image_size = _check_positive_int("image_size", image_size, minimum=8)
+        self.image_size = _check_positive_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         self.num_classes = _check_positive_int("num_classes", num_classes, minimum=2)
         if self.num_classes > MAX_SYNTHETIC_CLASSES:
             raise ValueError(f"num_classes must be <= {MAX_SYNTHETIC_CLASSES} for the synthetic set, got {num_classes}")
@@ -318,7 +331,7 @@ def imagenet_transform(train: bool, image_size: int = 224):
     """
     from torchvision import transforms as T
 
-    image_size = _check_positive_int("image_size", image_size, minimum=8)
+    image_size = _check_positive_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
         return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
@@ -330,21 +343,225 @@ def _describe_empty(path: str) -> str:
     return f"data folder {path!r} has no class sub-folders with images (expected {path}/<class>/<image>)"
 
 
-def image_folder(root: str | os.PathLike, *, train: bool, image_size: int = 224):
-    """A torchvision ``ImageFolder`` at ``root`` (``root/<class>/<image>``) with :func:`imagenet_transform`.
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded; the message names the file.
+
+    Raised in a DataLoader worker, it reaches the training process re-created from the worker's
+    formatted traceback (``torch.utils.data`` passes the whole traceback as the message); the
+    original one-line message is recovered from its last line, so the error still reads
+    ``cannot read image '...': ...``.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "\nOriginal Traceback" in message and marker in message:
+            message = message.rstrip().splitlines()[-1].partition(marker)[2] or message
+        super().__init__(message)
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_REFUSED_MODES = {"I": "32-bit integer", "F": "32-bit floating-point"}
+
+
+def _rgb(image, path: str):
+    """``image`` as 8-bit RGB: 16-bit grey levels scaled by 255/65535 (``convert("RGB")`` would clip
+    them at 255, turning nearly every pixel white); 32-bit modes refused."""
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT_MODES:
+        levels = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    elif image.mode in _REFUSED_MODES:
+        raise UnreadableImage(
+            f"cannot read image {path!r}: {_REFUSED_MODES[image.mode]} pixels (mode {image.mode}) have no agreed "
+            "scale to 8 bits; convert the file to an 8- or 16-bit image"
+        )
+    return image.convert("RGB")
+
+
+def load_rgb_image(path: str):
+    """The data sets' image loader: the decoded image as 8-bit RGB (PIL), or :class:`UnreadableImage`
+    naming the file (truncated, damaged, a decompression bomb, a dangling link, a 32-bit image)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as handle:
+                image = Image.open(handle)
+                image.load()
+                return _rgb(image, path)
+    except UnreadableImage:
+        raise
+    except Exception as error:  # PIL reports damaged files with many exception types
+        raise UnreadableImage(f"cannot read image {path!r}: {_reason(error)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def check_image_file(path: str) -> Optional[str]:
+    """Why ``path`` cannot be used as an image (None when it can), from what is cheap to read: the
+    file's size, its header (format, size, mode, the decompression-bomb limit
+    ``PIL.Image.MAX_IMAGE_PIXELS``) and PIL's ``verify`` (which for PNG reads the chunks and their
+    checksums, so a truncated or damaged PNG is found here; JPEG data is only checked when decoded).
+    """
+    from PIL import Image
+
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a symlink to a missing file ({os.readlink(path)!r})"
+    try:
+        if os.path.getsize(path) == 0:
+            return "an empty file (0 bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                mode = image.mode
+                image.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return f"a decompression bomb ({_reason(error)})"
+    except Exception as error:  # PIL reports damaged files with many exception types
+        return f"not a readable image ({_reason(error)})"
+    if mode in _REFUSED_MODES:
+        return f"{_REFUSED_MODES[mode]} pixels (mode {mode}); convert it to an 8- or 16-bit image"
+    return None
+
+
+def _within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or inside it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def find_image_samples(
+    directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...]
+) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every file with an image extension in a class folder or its
+    sub-folders, in torchvision ``make_dataset``'s order: sub-folders and symlinks to files or folders
+    followed, hidden files included, each folder's files sorted.
+
+    Unlike torchvision, every folder is read once: a symlink that leads back to a folder already
+    read (a loop, or a second way into the same folder), to the data folder or above it, or into
+    another class's folder is refused by name (torchvision follows a loop until the path is too
+    long, counting its images again and again, and labels another class's images as this one's).
 
     Raises:
-        DataError: ``root`` is missing, not a folder, or holds no class folder with images.
+        DataError: such a symlink, or a folder that cannot be listed.
     """
-    from torchvision.datasets import ImageFolder
+    root = os.path.realpath(directory)
+    classes = {name: os.path.realpath(os.path.join(directory, name)) for name in class_to_idx}
+    seen: dict[str, str] = {}  # real path of every folder read -> the path it was reached by
+    samples: list[tuple[str, int]] = []
+    for name in sorted(class_to_idx):
+        top = os.path.join(directory, name)
+        if not os.path.isdir(top):
+            continue
+        found: list[tuple[str, list[str]]] = []
+        _read_once(top, classes[name], name, root, classes, seen)
+        for folder, subfolders, files in os.walk(top, followlinks=True, onerror=_unlistable):
+            for sub in subfolders:
+                path = os.path.join(folder, sub)
+                _read_once(path, os.path.realpath(path), name, root, classes, seen)
+            found.append((folder, files))
+        for folder, files in sorted(found):
+            samples.extend(
+                (os.path.join(folder, file), class_to_idx[name])
+                for file in sorted(files)
+                if file.lower().endswith(extensions)
+            )
+    return samples
 
+
+def _read_once(path: str, real: str, label: str, root: str, classes: dict[str, str], seen: dict[str, str]) -> None:
+    """Record that class ``label`` reads the folder ``path`` (real path ``real``), or refuse a link
+    that would read a folder twice, the data folder itself, or another class's folder."""
+    problem = None
+    if real in seen:
+        problem = f"which was already read as {seen[real]!r} (a symlink loop or a second link to it)"
+    elif _within(root, real):
+        problem = "which holds the data folder itself (a symlink loop)"
+    else:
+        for other, folder in classes.items():
+            if other != label and _within(real, folder):
+                problem = f"inside the folder of class {other!r}"
+                break
+    if problem is not None:
+        raise DataError(
+            f"{path!r} leads to {real!r}, {problem}: its images would be counted again under class {label!r}. "
+            "Remove that link (each image must be in the data folder once, under its class)"
+        )
+    seen[real] = path
+
+
+def _unlistable(error: OSError) -> None:
+    raise DataError(f"cannot list folder {error.filename!r}: {error.strerror or error}")
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ``ImageFolder`` (the same classes, samples, order and transforms) whose files were
+    checked before use (:func:`check_image_file`) and whose loader names a file it cannot decode.
+
+    An unusable file is an error listing it, or, with ``skip_bad_images``, left out and listed in
+    :attr:`skipped` (``(path, reason)``). Symlink loops and links into other classes are refused
+    (:func:`find_image_samples`). 16-bit grey images are scaled to 8 bits (:func:`load_rgb_image`).
+    """
+
+    def __init__(self, root: str, *, transform: Optional[Callable] = None, skip_bad_images: bool = False) -> None:
+        self.skip_bad_images = skip_bad_images
+        self.skipped: list[tuple[str, str]] = []
+        super().__init__(root, transform=transform, loader=load_rgb_image)
+
+    def make_dataset(  # an instance method: ImageFolder calls it as self.make_dataset(...)
+        self,
+        directory: str,
+        class_to_idx: dict[str, int],
+        extensions: Optional[tuple[str, ...]] = None,
+        is_valid_file: Optional[Callable[[str], bool]] = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        samples = find_image_samples(os.fspath(directory), class_to_idx, extensions or IMAGE_EXTENSIONS)
+        good, bad = [], []
+        for path, label in samples:
+            problem = check_image_file(path)
+            if problem is None:
+                good.append((path, label))
+            else:
+                bad.append((path, problem))
+        if bad and not self.skip_bad_images:
+            shown = "; ".join(f"{path!r}: {problem}" for path, problem in bad[:3])
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise DataError(
+                f"{len(bad)} of the {len(samples)} images in {os.fspath(directory)!r} cannot be used: {shown}{more}. "
+                "Fix or remove them (training can leave them out with --skip-bad-images)"
+            )
+        self.skipped = bad
+        labels = {label for _, label in good}
+        empty = sorted(name for name, index in class_to_idx.items() if index not in labels)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return good
+
+
+def image_folder(
+    root: str | os.PathLike, *, train: bool, image_size: int = 224, skip_bad_images: bool = False
+) -> CheckedImageFolder:
+    """A :class:`CheckedImageFolder` at ``root`` (``root/<class>/<image>``) with :func:`imagenet_transform`.
+
+    Raises:
+        DataError: ``root`` is missing, not a folder, holds no class folder with images, a symlink
+            loop, or an image that cannot be used (unless ``skip_bad_images``: then it is left out and
+            listed in the data set's ``skipped``).
+    """
     path = os.fspath(root)
     if not os.path.exists(path):
         raise DataError(f"data folder {path!r} does not exist")
     if not os.path.isdir(path):
         raise DataError(f"data path {path!r} is not a folder")
     try:
-        dataset = ImageFolder(path, transform=imagenet_transform(train, image_size))
+        dataset = CheckedImageFolder(
+            path, transform=imagenet_transform(train, image_size), skip_bad_images=skip_bad_images
+        )
     except FileNotFoundError as error:
         raise DataError(f"{_describe_empty(path)}: {error}") from None
     if len(dataset) == 0:
@@ -359,7 +576,7 @@ def _names(classes: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
 
 
-def image_folder_splits(root: str | os.PathLike, *, image_size: int = 224):
+def image_folder_splits(root: str | os.PathLike, *, image_size: int = 224, skip_bad_images: bool = False):
     """``(train, val)`` ImageFolders of an ImageNet-style tree ``root/train/<class>/...``, ``root/val/<class>/...``.
 
     Raises:
@@ -376,8 +593,9 @@ def image_folder_splits(root: str | os.PathLike, *, image_size: int = 224):
             f"data folder {path!r} must contain {' and '.join(repr(s) for s in SPLITS)} sub-folders "
             f"(ImageNet layout {path}/train/<class>/<image>); missing: {', '.join(missing)}"
         )
-    train = image_folder(os.path.join(path, "train"), train=True, image_size=image_size)
-    val = image_folder(os.path.join(path, "val"), train=False, image_size=image_size)
+    train = image_folder(os.path.join(path, "train"), train=True, image_size=image_size,
+                         skip_bad_images=skip_bad_images)
+    val = image_folder(os.path.join(path, "val"), train=False, image_size=image_size, skip_bad_images=skip_bad_images)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -397,7 +615,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--train-samples", type=positive_int, default=2000)
     parser.add_argument("--val-samples", type=positive_int, default=500)
-    parser.add_argument("--image-size", type=int_at_least(8), default=64)
+    parser.add_argument("--image-size", type=image_size_int, default=64)
     parser.add_argument("--num-classes", type=positive_int, default=10)
     parser.add_argument("--seed", type=seed_int, default=0)
     args = parser.parse_args(argv)

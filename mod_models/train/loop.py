@@ -48,9 +48,10 @@ from .distributed import (
     setup_distributed,
     state_digest,
 )
+from .finetune import InitPlan, apply_init, plan_init, read_init_source, summary_lines
 from .progress import Progress
-from .run_folder import BestWeights, OutputError, RunFolder, best_from_checkpoint, check_run_folder
-from .seeding import capture_rng_state, check_rng_states, epoch_seed, restore_rng_state, seed_everything
+from .run_folder import BestWeights, OutputError, RunFolder, RunLock, best_from_checkpoint, check_run_folder
+from .seeding import capture_rng_state, epoch_seed, restore_rng_state, seed_everything
 
 EXIT_TRAINING_FAILED = 3
 EXIT_INTERRUPTED = 130
@@ -85,6 +86,7 @@ class DataBundle:
     val: Dataset
     num_classes: int
     classes: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def build_datasets(config: TrainConfig) -> DataBundle:
@@ -95,8 +97,14 @@ def build_datasets(config: TrainConfig) -> DataBundle:
         train = SyntheticShapes(config.train_samples, split="train", **common)
         val = SyntheticShapes(config.val_samples, split="val", **common)
         return DataBundle(train, val, config.num_classes, list(train.classes))
-    train, val = image_folder_splits(config.data, image_size=image_size)
-    return DataBundle(train, val, len(train.classes), list(train.classes))
+    train, val = image_folder_splits(config.data, image_size=image_size, skip_bad_images=config.skip_bad_images)
+    notes = [
+        f"left out {len(split.skipped)} of the {len(split.skipped) + len(split)} images in {split.root!r} "
+        f"(--skip-bad-images); first: {split.skipped[0][0]!r}: {split.skipped[0][1]}"
+        for split in (train, val)
+        if split.skipped
+    ]
+    return DataBundle(train, val, len(train.classes), list(train.classes), notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,9 +313,29 @@ def _train(
     config: TrainConfig, info: DistInfo, resume: Optional[str | os.PathLike], checkpoint: Optional[dict]
 ) -> TrainResult:
     out_dir = config.resolved_out()
-    data, checkpoint = _check_before_writing(config, info, resume, checkpoint)
+    data, checkpoint, init = _check_before_writing(config, info, resume, checkpoint)
     resume = None if resume is None else os.fspath(resume)
-    run = _build_run(config, info, data, out_dir)
+    # The first write: the main process locks the run folder (a second run on it is refused).
+    lock = RunLock(out_dir)
+    _checked_on_main(info, lambda: lock.locked(resume))
+    try:
+        return _run_epochs(config, info, data, checkpoint, init, resume, out_dir)
+    finally:
+        lock.release()
+
+
+def _run_epochs(
+    config: TrainConfig,
+    info: DistInfo,
+    data: DataBundle,
+    checkpoint: Optional[dict],
+    init: Optional[InitPlan],
+    resume: Optional[str],
+    out_dir: str,
+) -> TrainResult:
+    """Build the run (from ``init``'s weights, or restored from ``checkpoint``), then train, evaluate
+    and save epoch by epoch."""
+    run = _build_run(config, info, data, out_dir, init)
     if checkpoint is not None:
         _restore_run(run, checkpoint, resume, config, info)
     else:
@@ -319,6 +347,9 @@ def _train(
         run.folder.prepare(lambda message: _log(info, message))
         if checkpoint is not None:
             run.folder.restore(run.history, run.best, lambda message: _log(info, message))
+        elif run.folder.init is not None:
+            for line in summary_lines(run.folder.init):
+                _log(info, line)
     best_top1 = max((row["val_top1"] for row in run.history), default=-1.0)
     if run.start_epoch >= config.epochs:
         _log(
@@ -385,15 +416,18 @@ def _train(
 
 def _check_before_writing(
     config: TrainConfig, info: DistInfo, resume: Optional[str | os.PathLike], checkpoint: Optional[dict]
-) -> tuple[DataBundle, Optional[dict]]:
+) -> tuple[DataBundle, Optional[dict], Optional[InitPlan]]:
     """Everything that can be wrong with the input, found before anything is written: the batch
-    split, the data, the checkpoint to resume (loaded here unless given), the run folder and the
-    backend. Returns the data and the checkpoint."""
+    split, the data, the checkpoint to resume (loaded here unless given) or the weights to start
+    from (``--init``: read, and planned against the model built on the meta device), the run folder
+    and the backend. Returns the data, the checkpoint and the init plan."""
     if config.batch_size % info.world_size != 0:
         raise ConfigError(
             f"--batch-size {config.batch_size} must be divisible by the number of processes ({info.world_size})"
         )
     data = build_datasets(config)
+    for note in data.warnings:
+        _log(info, f"warning: {note}", error=True)
     if resume is not None:
         resume = os.fspath(resume)
         if checkpoint is None:
@@ -405,17 +439,25 @@ def _check_before_writing(
                 f"checkpoint {resume!r} was trained on classes {checkpoint['classes'][:5]}..., "
                 f"not those of {config.data!r}"
             )
-        check_rng_states(checkpoint.get("rng") or [], resume)
+    init = None
+    if resume is None and config.init is not None:
+        source = read_init_source(config.init)
+        with torch.device("meta"):
+            shapes_only = build_training_model(config, data.num_classes)
+        init = plan_init(shapes_only, config.model, source)
     out_dir = config.resolved_out()
     _checked_on_main(info, lambda: check_run_folder(out_dir, resume=resume))
     if len(data.train) < config.batch_size:
         raise ConfigError(f"the training set has {len(data.train)} samples, fewer than one batch ({config.batch_size})")
     _check_backend_usable(config, info.device)
-    return data, checkpoint
+    return data, checkpoint, init
 
 
-def _build_run(config: TrainConfig, info: DistInfo, data: DataBundle, out_dir: str) -> _Run:
-    """Model, optimizer, scheduler and scaler, with the same initial weights on every process."""
+def _build_run(
+    config: TrainConfig, info: DistInfo, data: DataBundle, out_dir: str, init: Optional[InitPlan] = None
+) -> _Run:
+    """Model (with ``init``'s weights loaded), optimizer, scheduler and scaler, with the same initial
+    weights on every process."""
     device = info.device
     seed_everything(config.seed)
     if config.deterministic:
@@ -425,17 +467,21 @@ def _build_run(config: TrainConfig, info: DistInfo, data: DataBundle, out_dir: s
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = build_training_model(config, data.num_classes)
+    if init is not None:
+        apply_init(model, init)
     if config.sync_bn and info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     optimizer = make_optimizer(model, config)
+    folder = RunFolder(out_dir, config, data.num_classes, data.classes, info.world_size)
+    folder.init = init.record() if init is not None else None
     return _Run(
         model=model,
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, config),
         scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
-        folder=RunFolder(out_dir, config, data.num_classes, data.classes, info.world_size),
+        folder=folder,
         amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp),
         memory_format=memory_format,
     )
@@ -454,6 +500,7 @@ def _restore_run(run: _Run, checkpoint: dict, resume: str, config: TrainConfig, 
         raise CheckpointError(f"checkpoint {resume!r} does not fit this run: {error}") from None
     run.history = [dict(row) for row in checkpoint["history"]]
     run.start_epoch = checkpoint["epoch"]
+    run.folder.init = checkpoint.get("init")
     rng_states = checkpoint.get("rng") or []
     if len(rng_states) == info.world_size:
         restore_rng_state(rng_states[info.rank])

@@ -9,16 +9,27 @@ A run killed at any point therefore leaves a loadable checkpoint whose best reco
 behind ``best.pt``; on resume, :meth:`RunFolder.restore` removes the temporary files a killed
 write left behind and rewrites ``best.pt`` and the metrics from the checkpoint where they are
 missing or behind.
+
+:class:`RunLock` keeps a second run off a folder while one is writing it: the run holds an
+exclusive lock on ``.mod-train.lock`` (which names its pid) from the moment it starts writing
+until it ends; the kernel releases the lock when a process dies, so a killed run never blocks the
+next one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no flock
+    fcntl = None  # type: ignore[assignment]
 
 from torch import Tensor, nn
 
@@ -38,6 +49,7 @@ BEST_NAME = "best.pt"
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
 RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, METRICS_CSV, METRICS_JSON)
+LOCK_NAME = ".mod-train.lock"
 METRIC_COLUMNS = (
     "epoch",
     "lr",
@@ -60,15 +72,16 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
 
 
-def check_run_folder(out_dir: str, *, resume: Optional[str]) -> None:
+def check_run_folder(out_dir: str, *, resume: Optional[str], locked: bool = False) -> None:
     """Raise unless ``out_dir`` can take this run's files without overwriting another run's.
 
     A new run needs a new or empty folder; a resumed run the folder of the checkpoint it
     continues, or a new or empty one. Temporary files left by a killed write do not count (they
-    are removed when the run starts). The folder must be writable (checked by writing a probe file).
+    are removed when the run starts). The folder must be writable (checked by writing a probe file),
+    and no other run may hold its lock (:class:`RunLock`; ``locked``: this process holds it).
 
     Raises:
-        ConfigError: ``out_dir`` is a file, not writable, or holds files of another run.
+        ConfigError: ``out_dir`` is a file, not writable, in use by another run, or holds files of another run.
         CheckpointError: ``out_dir`` holds a checkpoint this run would overwrite.
     """
     try:
@@ -77,7 +90,9 @@ def check_run_folder(out_dir: str, *, resume: Optional[str]) -> None:
         raise ConfigError(str(error)) from None
     if not os.path.isdir(out_dir):
         return  # created when the run starts
-    stale = {os.path.basename(path) for path in stale_temporary_files(out_dir, RUN_FILES)}
+    if not locked:
+        RunLock(out_dir).check_free()
+    stale = {os.path.basename(path) for path in stale_temporary_files(out_dir, RUN_FILES)} | {LOCK_NAME}
     entries = sorted(set(os.listdir(out_dir)) - stale)
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
     if resume is not None:
@@ -102,6 +117,98 @@ def check_run_folder(out_dir: str, *, resume: Optional[str]) -> None:
             f"--out {out_dir!r} is not empty ({_listing(entries)}): a new run would overwrite another run's "
             "files; choose a new or empty folder"
         )
+
+
+class RunLock:
+    """The exclusive lock a training run holds on its ``--out`` folder while it writes there.
+
+    ``flock`` on ``<out>/.mod-train.lock``, whose content is the holder's pid (for the message a
+    refused run prints). The kernel drops the lock with its process, so the file a killed run
+    leaves behind (naming a dead pid) does not block anyone; :meth:`release` removes the file.
+    Without ``fcntl`` (not a POSIX system) runs are not locked.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, LOCK_NAME)
+        self._fd: Optional[int] = None
+
+    def _busy(self) -> ConfigError:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                pid = handle.read().strip() or "unknown"
+        except OSError:
+            pid = "unknown"
+        return ConfigError(
+            f"--out {self.out_dir!r} is in use by another training run (pid {pid}, lock {self.path}); "
+            "wait for it to end, or choose another --out"
+        )
+
+    def check_free(self) -> None:
+        """Raise :class:`ConfigError` naming the holder when another run holds the lock (writes nothing)."""
+        if fcntl is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._busy() from None
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> None:
+        """Take the lock (creating the folder if needed) and write this process's pid into it.
+
+        Raises:
+            ConfigError: another run holds it, or the folder or the lock file cannot be written.
+        """
+        if fcntl is None:
+            return
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise self._busy() from None
+                # The previous holder removes the file when it ends; if it did so between our open
+                # and flock, we hold a lock on a removed file: open the new one instead.
+                try:
+                    current = os.stat(self.path)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and os.path.samestat(os.fstat(fd), current):
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as error:
+            raise ConfigError(f"cannot lock --out {self.out_dir!r}: {error.strerror or error}") from None
+        self._fd = fd
+
+    def locked(self, resume: Optional[str]) -> None:
+        """:meth:`acquire`, then :func:`check_run_folder` again (the folder may have changed between
+        the first check and the lock); on failure nothing stays locked."""
+        self.acquire()
+        try:
+            check_run_folder(self.out_dir, resume=resume, locked=True)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
 
 
 @dataclass
@@ -170,6 +277,7 @@ class RunFolder:
         self.world_size = world_size
         self.checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
         self.best_path = os.path.join(out_dir, BEST_NAME)
+        self.init: Optional[dict[str, Any]] = None  # what --init loaded (kept in checkpoints and metrics.json)
 
     def payload(self, state: dict[str, Tensor], epoch: int, history: list[dict], kind: str) -> dict[str, Any]:
         """A checkpoint dict (see :mod:`mod_models.train.checkpoint`) of weights ``state`` after ``epoch`` epochs."""
@@ -183,6 +291,7 @@ class RunFolder:
             "classes": list(self.classes),
             "config": asdict(self.config),
             "history": [dict(row) for row in history if row["epoch"] <= epoch],
+            **({"init": self.init} if self.init is not None else {}),
         }
 
     def prepare(self, log: Callable[[str], None]) -> None:
@@ -262,6 +371,7 @@ class RunFolder:
             "epochs_completed": len(history),
             "best_epoch": best.epoch if best is not None else None,
             "best_val_top1": best.val_top1 if best is not None else None,
+            "init": self.init,
             "history": history,
         }
         self._write(os.path.join(self.out_dir, METRICS_CSV), buffer.getvalue(), kept=kept)

@@ -152,3 +152,168 @@ def test_data_cli_writes_image_folder(tmp_path):
     assert sum(len(files) for _, _, files in os.walk(tmp_path / "train")) == 6
     assert sum(len(files) for _, _, files in os.walk(tmp_path / "val")) == 3
     assert main([str(tmp_path / "x"), "--num-classes", "99"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: what a sample is, 16-bit images, unusable files
+# ---------------------------------------------------------------------------------------------
+
+
+def _png(path, value=128, size=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def _two_classes(root):
+    """root/a/1.png (dark), root/b/2.png (light): two images, two classes."""
+    _png(root / "a" / "1.png", 10)
+    _png(root / "b" / "2.png", 200)
+    return root
+
+
+def _bomb_png(path):
+    """A PNG whose header claims 20000 x 20000 pixels (more than twice PIL's decompression-bomb limit)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+@pytest.mark.parametrize(
+    "link, target, problem",
+    [
+        ("a/up", "..", "holds the data folder itself (a symlink loop)"),
+        ("b/self", ".", "already read as"),
+        ("a/theirs", "../b", "inside the folder of class 'b'"),
+    ],
+    ids=["loop-to-the-data-folder", "loop-to-itself", "into-another-class"],
+)
+def test_symlink_loops_and_links_into_other_classes_are_refused_by_name(tmp_path, link, target, problem):
+    """torchvision follows such links until the path is too long: 3 images became hundreds of samples,
+    b's images labelled a. Each folder is read once; a link that would read one again is named."""
+    root = _two_classes(tmp_path / "data")
+    os.symlink(target, root / link)
+    with pytest.raises(DataError) as error:
+        image_folder(root, train=False, image_size=8)
+    message = str(error.value)
+    assert f"{str(root / link)!r} leads to" in message and problem in message, message
+
+
+def test_samples_are_those_of_torchvision_image_folder(tmp_path):
+    """Sub-folders, links to folders outside the data folder and links to files are followed as
+    torchvision does, in its order; only image extensions count."""
+    from torchvision.datasets import ImageFolder
+
+    root = _two_classes(tmp_path / "data")
+    _png(root / "a" / "deeper" / "3.PNG")
+    _png(tmp_path / "elsewhere" / "4.png")
+    os.symlink(tmp_path / "elsewhere", root / "b" / "linked")
+    os.symlink(root / "a" / "1.png", root / "b" / "5.png")
+    (root / "a" / "notes.txt").write_text("not an image")
+    ours = image_folder(root, train=False, image_size=8)
+    assert ours.samples == ImageFolder(str(root)).samples
+    assert [os.path.relpath(path, root) for path, _ in ours.samples] == [
+        "a/1.png", "a/deeper/3.PNG", "b/2.png", "b/5.png", "b/linked/4.png"
+    ]
+
+
+def test_a_16_bit_png_is_scaled_not_saturated(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey levels at 255 (almost every pixel white); the loader
+    scales them by 255 / 65535."""
+    root = _two_classes(tmp_path / "data")
+    levels = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(levels).save(root / "a" / "sixteen.png")
+    assert Image.open(root / "a" / "sixteen.png").mode == "I;16"
+    dataset = image_folder(root, train=False, image_size=8)
+    path = str(root / "a" / "sixteen.png")
+    pixels = np.asarray(dataset.loader(path))
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    expected = np.round(levels / 257.0).astype(np.uint8)
+    assert np.array_equal(pixels[..., 0], expected) and np.array_equal(pixels[..., 2], expected)
+    # Through the data set: not one saturated pixel in a picture whose brightest level is 63000 / 65535.
+    image, _ = dataset[[p for p, _ in dataset.samples].index(path)]
+    assert image.shape == (3, 8, 8)
+
+
+def _truncated(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+BAD_FILES = {
+    "empty": (lambda path: path.write_bytes(b""), "an empty file (0 bytes)"),
+    "truncated-png": (lambda path: (_png(path, size=32), _truncated(path)), "not a readable image"),
+    "decompression-bomb": (_bomb_png, "a decompression bomb"),
+    "dangling-symlink": (lambda path: os.symlink(path.parent / "gone.png", path), "a symlink to a missing file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_an_unusable_image_is_named_before_training_or_skipped_when_asked(tmp_path, kind):
+    root = _two_classes(tmp_path / "data")
+    _png(root / "a" / "3.png")
+    make, problem = BAD_FILES[kind]
+    bad = root / "a" / "bad.png"
+    make(bad)
+    with pytest.raises(DataError) as error:
+        image_folder(root, train=True, image_size=8)
+    message = str(error.value)
+    assert f"1 of the 4 images in {str(root)!r} cannot be used: {str(bad)!r}: {problem}" in message, message
+    assert "--skip-bad-images" in message
+    skipping = image_folder(root, train=True, image_size=8, skip_bad_images=True)
+    assert len(skipping) == 3 and str(bad) not in [path for path, _ in skipping.samples]
+    assert [path for path, _ in skipping.skipped] == [str(bad)] and problem in skipping.skipped[0][1]
+    for index in range(len(skipping)):
+        assert skipping[index][0].shape == (3, 8, 8)
+
+
+def _folder_args(data, out, *extra):
+    return [
+        "--data", str(data), "--out", str(out), "--image-size", "8", "--batch-size", "2", "--epochs", "1",
+        "--lr", "0.01", "--backend", "reference", "--device", "cpu", "--no-progress", *extra,
+    ]
+
+
+def _image_tree(root):
+    for split in ("train", "val"):
+        for label, value in (("a", 10), ("b", 200)):
+            for index in range(2):
+                _png(root / split / label / f"{index}.png", value + index)
+    return root
+
+
+def test_training_refuses_an_unusable_image_before_writing_and_skips_it_on_request(tmp_path, capsys):
+    from mod_models.train import main
+
+    data = _image_tree(tmp_path / "data")
+    (data / "train" / "a" / "empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    assert main(_folder_args(data, out, "--workers", "0")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: 1 of the 5 images in ") and "empty.png" in error and error.count("\n") == 1, error
+    assert not out.exists()
+    assert main(_folder_args(data, out, "--workers", "0", "--skip-bad-images")) == 0
+    error = capsys.readouterr().err
+    assert "warning: left out 1 of the 5 images in " in error and "empty.png" in error, error
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_image_that_fails_to_decode_mid_epoch_is_named(tmp_path, capsys, workers):
+    """A truncated JPEG passes the header check (PIL verifies only PNG data without decoding): when it
+    is decoded, training stops with one error line naming it, from a loader worker process too."""
+    from mod_models.train import main
+
+    data = _image_tree(tmp_path / "data")
+    jpeg = data / "train" / "b" / "cut.jpg"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(jpeg, quality=95)
+    _truncated(jpeg, 0.4)
+    assert main(_folder_args(data, tmp_path / "run", "--workers", workers)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot read image {str(jpeg)!r}: OSError: image file is truncated"), error
+    assert error.count("\n") == 1 and "Traceback" not in error, error

@@ -76,6 +76,36 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path):
     assert not torch.equal(first["model"]["fc.weight"], final["model"]["fc.weight"])
 
 
+def test_resume_restores_the_python_and_numpy_random_state(tmp_path, monkeypatch):
+    """Code run during training may draw from Python's and NumPy's global generators (augmentations
+    often do): a resumed run must continue their streams where the interrupted run left them, as
+    it does torch's. Each epoch here first draws from both, as such code would."""
+    import random
+
+    import numpy as np
+
+    from mod_models.train import loop as train_module
+
+    draws = []
+    real_epoch = train_module.train_one_epoch
+
+    def drawing_epoch(*args, **kwargs):
+        draws.append((random.random(), float(np.random.random())))
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", drawing_epoch)
+    small = dict(train_samples=16, val_samples=16)
+    train(tiny_config(tmp_path / "full", epochs=2, **small))
+    uninterrupted = list(draws)
+    draws.clear()
+    train(tiny_config(tmp_path / "part", epochs=1, **small))
+    train(tiny_config(tmp_path / "part", epochs=2, **small), resume=tmp_path / "part" / "checkpoint.pt")
+    assert draws[0] == uninterrupted[0]
+    python_draw, numpy_draw = draws[1]
+    assert python_draw == uninterrupted[1][0], "the resumed run did not restore Python's random state"
+    assert numpy_draw == uninterrupted[1][1], "the resumed run did not restore NumPy's random state"
+
+
 def test_cli_resume_with_image_folder_and_worker_processes(tmp_path, capsys):
     """ImageFolder data (random crops and flips in a worker process), resumed from the CLI with only --out."""
     data = tmp_path / "data"
@@ -124,6 +154,34 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         atomic_save({"value": torch.arange(8)}, path)
     assert file_digest(path) == good
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """The temporary file is fsynced, whole, before it is renamed over the target: otherwise a power
+    loss after the rename can leave an empty or torn file under the target's name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        status = os.fstat(fd)
+        events.append(("fsync", status.st_ino, status.st_size))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        status = os.stat(src)
+        events.append(("replace", status.st_ino, status.st_size))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_save({"value": torch.arange(1000)}, tmp_path / "checkpoint.pt")
+    checkpoint_module.atomic_write_text(tmp_path / "metrics.json", "{}\n" * 100)
+    renames = [index for index, event in enumerate(events) if event[0] == "replace"]
+    assert len(renames) == 2, events
+    for index in renames:
+        _, inode, size = events[index]
+        synced = [event for event in events[:index] if event == ("fsync", inode, size)]
+        assert synced, f"the temporary file (inode {inode}, {size} bytes) was renamed before an fsync of it: {events}"
 
 
 def test_torn_or_foreign_checkpoint_is_reported(tmp_path):

@@ -509,3 +509,90 @@ def test_checkpoints_from_before_best_records_still_resume(tmp_path, reference_r
     error = capsys.readouterr().err
     assert "warning: the best weights (epoch 1, val top-1 60.00%) are lost" in error, error
     assert not (run / "best.pt").exists()
+
+
+def test_an_image_size_beyond_the_bound_is_an_input_error(tmp_path, capsys):
+    """A million-pixel side would need terabytes per image (a MemoryError deep in the data set):
+    refused by the argument parser, by validate_config and by the generated set, naming the bound."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_args(tmp_path / "out", "--image-size", "1000000"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: argument --image-size: expected an integer <= 4096, got 1000000")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="image_size must be an int in \\[8, 4096\\], got 1000000"):
+        validate_config(TrainConfig(image_size=1_000_000))
+    from mod_models.train.data import SyntheticShapes
+
+    with pytest.raises(ValueError, match="image_size must be <= 4096"):
+        SyntheticShapes(4, image_size=4097)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _paused_run(where, out, *extra):
+    """A real training process on ``out`` that pauses at ``where`` (see _paused_worker.py); returns
+    ``(process, pid)`` once it has paused."""
+    worker = os.path.join(REPO_ROOT, "tests", "train", "_paused_worker.py")
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, worker, where, "--", *tiny_args(out, "--workers", "0", *extra)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    for line in process.stdout:
+        if line.startswith("paused "):
+            return process, int(line.split()[1])
+    process.wait(timeout=60)
+    raise AssertionError(f"the training process ended before pausing: {process.stderr.read()[-2000:]}")
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two runs started on one --out both finished with status 0, their files mixed. The first
+    holds a lock on the folder; the second is refused (status 2) naming the first one's pid, and
+    writes nothing; the first then finishes alone."""
+    out = tmp_path / "run"
+    first, pid = _paused_run("prepare", out, "--epochs", "1")
+    try:
+        before = snapshot_files(out)
+        assert main(tiny_args(out, "--epochs", "1", "--workers", "0")) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: --out {str(out)!r} is in use by another training run (pid {pid}"), error
+        assert error.count("\n") == 1
+        assert snapshot_files(out) == before
+    finally:
+        _, stderr = first.communicate(timeout=240)  # closes stdin: the first run goes on
+    assert first.returncode == 0, stderr[-2000:]
+    assert sorted(os.listdir(out)) == RUN_FILES  # the lock is gone with its run
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_its_resume(tmp_path, capsys):
+    """While the run lives, resuming it elsewhere is refused; once it is killed (its lock file left
+    behind, naming a dead pid) the resume goes ahead and ends with the run's files only."""
+    out = tmp_path / "run"
+    first, pid = _paused_run("first-epoch", out, "--epochs", "2")
+    assert main(["--out", str(out), "--resume", "--workers", "0"]) == 2
+    assert f"in use by another training run (pid {pid}" in capsys.readouterr().err
+    first.kill()  # SIGKILL: no chance to release anything
+    first.communicate(timeout=60)
+    leftovers = set(os.listdir(out)) - set(RUN_FILES)
+    assert len(leftovers) == 1, os.listdir(out)  # the lock file, naming the dead process
+    assert str(pid) in (out / leftovers.pop()).read_text()
+    assert main(["--out", str(out), "--resume", "--workers", "0"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert sorted(os.listdir(out)) == RUN_FILES
+
+
+@pytest.mark.parametrize("name", ["../..", "..", ".", "", "a/b", "/etc/passwd", ".hidden", "a\0b"])
+def test_a_name_that_is_not_one_safe_path_component_is_refused(name):
+    """Names that the tools put inside an output folder (file stems, run names): ``../..`` would
+    write outside it."""
+    import argparse
+
+    from mod_models.train.cli_args import path_component
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a plain name"):
+        path_component(name)
+    assert path_component("resnet18-short_2") == "resnet18-short_2"
