@@ -54,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="add the torch.compile providers (default on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="model batch sizes (CPU 1; CUDA 64 1)")
+    p.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=None,
+                   help="model batch sizes (CPU 1; CUDA 64 1)")
     p.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
                    help="model dtypes (CPU fp32; CUDA bf16 fp32)")
     p.add_argument("--memory-format", nargs="+", default=None, choices=["nchw", "channels_last"],
                    help="model memory formats (CPU nchw; CUDA channels_last)")
-    p.add_argument("--resolution", type=int, default=None, help="input height and width (224)")
+    p.add_argument("--resolution", type=_positive_int, default=None, help="input height and width (224)")
     p.add_argument("--threads", nargs="+", default=None, type=_thread_count,
                    help="CPU thread counts, positive integers or 'all' (default: 1; with --full: 1 all)")
     p.add_argument("--floors", nargs="*", default=None, choices=["identity", "static"],
@@ -67,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: no CUDA graphs (default: batches <= 8 are timed as graph replays, "
                         "larger ones eagerly and then again as graph replays)")
-    p.add_argument("--rounds", type=int, default=None, help="CPU: interleaved rounds per model family (5)")
-    p.add_argument("--kernel-batches", nargs="+", type=int, default=None, help="kernel batch sizes (CUDA 64 256 1)")
+    p.add_argument("--rounds", type=_positive_int, default=None, help="CPU: interleaved rounds per model family (5)")
+    p.add_argument("--kernel-batches", nargs="+", type=_positive_int, default=None,
+                   help="kernel batch sizes (CUDA 64 256 1)")
     p.add_argument("--kernel-dtypes", nargs="+", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--kernel-formats", nargs="+", default=None, choices=["nchw", "channels_last"])
     p.add_argument("--kernel-model", default="resnet50_mod", help="model whose MoD stage shapes are benchmarked")
@@ -100,6 +102,35 @@ def _budget(text: str):
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
+def out_dir_problem(out_dir: Path) -> str | None:
+    """Why results cannot be written into ``out_dir`` (None when they can): checked before a run,
+    so that a long run never ends unable to write what it measured."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            return f"--out-dir {out_dir} is a file, not a folder"
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            return f"--out-dir {out_dir} is not writable"
+        return None
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out-dir {out_dir} cannot be made: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out-dir {out_dir} cannot be made: {parent} is not writable"
+    return None
+
+
 def _thread_count(text: str) -> str:
     if text != "all" and not (text.isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f"a thread count is a positive integer or 'all', not {text!r}")
@@ -123,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = out_dir_problem(args.out_dir)
+    if problem:  # one line, before anything is measured
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
     # Before anything imports Triton: its own @jit helpers (tl.sort, reductions) must be created
     # in interpreter mode too, or interpreted kernels cannot call them.
     enable_triton_interpreter_without_cuda()

@@ -599,3 +599,36 @@ def test_plot_draws_only_providers_with_ratios_and_keeps_the_legend_off_the_bars
     labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
     assert labels == {"reference", "paper", "no ratio"}  # resnet34_mod's outputs differed: marked, not drawn
     plt.close(fig)
+
+
+def _stub_measurements(monkeypatch) -> None:
+    """Model runs and launch counts that return at once: a CLI test that gets past its checks costs nothing."""
+    from bench import launches
+
+    monkeypatch.setattr(M, "run_models", lambda names, configs, providers, **kwargs: [])
+    monkeypatch.setattr(launches, "measure", lambda names, **kwargs: ([], "not counted (test)"))
+
+
+@pytest.mark.parametrize("where", ["file", "inside_file"])
+def test_cli_refuses_an_out_dir_that_is_a_file_before_measuring(where, monkeypatch, tmp_path: Path, capsys) -> None:
+    _stub_measurements(monkeypatch)
+    ran = []
+    monkeypatch.setattr(M, "run_models", lambda *args, **kwargs: ran.append(args) or [])
+    blocker = tmp_path / "results.json"
+    blocker.write_text("{}")
+    out_dir = blocker if where == "file" else blocker / "sub"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--device", "cpu", "--models-only", "--no-plot", "--out-dir", str(out_dir)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and not ran, "checked before anything was measured"
+    assert len(err.splitlines()) == 1 and str(blocker) in err and "file" in err, err
+    assert blocker.read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv", [["--batch-sizes", "0"], ["--batch-sizes", "8", "-1"], ["--rounds", "0"],
+                                  ["--kernel-batches", "0"], ["--resolution", "0"]])
+def test_cli_refuses_non_positive_counts(argv, monkeypatch, tmp_path: Path, capsys) -> None:
+    _stub_measurements(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--device", "cpu", "--models-only", "--no-plot", "--out-dir", str(tmp_path), *argv])
+    assert stop.value.code == 2 and "positive integer" in capsys.readouterr().err
