@@ -75,14 +75,14 @@ def test_quick_run_writes_under_the_working_directory_not_the_published_results(
 def test_quick_run_prints_progress_and_a_time_split_that_adds_up(quick_run: dict) -> None:
     stdout = quick_run["stdout"]
     payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
-    n_models = sum(r["section"] == "model" for r in payload["records"])
+    n_models = sum(r["section"] in ("model", "train") for r in payload["records"])  # the counter covers both
     counted = [line for line in stdout.splitlines() if re.match(r"\[\s*\d+/\d+\] ", line)]
     counters = [tuple(map(int, re.match(r"\[\s*(\d+)/(\d+)\]", line).groups())) for line in counted]
     assert counters == [(i, n_models) for i in range(1, n_models + 1)], stdout[-2000:]
     assert re.search(r"\(\d+s elapsed, done\)$", counted[-1]), counted[-1]
     line = next(line for line in stdout.splitlines() if line.startswith("time: "))
     parts, total = line.removeprefix("time: ").split("; total ")
-    shown = [float(m) for m in re.findall(r" (\d+\.\d) s", parts)]
+    shown = [float(m) for m in re.findall(r" (\d+(?:\.\d)?) s", parts)]  # 0.1 s steps, 1 s steps from a minute
     assert len(shown) >= 2 and math.isclose(sum(shown), float(total.removesuffix(" s")), abs_tol=1e-9), line
 
 
@@ -145,6 +145,29 @@ def test_quick_run_counts_launches_and_has_deploy_rows(quick_run: dict) -> None:
     assert model["max_per_mod_block"] <= 3 and model["launches"] < baseline_deploy[0]["launches"]
     markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
     assert "## Kernel launches" in markdown and "| resnet18_mod (resnet18) |" in markdown
+
+
+def test_quick_run_has_training_step_rows_in_json_markdown_and_png(quick_run: dict) -> None:
+    payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
+    train = [r for r in payload["records"] if r["section"] == "train"]
+    assert {r["role"] for r in train if r["status"] == "ok"} == {"baseline", "mod", "floor_identity", "floor_static"}
+    for r in train:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["peak_mem_mib"] > r["state_mib"] > 0, r
+        assert "SGD(lr=0.1, momentum=0.9, weight_decay=0.0001)" in r["step"] and r["batch"] == 2
+    (mod,) = [r for r in train if r["role"] == "mod"]
+    assert mod["agreement"]["ok"]
+    markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
+    section = markdown.split("## Training step", 1)[1]
+    assert "### training step, CPU, batch 2" in section and "| resnet18_mod | reference |" in section
+    pytest.importorskip("matplotlib")
+    from bench import plot as P
+
+    fig = P.figure(payload["records"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any(t.startswith("training step, CPU, batch 2") for t in titles), titles
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def _disagreeing(model: torch.nn.Module):
@@ -496,17 +519,24 @@ def test_one_naming_rule_for_bench_and_the_gpu_script(quick_run: dict, tmp_path:
 
 
 def _planned_runs(monkeypatch, tmp_path: Path, *argv: str) -> tuple[list[tuple], str]:
-    """``python -m bench ARGV`` with the model runs recorded instead of measured: (names, configs, providers) per
-    call, and what it printed."""
+    """``python -m bench ARGV`` with the model runs (inference and training steps) recorded instead of
+    measured: (names, configs, providers) per call, training calls marked with a leading "train", and
+    what it printed."""
     calls = []
 
     def fake_run_models(names, configs, providers, **kwargs):
         calls.append((list(names), list(configs), [p.name for p in providers]))
         return []
 
-    monkeypatch.setattr(M, "run_models", fake_run_models)
-    from bench import launches
+    def fake_run_train(names, configs, providers, **kwargs):
+        calls.append(("train", list(names), list(configs), [p.name for p in providers]))
+        return []
 
+    from bench import launches
+    from bench import training as T
+
+    monkeypatch.setattr(M, "run_models", fake_run_models)
+    monkeypatch.setattr(T, "run_train", fake_run_train)
     monkeypatch.setattr(launches, "measure", lambda names, **kwargs: ([], "not counted (test)"))
     lines = []
     monkeypatch.setattr(cli, "log", lines.append)
@@ -516,6 +546,8 @@ def _planned_runs(monkeypatch, tmp_path: Path, *argv: str) -> tuple[list[tuple],
 
 def test_default_is_the_short_table_and_says_how_to_run_the_full_one(monkeypatch, tmp_path: Path) -> None:
     calls, printed = _planned_runs(monkeypatch, tmp_path)
+    train = [call[1:] for call in calls if call[0] == "train"]
+    calls = [call for call in calls if call[0] != "train"]
     # The deploy rows first, then the models as trained (and ONNX Runtime where installed).
     (deploy, as_trained) = calls
     assert deploy[2] == ["reference+deploy"] and as_trained[2][0] == "reference"
@@ -524,7 +556,22 @@ def test_default_is_the_short_table_and_says_how_to_run_the_full_one(monkeypatch
     assert "The whole table: python -m bench --full" in printed
     assert (tmp_path / f"{collect_env(torch.device('cpu'))['device_slug']}-short.json").exists()
 
+    # Then the training steps: one family run per baseline family, batch 8 at 64 px, one thread.
+    assert [names for names, _, _ in train] == [["resnet18_mod"], ["resnet50_mod", "mobilenet_v2_mod"]]
+    for _, configs, providers in train:
+        assert providers == ["reference"]
+        assert [(c.batch, c.resolution, c.dtype, c.threads) for c in configs] == [(8, cli.CPU_TRAIN_RESOLUTION,
+                                                                                    "fp32", 1)]
+
     calls, printed = _planned_runs(monkeypatch, tmp_path, "--full")
+    train = [call[1:] for call in calls if call[0] == "train"]
+    calls = [call for call in calls if call[0] != "train"]
+    all_threads = list(dict.fromkeys([1, torch.get_num_threads()]))
+    at_8 = [call for call in train if call[1][0].batch == 8]
+    assert sorted(name for names, _, _ in at_8 for name in names) == sorted(M.MOD_BUILDERS)  # each family once
+    assert [(c.batch, c.threads) for c in train[0][1]] == [(8, t) for t in all_threads]
+    assert train[-1][0] == list(M.MOD_BUILDERS) and [(c.batch, c.threads) for c in train[-1][1]] == [
+        (32, t) for t in all_threads]
     for names, configs, _ in calls:
         assert names == list(M.MOD_BUILDERS)
         assert [c.threads for c in configs] == list(dict.fromkeys([1, torch.get_num_threads()]))
@@ -604,8 +651,10 @@ def test_plot_draws_only_providers_with_ratios_and_keeps_the_legend_off_the_bars
 def _stub_measurements(monkeypatch) -> None:
     """Model runs and launch counts that return at once: a CLI test that gets past its checks costs nothing."""
     from bench import launches
+    from bench import training as T
 
     monkeypatch.setattr(M, "run_models", lambda names, configs, providers, **kwargs: [])
+    monkeypatch.setattr(T, "run_train", lambda names, configs, providers, **kwargs: [])
     monkeypatch.setattr(launches, "measure", lambda names, **kwargs: ([], "not counted (test)"))
 
 
