@@ -221,7 +221,9 @@ def train_tables(records: list[dict]) -> list[tuple[str, str]]:
                   "static floor ms", "overhead", "f_k", "routing", "peak MiB (MoD / baseline / identity)", "vs ref",
                   "check"]
         text = table(header, body, "llllrrllrrrrrl")
-        notes = train_notes([row["record"] for row in rows])
+        seen = {id(r): r for row in rows for r in (row["record"], row["baseline_record"], row["identity"],
+                                                   row["static"]) if r}
+        notes = train_notes([row["record"] for row in rows]) + memory_notes(list(seen.values()))
         out.append((f"training step, {config_title(key)}", text + ("\n\n" + "\n".join(notes) if notes else "")))
     return out
 
@@ -237,6 +239,18 @@ def train_notes(records: list[dict]) -> list[str]:
             notes.append(f"- {r['model']} | {r['provider']}: {OUTPUTS_DIFFER}: {(a.get('detail') or '')[:300]}")
         elif a.get("flipped_selections") or r.get("interpreter"):
             notes.append(f"- {r['model']} | {r['provider']}: {(a.get('detail') or '')[:300]}")
+    return notes
+
+
+def memory_notes(records: list[dict]) -> list[str]:
+    """A line per CPU training-step record whose allocator events do not add up to the state after the step."""
+    notes = []
+    for r in records:
+        unaccounted = r.get("peak_mem_unaccounted_mib")
+        if unaccounted is not None and abs(unaccounted) > 1.0:
+            shown = f"{r['role'].removeprefix('floor_')} floor of {r['of_model']}" if r.get("of_model") else r["model"]
+            notes.append(f"- {shown} | {r['provider']}: peak memory uncertain by {unaccounted:.0f} MiB (allocator "
+                         "events that do not add up to the state after the step; see the JSON)")
     return notes
 
 

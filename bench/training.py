@@ -319,21 +319,26 @@ def peak_memory(train_step: TrainStep, device: torch.device) -> tuple[Tensor, di
     train_step.optimizer.zero_grad(set_to_none=True)
     train_step.last_loss = None
     before = train_step.persistent_bytes() + grads
-    result, transient = _cpu_transient_peak(train_step, grads)
-    if transient is None:
+    result, excess = _cpu_transient_peak(train_step, grads)
+    if excess is None:
         return result, {"peak_mem_mib": None, "state_mib": before / 2**20,
                         "peak_mem_method": "n/a: the profiler recorded no CPU allocation"}
-    return result, {"peak_mem_mib": (before + transient) / 2**20, "state_mib": before / 2**20,
+    # What the events say is live after the step, against what is: more means tensors the step
+    # keeps beyond the model's state (caches), or blocks made before the profiler started that it
+    # freed without an event (then the peak is overestimated by up to that much).
+    unaccounted = before + excess[1] - train_step.persistent_bytes()
+    return result, {"peak_mem_mib": (before + excess[0]) / 2**20, "state_mib": before / 2**20,
+                    "peak_mem_unaccounted_mib": unaccounted / 2**20,
                     "peak_mem_method": "CPU allocator events of one step (torch.profiler, profile_memory=True): "
                                        "the largest sum of live tensors, the parameters, grads, buffers, optimizer "
                                        "state and batch that existed before the step included"}
 
 
-def _cpu_transient_peak(train_step: TrainStep, freed_by_zero_grad: int) -> tuple[Tensor, int | None]:
-    """The largest excess over the bytes live before the step: the running sum of the CPU
-    allocator's events in time order, less the previous step's grads (``freed_by_zero_grad``,
-    already freed by the caller) from the moment the step's ``zero_grad`` ends (a record_function
-    marks it)."""
+def _cpu_transient_peak(train_step: TrainStep, freed_by_zero_grad: int) -> tuple[Tensor, tuple[int, int] | None]:
+    """``(the loss, (peak, end))``: the largest excess over the bytes live before the step, and the
+    excess at its end. The running sum of the CPU allocator's events in time order, less the
+    previous step's grads (``freed_by_zero_grad``, already freed by the caller) from the moment the
+    step's ``zero_grad`` ends (a record_function marks it)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     previous_level = os.environ.get("KINETO_LOG_LEVEL")
@@ -360,12 +365,12 @@ def _cpu_transient_peak(train_step: TrainStep, freed_by_zero_grad: int) -> tuple
         return result, None
     marks = [e.end_ns() for e in events if e.name() == "bench.zero_grad"]
     freed_at = min(marks) if marks else None
-    running = peak = 0
+    running = peak = live = 0
     for start, nbytes in memory:
         running += nbytes
         live = running - (freed_by_zero_grad if freed_at is not None and start >= freed_at else 0)
         peak = max(peak, live)
-    return result, peak
+    return result, (peak, live)
 
 
 # ------------------------------------------------------------------------------- agreement
