@@ -511,7 +511,7 @@ def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
             if row["speedup"] is not None and paper is not None:
                 reachable = f" (floor allows {row['ceiling'] / paper:.2f}x)" if row["ceiling"] else ""
                 cpu_paper.append((r["model"] + reachable, row["speedup"] / paper))
-    if cpu_overheads or not on_gpu:
+    if cpu_overheads or (not on_gpu and any(r.get("section") == "model" for r in records)):
         out += [
             _target("CPU reference, 1 thread, batch 1: MoD overhead over the identity floor <= 5%", cpu_overheads,
                     0.05, higher_is_better=False, unit="%"),
