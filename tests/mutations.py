@@ -119,6 +119,13 @@ MUTANTS = (
         ("tests/test_kernels.py", "-k", "tie"),
         "equal scores select the higher channel first",
     ),
+    Mutant(
+        "training-check-ignores-updates", "bench/training.py",
+        "        if err > update_tolerance:\n            beyond += 1\n",
+        "        if err > update_tolerance and False:\n            beyond += 1\n",
+        ("tests/test_bench_training.py", "-k", "skip_the_router_or_f_k"),
+        "the training-step check passes a provider whose optimizer updates differ (a skipped backward)",
+    ),
 )
 
 
