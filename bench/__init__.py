@@ -18,6 +18,8 @@ from the bottom up:
 * :mod:`bench.floors`    -- the identity floor and the static-selection floor of a MoD model.
 * :mod:`bench.providers` -- who runs a model: reference / triton backend, eager / torch.compile.
 * :mod:`bench.models`    -- the model table (paper's Tables 1-2 shape).
+* :mod:`bench.training`  -- the model table's training-step rows: the training CLI's optimizer
+  step, checked against the reference before it is timed, with its peak memory.
 * :mod:`bench.kernels`   -- route+pack, scale+fuse, their backwards and the whole MoD block.
 * :mod:`bench.records`   -- reading result records: status, agreement, derived ratios.
 * :mod:`bench.report`    -- tables (console, Markdown), JSON, target checks;

@@ -9,6 +9,12 @@ What runs (flags such as ``--models`` and ``--threads`` override each part):
   channels_last and NCHW) and every variant at batch 64 and batch 1 with CUDA graphs.
 * ``--quick``: a smoke run in seconds (tiny shapes; the numbers mean little).
 
+The model table has training-step rows too (:mod:`bench.training`): one optimizer step of each
+MoD variant beside its baseline and floors. CPU: fp32, 64x64, batch 8 (``--full``: 8 and 32, one
+thread and all); CUDA: bf16 AMP, channels_last, 224x224, batch 64 and 128, eager and as CUDA graph
+replays of the whole step, then torch.compile. ``--train-only`` runs them alone, ``--no-train``
+leaves them out.
+
 Each MoD model runs beside its torchvision baseline and both floors: on a CPU with the
 reference backend and (with the export extra) ONNX Runtime; on CUDA reference and triton,
 eager and compiled. Kernel microbenchmarks are GPU work; on a CPU they run only as a smoke test
@@ -29,6 +35,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .env import enable_triton_interpreter_without_cuda
@@ -37,6 +44,10 @@ DEFAULT_OUT_DIR = Path("runs", "bench")  # relative: under the directory the com
 PUBLISHED_DIR = Path("bench", "results")  # the project's committed results (in a source checkout)
 KEY_MODELS = ("resnet75_mod", "resnet50_mod")  # the targets' models: compiled first when time is short
 SHORT_MODELS = ("resnet18_mod", "resnet50_mod", "mobilenet_v2_mod")  # the default: one per baseline family
+# Training steps on a CPU at 64x64: a resnet50 step at batch 8 and 224 px takes several seconds on
+# one core, so the short table would take minutes more; 64 px is 1/12 of the work (the last stage
+# is 2x2). --train-resolution 224 measures the full size.
+CPU_TRAIN_RESOLUTION = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--kernels", action="store_true", help="kernel microbenchmarks only")
-    what.add_argument("--models-only", action="store_true", help="model table only")
+    what.add_argument("--models-only", action="store_true",
+                      help="model table only (inference and training-step rows)")
+    what.add_argument("--train-only", action="store_true", help="the model table's training-step rows only")
+    p.add_argument("--no-train", action="store_true", help="no training-step rows")
+    p.add_argument("--train-batch-sizes", nargs="+", type=_positive_int, default=None,
+                   help="training-step batch sizes (CPU 8, with --full 8 32; CUDA 64 128)")
+    p.add_argument("--train-resolution", type=_positive_int, default=None,
+                   help=f"training-step input size (CPU {CPU_TRAIN_RESOLUTION}, to keep the table short; CUDA 224)")
     p.add_argument("--models", nargs="+", default=None,
                    help=f"MoD variants (default: {' '.join(SHORT_MODELS)}; with --full all)")
     p.add_argument("--providers", nargs="+", default=None,
@@ -54,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="add the torch.compile providers (default on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="model batch sizes (CPU 1; CUDA 64 1)")
+    p.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=None,
+                   help="model batch sizes (CPU 1; CUDA 64 1)")
     p.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
                    help="model dtypes (CPU fp32; CUDA bf16 fp32)")
     p.add_argument("--memory-format", nargs="+", default=None, choices=["nchw", "channels_last"],
                    help="model memory formats (CPU nchw; CUDA channels_last)")
-    p.add_argument("--resolution", type=int, default=None, help="input height and width (224)")
+    p.add_argument("--resolution", type=_positive_int, default=None, help="input height and width (224)")
     p.add_argument("--threads", nargs="+", default=None, type=_thread_count,
                    help="CPU thread counts, positive integers or 'all' (default: 1; with --full: 1 all)")
     p.add_argument("--floors", nargs="*", default=None, choices=["identity", "static"],
@@ -67,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: no CUDA graphs (default: batches <= 8 are timed as graph replays, "
                         "larger ones eagerly and then again as graph replays)")
-    p.add_argument("--rounds", type=int, default=None, help="CPU: interleaved rounds per model family (5)")
-    p.add_argument("--kernel-batches", nargs="+", type=int, default=None, help="kernel batch sizes (CUDA 64 256 1)")
+    p.add_argument("--rounds", type=_positive_int, default=None, help="CPU: interleaved rounds per model family (5)")
+    p.add_argument("--kernel-batches", nargs="+", type=_positive_int, default=None,
+                   help="kernel batch sizes (CUDA 64 256 1)")
     p.add_argument("--kernel-dtypes", nargs="+", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--kernel-formats", nargs="+", default=None, choices=["nchw", "channels_last"])
     p.add_argument("--kernel-model", default="resnet50_mod", help="model whose MoD stage shapes are benchmarked")
@@ -100,6 +120,35 @@ def _budget(text: str):
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
+def out_dir_problem(out_dir: Path) -> str | None:
+    """Why results cannot be written into ``out_dir`` (None when they can): checked before a run,
+    so that a long run never ends unable to write what it measured."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            return f"--out-dir {out_dir} is a file, not a folder"
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            return f"--out-dir {out_dir} is not writable"
+        return None
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out-dir {out_dir} cannot be made: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out-dir {out_dir} cannot be made: {parent} is not writable"
+    return None
+
+
 def _thread_count(text: str) -> str:
     if text != "all" and not (text.isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f"a thread count is a positive integer or 'all', not {text!r}")
@@ -123,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = out_dir_problem(args.out_dir)
+    if problem:  # one line, before anything is measured
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
     # Before anything imports Triton: its own @jit helpers (tl.sort, reductions) must be created
     # in interpreter mode too, or interpreted kernels cannot call them.
     enable_triton_interpreter_without_cuda()
@@ -176,9 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     elif mode == "short" and not args.models:
         meta["notes"].append(f"SHORT table (the default): {', '.join(SHORT_MODELS)}; `python -m bench --full` "
                              "measures every variant.")
-    sections = ["kernels"] if args.kernels else ["models"] if args.models_only else (
-        ["kernels", "models"] if on_cuda or small else ["models"])
-    if not on_cuda and "kernels" not in sections and not args.models_only:
+    if args.train_only and args.no_train:
+        parser.error("--train-only and --no-train contradict each other")
+    sections = ["kernels"] if args.kernels else ["models", "train"] if args.models_only else ["train"] if (
+        args.train_only) else (["kernels", "models", "train"] if on_cuda or small else ["models", "train"])
+    if args.no_train and "train" in sections:
+        sections.remove("train")
+    if not on_cuda and "kernels" not in sections and not (args.models_only or args.train_only):
         note = ("kernel microbenchmarks skipped: they time GPU kernels (no CUDA device here); "
                 "`python -m bench --kernels` runs a CPU smoke version")
         log(note)
@@ -263,15 +319,25 @@ def main(argv: list[str] | None = None) -> int:
         log("section " + R.sections_text({"kernels": meta["sections"]["kernels"]}))
         save(force=True)
 
+    # ------------------------------------------------------------------- model table: the plan
+    names = args.models or (
+        ["resnet18_mod"] if small else list(M.MOD_BUILDERS) if args.full else list(SHORT_MODELS))
+    if not args.models and on_cuda:  # the targets' family (resnet50 baseline) first, when time is short
+        names = sorted(names, key=lambda name: M.BASELINE_OF[name] != M.BASELINE_OF[KEY_MODELS[0]])
+    floors = tuple(args.floors) if args.floors is not None else ("identity", "static")
+    cache = M.ModelCache(args.seed)
+    progress = None
+    train = None
+    if "train" in sections:
+        train = _train_plan(args, names, floors=floors, on_cuda=on_cuda, small=small, all_threads=all_threads,
+                            use_compile=use_compile, chosen_providers=chosen_providers, meta=meta)
+        if not train.phases:
+            sections.remove("train")
+
     # ------------------------------------------------------------------------------- models
     if "models" in sections:
         section_start = time.monotonic()
-        names = args.models or (
-            ["resnet18_mod"] if small else list(M.MOD_BUILDERS) if args.full else list(SHORT_MODELS))
-        if not args.models and on_cuda:  # the targets' family (resnet50 baseline) first, when time is short
-            names = sorted(names, key=lambda name: M.BASELINE_OF[name] != M.BASELINE_OF[KEY_MODELS[0]])
         resolution = args.resolution or (32 if args.dry_run else 64 if args.quick else 224)
-        floors = tuple(args.floors) if args.floors is not None else ("identity", "static")
         if chosen_providers:
             providers = chosen_providers
         elif on_cuda or args.dry_run:
@@ -310,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
             cpu_warmup=1 if small else 2, cuda_reps=5 if small else 15, cuda_warmup=2 if small else 3,
             compile_estimate_s=60.0,
         )
-        cache = M.ModelCache(args.seed)
         first_dtype = [c for c in configs if c.dtype == configs[0].dtype]
         other_configs = [c for c in configs if c.dtype != configs[0].dtype]
         key_models = [m for m in KEY_MODELS if m in names] or names[:1]
@@ -333,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         phases = [phase for phase in phases if all(phase[:3])]
         plan = [case for configs_, providers_, names_, floors_ in phases
                 for case in M.plan_cases(names_, configs_, providers_, floors_)]
-        progress = Progress(len(plan), sum(M.case_weight(net, prov, c.batch, c.resolution) for c, net, _, prov in plan))
+        progress = Progress(len(plan) + (len(train.plan) if train else 0),
+                            sum(M.case_weight(net, prov, c.batch, c.resolution) for c, net, _, prov in plan)
+                            + (train.weight if train else 0.0))
         log(f"models: {len(plan)} case(s) (network x provider x config), "
             f"{len({(c, M.BASELINE_OF[net] if role != 'baseline' else net) for c, net, role, _ in plan})} "
             "family run(s)")
@@ -360,8 +427,37 @@ def main(argv: list[str] | None = None) -> int:
                                              resolution=resolution, threads=_threads(["1", "all"], all_threads))
             full_weight = sum(M.case_weight(net, prov, c.batch, c.resolution)
                               for c, net, _, prov in M.plan_cases(list(M.MOD_BUILDERS), full_configs, eager, floors))
+            if train:
+                full_weight += train.full_weight
             estimate = progress.seconds_for(full_weight)
             meta["full_estimate_s"] = estimate
+
+    # ------------------------------------------------------------------------ training step
+    if "train" in sections:
+        from . import training as T
+
+        section_start = time.monotonic()
+        if progress is None:
+            progress = Progress(len(train.plan), train.weight)
+        log(f"training step: {len(train.plan)} case(s) (network x provider x config); {train.what}")
+
+        def on_train_case(record: dict) -> tuple[str, str]:
+            return progress.advance(T.train_case_weight(record["model"], record["provider"], record["batch"],
+                                                        record["resolution"]))
+
+        for phase_configs, phase_providers, phase_names, phase_floors in train.phases:
+            first = len(records)
+
+            def keep_train(so_far: list[dict], first: int = first) -> None:
+                records[first:] = so_far
+                save()
+
+            records[first:] = T.run_train(phase_names, phase_configs, phase_providers, env=env, cache=cache,
+                                          budget=budget, timer=train.timer, floors=phase_floors, seed=args.seed,
+                                          log=log, on_family=keep_train, on_case=on_train_case)
+            save()
+        meta["sections"]["train"] = time.monotonic() - section_start
+        log("section " + R.sections_text({"train": meta["sections"]["train"]}))
 
     # ----------------------------------------------------------------------------- launches
     if "models" in sections:
@@ -409,6 +505,91 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclass
+class TrainPlan:
+    """The training-step rows to measure: phases in priority order (a budget cuts the tail)."""
+
+    phases: list[tuple[list, list, list, tuple]]
+    plan: list[tuple]
+    weight: float
+    full_weight: float  # what the whole table's training rows would weigh (the short run's estimate)
+    timer: object
+    what: str
+
+
+def _train_plan(args, names: list[str], *, floors: tuple[str, ...], on_cuda: bool, small: bool, all_threads: int,
+                use_compile: bool, chosen_providers, meta: dict) -> TrainPlan:
+    from mod_models import BASELINE_OF, MOD_BUILDERS
+
+    from . import training as T
+
+    if chosen_providers:
+        providers = [T.TRAIN_PROVIDERS[p.name] for p in chosen_providers if p.name in T.TRAIN_PROVIDERS]
+        if not providers:
+            meta["notes"].append(f"training-step rows not run: none of the providers asked for takes a training "
+                                 f"step ({', '.join(T.TRAIN_PROVIDERS)} do)")
+    elif on_cuda or args.dry_run:
+        providers = [T.REFERENCE_STEP, T.TRITON_STEP]
+    else:
+        providers = [T.REFERENCE_STEP]
+    eager = [p for p in providers if not p.compiled]
+    compiled = [p for p in providers if p.compiled]
+    if use_compile and not args.providers:
+        compiled = [T.REFERENCE_COMPILED_STEP] + ([T.TRITON_COMPILED_STEP] if on_cuda or args.dry_run else [])
+    asked = args.dtype or (["bf16"] if on_cuda or args.dry_run else ["fp32"])
+    dtypes = [d for d in asked if d in T.TRAIN_DTYPES]
+    if len(dtypes) < len(asked):
+        meta["notes"].append(f"training-step rows: {sorted(set(asked) - set(dtypes))} not run (training steps run in "
+                             f"{', '.join(T.TRAIN_DTYPES)}; fp16 AMP needs a GradScaler, whose inf check syncs)")
+    if on_cuda:
+        batches = args.train_batch_sizes or ([2] if small else [64, 128])
+        formats = args.memory_format or ["channels_last"]
+        threads: list = [None]
+    else:
+        # A dry run at batch 4: at batch 2 a train-mode batch norm over the 1x1 maps of a 32 px
+        # input normalises two values to -1 and +1, so rounding decides its output's sign.
+        batches = args.train_batch_sizes or ([4] if args.dry_run else [2] if small else [8, 32] if args.full else [8])
+        formats = args.memory_format or (["channels_last"] if args.dry_run else ["nchw"])
+        threads = _threads(args.threads or (["1", "all"] if args.full else ["1"]), all_threads)
+    resolution = args.train_resolution or (32 if small else 224 if on_cuda else CPU_TRAIN_RESOLUTION)
+    configs = T.default_train_configs("cuda" if on_cuda else "cpu", batch_sizes=batches, dtypes=dtypes,
+                                      memory_formats=formats, resolution=resolution, threads=threads,
+                                      graphs=on_cuda and not args.no_cuda_graphs)
+    timer = T.TrainTimer(cpu_rounds=args.rounds or (2 if small else 3), cpu_samples_per_round=1 if small else 2,
+                         cpu_warmup=2, cuda_warmup=1 if small else 2, cuda_reps=5 if small else 10)
+    # Priority (a budget cuts the tail): the first batch size (eager, then CUDA graphs) for the
+    # targets' family, then for the others; the other batch sizes; then torch.compile (eager calls;
+    # no whole-step capture of a compiled model) of the targets' models, then the rest.
+    first = [c for c in configs if (c.batch, c.dtype) == (configs[0].batch, configs[0].dtype)] if configs else []
+    later = [c for c in configs if c not in first]
+    key_family = [n for n in names if BASELINE_OF[n] == BASELINE_OF[names[0]]] if names else []
+    others = [n for n in names if n not in key_family]
+    key_models = [m for m in KEY_MODELS if m in names] or names[:1]
+    rest = [n for n in names if n not in key_models]
+    not_graph = [c for c in configs if not c.cuda_graph]
+    phases = [(first, eager, key_family, floors), (first, eager, others, floors), (later, eager, names, floors),
+              (not_graph[:1], compiled, key_models, ("identity",)), (not_graph[:1], compiled, rest, ("identity",)),
+              (not_graph[1:], compiled, names, ("identity",))]
+    phases = [phase for phase in phases if all(phase[:3])]
+    plan = [case for configs_, providers_, names_, floors_ in phases
+            for case in T.plan_train_cases(names_, configs_, providers_, floors_)]
+    weight = sum(T.train_case_weight(net, prov, c.batch, c.resolution) for c, net, _, prov in plan)
+    full_weight = 0.0
+    if not on_cuda and eager:
+        full = T.default_train_configs("cpu", batch_sizes=args.train_batch_sizes or [8, 32], dtypes=dtypes,
+                                       memory_formats=formats, resolution=resolution,
+                                       threads=_threads(["1", "all"], all_threads), graphs=False)
+        full_weight = sum(T.train_case_weight(net, prov, c.batch, c.resolution)
+                          for c, net, _, prov in T.plan_train_cases(list(MOD_BUILDERS), full, eager, floors))
+    what = (f"{'/'.join(dtypes)}{' AMP' if dtypes != ['fp32'] else ''}, {resolution}x{resolution}, batch "
+            f"{' and '.join(map(str, batches))}, providers {[p.name for p in eager + compiled]}")
+    if phases:
+        meta["notes"].append(f"training-step rows: {what}" + (
+            f"; on the CPU at {resolution}x{resolution} to keep the table short (--train-resolution 224 for the "
+            "full size)" if not on_cuda and resolution != 224 and not small else ""))
+    return TrainPlan(phases, plan, weight, full_weight, timer, what)
+
+
 def closing_lines(mode: str, meta: dict, out_dir: Path, *, n_models: int, format_duration) -> list[str]:
     """What to do next: the whole table after the short one, and how a run becomes the project's results."""
     lines = []
@@ -434,6 +615,8 @@ def print_summary(records: list[dict], meta: dict) -> None:
         print(R.table(["target", "status", "measured"], rows))
         print()
     for title, body in R.model_tables(records):
+        print(f"## {title}\n{body}\n")
+    for title, body in R.train_tables(records):
         print(f"## {title}\n{body}\n")
     chain = [r for r in records if r.get("section") == "kernel" and r.get("op", "").startswith("route_fuse")]
     for title, body in R.kernel_tables(chain):

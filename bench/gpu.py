@@ -1,23 +1,29 @@
-"""``python -m bench.gpu``: the whole GPU check in one budgeted call (default 320 s on one H100/H200).
+"""``python -m bench.gpu``: the whole GPU check in one budgeted call (default 375 s on one H100/H200).
 
 Sections, each a child process with its own time budget (a crash or a hung kernel in one
 cannot take the others down; each child saves its records every few seconds, so a child
 killed at its deadline still leaves what it measured), in this order by default:
 
-1. kernels  ``python -m bench --kernels``      (default 80 s)  copy bandwidth, then the kernel
+1. kernels  ``python -m bench --kernels``      (default 75 s)  copy bandwidth, then the kernel
    microbenchmarks in priority order (first the whole inference block, deploy form vs the
    reference eval block and its torch.compile, B=64 and B=1 bf16 channels_last; then B=64 bf16
    channels_last eager reference + triton of every other op, each timed as CUDA graph replays
    and as eager calls; torch.compile of the route+fuse chain; the other dtype/format
    combinations; B=256 and B=1; more compiles) until the budget is spent;
-2. models   ``python -m bench --models-only``  (default 110 s) bf16 channels_last: batch 64
+2. models   ``python -m bench --models-only --no-train`` (default 100 s) bf16 channels_last: batch 64
    eager, batch 64 as CUDA graph replays, batch 1 as CUDA graph replays (the resnet50 family
    first), the deploy rows first (triton+deploy and reference+deploy beside torchvision's
    deploy form), then eager reference and triton as trained, baseline and floors; then
    torch.compile for resnet75_mod / resnet50_mod, then fp32 and the rest; then the kernel
    launch counts of the key models;
-3. profile  ``python -m bench.profile_gpu``    (default 20 s) where an eager model's time goes;
-4. tests    ``python -m pytest -q -m "not slow" tests/test_kernels.py`` (default 50 s; GPU-only
+3. train    ``python -m bench --train-only``   (default 60 s) the model table's training-step rows:
+   one optimizer step (bf16 AMP, channels_last, 224x224) of resnet50_mod and resnet75_mod (then
+   resnet18_mod, mobilenet_v2_mod) beside their baselines and floors, reference and triton, each
+   checked against the reference before it is timed: batch 64 eager, then the whole step as CUDA
+   graph replays, then the other families, batch 128, and torch.compile where the budget still
+   allows;
+4. profile  ``python -m bench.profile_gpu``    (default 20 s) where an eager model's time goes;
+5. tests    ``python -m pytest -q -m "not slow" tests/test_kernels.py`` (default 50 s; GPU-only
    tests first, failures printed as they happen; ``--tests tests`` runs the whole suite but
    tests/test_bench.py, the CPU smoke test of this package).
 
@@ -26,6 +32,9 @@ Everything lands in ``--out-dir`` (default ``$OUT``, else ``runs/bench`` under t
 through ``bench/gpu.sh``): at most 5 files. Cases the budget did not reach are recorded as
 skipped. ``--dry-run`` runs the same sections with tiny shapes (on the CPU too) to check the
 script before a lease; its files are named ``*-dry-run``.
+
+The budget: 375 s with the children's start-ups, so that one 15-minute lease holds a machine's
+start (a minute or two) and the script twice (a rerun).
 """
 
 from __future__ import annotations
@@ -43,6 +52,11 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+STARTUP_S = 15.0  # a benchmark child's interpreter start, imports and CUDA init, outside its own budget
+SECTIONS = ("kernels", "models", "train", "profile", "tests")
+# The training-step rows of the GPU script, in priority order (its budget cuts the tail): the
+# resnet50 family (the paper's speed and accuracy headlines), then one variant of each other family.
+TRAIN_MODELS = ("resnet50_mod", "resnet75_mod", "resnet18_mod", "mobilenet_v2_mod")
 
 
 def log(message: str) -> None:
@@ -53,16 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     default_out = os.environ.get("OUT") or str(Path("runs", "bench"))
     p.add_argument("--out-dir", type=Path, default=Path(default_out))
-    p.add_argument("--budget", type=float, default=320.0,
-                   help="total seconds for all sections, child start-ups included (each ~25 s)")
-    p.add_argument("--kernel-budget", type=float, default=80.0)
-    p.add_argument("--model-budget", type=float, default=110.0)
+    p.add_argument("--budget", type=float, default=375.0,
+                   help="total seconds for all sections, child start-ups included (each ~15 s)")
+    p.add_argument("--kernel-budget", type=float, default=75.0)
+    p.add_argument("--model-budget", type=float, default=100.0)
+    p.add_argument("--train-budget", type=float, default=60.0)
     p.add_argument("--test-budget", type=float, default=50.0)
     # Tests first: they are the correctness half of the check, and the Triton kernels they compile
     # land in Triton's cache, so the benchmark children that follow start warm.
     p.add_argument("--profile-budget", type=float, default=20.0)
-    p.add_argument("--sections", nargs="+", default=["kernels", "models", "profile", "tests"],
-                   choices=["kernels", "models", "profile", "tests"], help="in the order given")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="in the order given")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, any device: check the script")
     p.add_argument("--bench-args", default="", help="extra arguments for both benchmark children, one string")
     p.add_argument("--tests", nargs="+", default=None,
@@ -131,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         f" | sections {args.sections}{' | DRY RUN' if args.dry_run else ''}")
 
     extra = args.bench_args.split() + (["--dry-run"] if args.dry_run else ["--full"])
-    section_budgets = {"kernels": args.kernel_budget, "models": args.model_budget, "tests": args.test_budget,
-                       "profile": args.profile_budget}
+    section_budgets = {"kernels": args.kernel_budget, "models": args.model_budget, "train": args.train_budget,
+                       "tests": args.test_budget, "profile": args.profile_budget}
     elapsed: dict[str, float] = {}
     tests_info: dict = {}
-    startup_s = 15.0  # a child's interpreter start, imports and CUDA init, outside its own budget
+    startup_s = STARTUP_S
     for position, section in enumerate(args.sections):
         later = sum(section_budgets[s] + (startup_s if s != "tests" else 10) for s in args.sections[position + 1:])
         left = args.budget - (time.monotonic() - started)
@@ -150,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                 log("[profile] skipped in a dry run (it needs CUDA)")
                 continue
             code, seconds, _ = _run([sys.executable, "-m", "bench.profile_gpu"], timeout=own + 10)
-        elif section in ("kernels", "models"):
-            flag = "--kernels" if section == "kernels" else "--models-only"
-            cmd = [sys.executable, "-m", "bench", flag, "--part", section, "--out-dir", str(out_dir),
+        elif section in ("kernels", "models", "train"):
+            flags = {"kernels": ["--kernels"], "models": ["--models-only", "--no-train"],
+                     "train": ["--train-only"]}[section]
+            if section == "train" and not args.dry_run and "--models" not in extra:
+                flags += ["--models", *TRAIN_MODELS]
+            cmd = [sys.executable, "-m", "bench", *flags, "--part", section, "--out-dir", str(out_dir),
                    "--budget", f"{own:.0f}", "--no-plot", *extra]
             code, seconds, _ = _run(cmd, timeout=own + startup_s + 30)
         else:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check in one call: kernel microbenchmarks, the model table and the GPU tests, in a
-# 320 s budget on one H100/H200. Results (JSON, Markdown, PNG, pytest.log, gpu.log) go to the
-# folder given as first argument, else $OUT, else runs/bench (git-ignored). Further arguments go to
+# The GPU check in one call: kernel microbenchmarks, the model table (inference, then training
+# steps) and the GPU tests, in a 375 s budget on one H100/H200. Results (JSON, Markdown, PNG,
+# pytest.log, gpu.log) go to the folder given as first argument, else $OUT, else runs/bench
+# (git-ignored). Further arguments go to
 # `python -m bench.gpu` (e.g. --dry-run, --budget 300, --sections kernels models).
 #
 #   bash bench/gpu.sh "$OUT"              # on the device machine

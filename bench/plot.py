@@ -44,17 +44,19 @@ def figure(records: list[dict], title: str = ""):
     """The matplotlib figure :func:`plot` saves (None when no ratio was measured)."""
     import matplotlib.pyplot as plt
 
-    model_panels = [(key, rows) for key, rows in model_derived(records).items() if any(r["speedup"] for r in rows)]
+    model_panels = [(key, rows, "") for key, rows in model_derived(records).items() if any(r["speedup"] for r in rows)]
+    model_panels += [(key, rows, "training step, ") for key, rows in model_derived(records, "train").items()
+                     if any(r["speedup"] for r in rows)]
     kernel_panel = _kernel_series(records)
     panels = len(model_panels) + (1 if kernel_panel else 0)
     if panels == 0:
         return None
-    slots = max([len({r["record"]["model"] for r in rows}) for _, rows in model_panels] + [len(kernel_panel[0])
+    slots = max([len({r["record"]["model"] for r in rows}) for _, rows, _ in model_panels] + [len(kernel_panel[0])
                                                                                            if kernel_panel else 0])
     width = 11 if slots >= 6 else 4.5 + 1.1 * slots  # a panel of one or two models needs no wide canvas
     fig, axes = plt.subplots(panels, 1, figsize=(width, 3.4 * panels), squeeze=False, layout="constrained")
-    for ax, (key, rows) in zip(axes[:, 0], model_panels):
-        _model_panel(ax, key, rows)
+    for ax, (key, rows, prefix) in zip(axes[:, 0], model_panels):
+        _model_panel(ax, key, rows, prefix)
     if kernel_panel:
         ax = axes[-1, 0]
         labels, series = kernel_panel
@@ -73,7 +75,7 @@ def figure(records: list[dict], title: str = ""):
     return fig
 
 
-def _model_panel(ax, key: tuple, rows: list[dict]) -> None:
+def _model_panel(ax, key: tuple, rows: list[dict], prefix: str = "") -> None:
     models = list(dict.fromkeys(r["record"]["model"] for r in rows))
     providers = list(dict.fromkeys(r["record"]["provider"] for r in rows))
     values = {(r["record"]["model"], r["record"]["provider"]): r["speedup"] for r in rows}
@@ -86,7 +88,8 @@ def _model_panel(ax, key: tuple, rows: list[dict]) -> None:
         positions = [i + (j - (len(drawn) - 1) / 2) * width for i in range(len(models))]
         ax.bar(positions, heights, width, label=provider, color=PROVIDER_COLORS.get(provider))
         _mark_missing(ax, [p for p, h in zip(positions, heights) if not h])
-    paper = [paper_ratio(m, key[0]) for m in models]
+    # The paper's ratios are inference times: marked on the inference panels only.
+    paper = [None if prefix else paper_ratio(m, key[0]) for m in models]
     marked = [(i, p) for i, p in enumerate(paper) if p]
     if marked:
         half = min(0.45, (len(drawn) * width) / 2 + 0.08)
@@ -95,7 +98,7 @@ def _model_panel(ax, key: tuple, rows: list[dict]) -> None:
     ax.axhline(1.0, color="black", linewidth=0.6)
     _x_axis(ax, models)
     ax.set_ylabel("baseline / MoD")
-    ax.set_title(config_title(key), fontsize=9)
+    ax.set_title(prefix + config_title(key), fontsize=9)
     if not_drawn:
         note = "not drawn: " + "; ".join(f"{p} ({why})" for p, why in not_drawn.items())
         ax.set_xlabel(note, fontsize=7, color="#555555", loc="left")

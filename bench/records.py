@@ -52,11 +52,12 @@ def short_config(key: tuple) -> str:
     return text + (f" {threads}t" if device_type == "cpu" and threads is not None else "")
 
 
-def model_derived(records: list[dict]) -> dict[tuple, list[dict]]:
-    """Per config: one derived row per MoD (model, provider) with speedups and overheads."""
+def model_derived(records: list[dict], section: str = "model") -> dict[tuple, list[dict]]:
+    """Per config: one derived row per MoD (model, provider) with speedups and overheads, for the
+    inference rows (``section="model"``) or the training-step rows (``"train"``)."""
     by_config: dict[tuple, list[dict]] = {}
     for r in records:
-        if r.get("section") == "model":
+        if r.get("section") == section:
             by_config.setdefault(config_key(r), []).append(r)
     derived: dict[tuple, list[dict]] = {}
     for key, rs in by_config.items():

@@ -49,6 +49,27 @@ MODEL_LEGEND = """\
   (router, top-k, pack, scale, fuse: what a fused kernel can remove).
 - **vs ref**: eager reference time / this provider's time, same model (outputs agreed)."""
 
+TRAIN_LEGEND = """\
+- **step**: one optimizer step as the training CLI takes it: forward and cross-entropy loss (labels
+  drawn with the input), `zero_grad(set_to_none=True)`, backward, SGD (lr 0.1, momentum 0.9, weight
+  decay 1e-4); train mode (batch norms update their running statistics). bf16 is autocast (AMP)
+  with fp32 weights, as `--amp bf16`. Median [p20, p80] ms per step; building, the optimizer, the
+  batch, warm-up steps, the checks and any compilation or CUDA-graph capture happen before timing.
+  "CUDA graphs": the whole step captured into one graph and replayed.
+- **speedup**: torchvision baseline step time / MoD step time, same mode; **ceiling**: baseline /
+  identity floor; **overhead**, **f_k**, **routing**: as for inference, over the identity floor's step.
+- **check**: the provider's step against the eager reference's from the same state (parameters,
+  buffers, momentum buffers, batch, RNG seed): teacher forcing (the reference forced to the
+  provider's selections) must give the same loss, the same optimizer update of every parameter
+  tensor, the same parameters and batch-norm statistics after the step, and every selection must
+  be a top-k up to a near-tie. Under bf16 AMP the timed step is judged on its loss and selections,
+  and the same provider's step in fp32 from the same state on everything (bf16 gradients of two
+  correct implementations part by O(10%) in one step). A CUDA graph replay must reproduce the eager
+  step it captured. No ratio where the check failed.
+- **peak MiB**: memory live at the peak of one step, the model's parameters, grads, buffers,
+  optimizer state and batch included: CUDA `torch.cuda.max_memory_allocated` (of the capture, for
+  CUDA graphs); CPU the CPU allocator's events under `torch.profiler` (`peak_mem_method` in the JSON)."""
+
 KERNEL_LEGEND = """\
 - times: median [p20, p80] ms; GB/s: bytes the op must move (bench/traffic.py) / median time;
   % copy: that as a fraction of the device-to-device copy bandwidth measured in the same run.
@@ -160,6 +181,77 @@ def model_tables(records: list[dict]) -> list[tuple[str, str]]:
         notes = agreement_notes([row["record"] for row in rows])
         out.append((config_title(key), text + ("\n\n" + "\n".join(notes) if notes else "")))
     return out
+
+
+def _mib(record: dict | None) -> str:
+    value = (record or {}).get("peak_mem_mib")
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _check_text(record: dict) -> str:
+    a = record.get("agreement") or {}
+    if not a:
+        return "-"
+    if a.get("method") == "reference":
+        return "reference"
+    method = f" ({a['method'].replace('_', ' ')})" if a.get("method") else ""
+    return ("ok" if a.get("ok") else OUTPUTS_DIFFER) + method
+
+
+def train_tables(records: list[dict]) -> list[tuple[str, str]]:
+    """The training-step rows: one table per config."""
+    out = []
+    for key, rows in model_derived(records, "train").items():
+        body = []
+        for row in rows:
+            r = row["record"]
+            base = row["baseline_record"]
+            failed_agreement = ok(r) and not agreed(r)
+            speed = OUTPUTS_DIFFER if failed_agreement else fmt_ratio(row["speedup"])
+            body.append([
+                r["model"], r["provider"], fmt_latency(r),
+                f"{r['baseline']} {fmt_latency(base)}" if base else r["baseline"] or "-",
+                speed, fmt_ratio(row["ceiling"]), fmt_latency(row["identity"]), fmt_latency(row["static"]),
+                OUTPUTS_DIFFER if failed_agreement else fmt_pct(row["overhead"]),
+                fmt_pct(row["overhead_fk"]), fmt_pct(row["overhead_routing"]),
+                f"{_mib(r)} / {_mib(base)} / {_mib(row['identity'])}",
+                OUTPUTS_DIFFER if failed_agreement else fmt_ratio(row["vs_reference"]), _check_text(r),
+            ])
+        header = ["model", "provider", "step ms", "baseline, step ms", "speedup", "ceiling", "identity floor ms",
+                  "static floor ms", "overhead", "f_k", "routing", "peak MiB (MoD / baseline / identity)", "vs ref",
+                  "check"]
+        text = table(header, body, "llllrrllrrrrrl")
+        seen = {id(r): r for row in rows for r in (row["record"], row["baseline_record"], row["identity"],
+                                                   row["static"]) if r}
+        notes = train_notes([row["record"] for row in rows]) + memory_notes(list(seen.values()))
+        out.append((f"training step, {config_title(key)}", text + ("\n\n" + "\n".join(notes) if notes else "")))
+    return out
+
+
+def train_notes(records: list[dict]) -> list[str]:
+    """A line per checked training-step provider that failed its check or flipped a selection at a near-tie."""
+    notes = []
+    for r in records:
+        a = r.get("agreement") or {}
+        if a.get("method") in (None, "reference"):
+            continue
+        if not a.get("ok"):
+            notes.append(f"- {r['model']} | {r['provider']}: {OUTPUTS_DIFFER}: {(a.get('detail') or '')[:300]}")
+        elif a.get("flipped_selections") or r.get("interpreter"):
+            notes.append(f"- {r['model']} | {r['provider']}: {(a.get('detail') or '')[:300]}")
+    return notes
+
+
+def memory_notes(records: list[dict]) -> list[str]:
+    """A line per CPU training-step record whose allocator events do not add up to the state after the step."""
+    notes = []
+    for r in records:
+        unaccounted = r.get("peak_mem_unaccounted_mib")
+        if unaccounted is not None and abs(unaccounted) > 1.0:
+            shown = f"{r['role'].removeprefix('floor_')} floor of {r['of_model']}" if r.get("of_model") else r["model"]
+            notes.append(f"- {shown} | {r['provider']}: peak memory uncertain by {unaccounted:.0f} MiB (allocator "
+                         "events that do not add up to the state after the step; see the JSON)")
+    return notes
 
 
 def agreement_notes(records: list[dict]) -> list[str]:
@@ -419,7 +511,7 @@ def _model_targets(records: list[dict], on_gpu: bool) -> list[dict]:
             if row["speedup"] is not None and paper is not None:
                 reachable = f" (floor allows {row['ceiling'] / paper:.2f}x)" if row["ceiling"] else ""
                 cpu_paper.append((r["model"] + reachable, row["speedup"] / paper))
-    if cpu_overheads or not on_gpu:
+    if cpu_overheads or (not on_gpu and any(r.get("section") == "model" for r in records)):
         out += [
             _target("CPU reference, 1 thread, batch 1: MoD overhead over the identity floor <= 5%", cpu_overheads,
                     0.05, higher_is_better=False, unit="%"),
@@ -470,6 +562,11 @@ def markdown(records: list[dict], meta: dict) -> str:
     if models:
         lines += ["## Models", "", MODEL_LEGEND, ""]
         for title, body in models:
+            lines += [f"### {title}", "", body, ""]
+    trains = train_tables(records)
+    if trains:
+        lines += ["## Training step", "", TRAIN_LEGEND, ""]
+        for title, body in trains:
             lines += [f"### {title}", "", body, ""]
     launch_records = [r for r in records if r.get("section") == "launches"]
     if launch_records:

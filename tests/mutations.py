@@ -192,6 +192,13 @@ MUTANTS = (
         ("tests/test_native_block.py", "-k", "nan_inf_and_ties"),
         "the native kernel's ReLU turns NaN into 0 (std::max) instead of keeping it like torch.relu",
     ),
+    Mutant(
+        "training-check-ignores-updates", "bench/training.py",
+        "        if err > update_tolerance:\n            beyond += 1\n",
+        "        if err > update_tolerance and False:\n            beyond += 1\n",
+        ("tests/test_bench_training.py", "-k", "skip_the_router_or_f_k"),
+        "the training-step check passes a provider whose optimizer updates differ (a skipped backward)",
+    ),
 )
 
 
