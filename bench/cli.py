@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mod_models.train.cli_args import path_component
+
 from .env import enable_triton_interpreter_without_cuda
 
 DEFAULT_OUT_DIR = Path("runs", "bench")  # relative: under the directory the command runs in
@@ -104,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
                    help=f"where results go (default: {DEFAULT_OUT_DIR}/ under the current directory; "
                         f"{PUBLISHED_DIR} in a checkout publishes them as the project's)")
-    p.add_argument("--name", default=None, help="file stem (default: the device, plus -short / -quick / -dry-run)")
-    p.add_argument("--part", default=None, help="write only <out-dir>/part-<PART>.json (used by bench.gpu)")
+    p.add_argument("--name", default=None, type=path_component,
+                   help="file stem (default: the device, plus -short / -quick / -dry-run)")
+    p.add_argument("--part", default=None, type=path_component,
+                   help="write only <out-dir>/part-<PART>.json (used by bench.gpu)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p

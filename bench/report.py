@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mod_models.tools.markdown import table
+from mod_models.train.cli_args import path_component
 
 from . import RESULTS_SCHEMA
 from .env import cuda_text
@@ -638,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out-dir", type=Path, default=None, help="default: the first file's folder")
-    parser.add_argument("--name", default=None, help="file stem (default: the first file's)")
+    parser.add_argument("--name", default=None, type=path_component, help="file stem (default: the first file's)")
     args = parser.parse_args(argv)
     records, meta = load(args.files)
     out_dir = args.out_dir or args.files[0].parent

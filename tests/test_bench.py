@@ -538,6 +538,8 @@ def test_default_is_the_short_table_and_says_how_to_run_the_full_one(monkeypatch
     (["--threads", "0"], "positive integer"),
     (["--full", "--quick"], "not allowed with"),
     (["--budget", "-3"], "budget must be positive"),
+    (["--name", "../../escaped"], "plain name"),  # a file stem must not leave --out-dir
+    (["--part", "../x"], "plain name"),
 ])
 def test_cli_rejects_bad_input_with_exit_2(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
