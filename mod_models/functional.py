@@ -173,6 +173,12 @@ def gather_channels(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, idx[:, :, None, None].expand(batch, k, height, width))
 
 
+def batch_rows(idx: Tensor) -> Tensor:
+    """``rows[b, j] = b``, ``[B, k]``: with ``idx`` the advanced index of ``(sample, channel)`` pairs."""
+    batch, k = idx.shape
+    return torch.arange(batch, device=idx.device)[:, None].expand(batch, k)
+
+
 def check_index_rows(idx: Tensor, channels: int, name: str = "idx") -> None:
     """Raise ``ValueError`` unless every row of ``idx: [B, k]`` holds distinct channels in ``[0, channels)``.
 
@@ -241,6 +247,13 @@ def scale_and_fuse(
         fused = fused.relu_()
     fused = fused.to(x.dtype)
 
+    if torch.compiler.is_compiling():
+        # One index_put of the k target planes per sample. Not the slice copy below: with Inductor's
+        # freezing (torch 2.14.1), a slice_scatter that two or more convolutions read fails to compile
+        # ("FakeTensorUpdater cannot recompute metadata for tracked _inductor_lowering_function
+        # nodes"). The same values land in the same places.
+        targets = (batch_rows(idx), fusion_targets(idx, channels, fusion))
+        return x.index_put_(targets, fused) if inplace else x.index_put(targets, fused)
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
     if fusion == "original":
         out.scatter_(1, target_index, fused)
