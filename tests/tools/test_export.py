@@ -7,6 +7,7 @@ import io
 import json
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -365,7 +366,8 @@ def test_torch_export_roundtrip_with_dynamic_batch(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch's own export paths on MoD models: the standard torch.onnx.export call (dynamo=True).
+# PyTorch's own export paths on MoD models: the standard torch.onnx.export call (dynamo=True) and the
+# legacy TorchScript-based exporter (dynamo=False).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -457,3 +459,21 @@ def test_standard_onnx_export_refuses_random_routing_by_name(tmp_path):
     with pytest.raises(Exception, match="routes randomly") as error:
         _standard_onnx_export(model, torch.randn(1, 3, 32, 32), tmp_path / "never.onnx")
     assert "learned router" in str(error.value)
+
+
+def test_legacy_onnx_export_matches_pytorch(tmp_path):
+    """``torch.onnx.export(..., dynamo=False)`` (the TorchScript-based exporter, deprecated by PyTorch)
+    used to export every MoD block as the identity (relative error 0.38, no error); it now records the
+    same ONNX formulation. A dynamic batch, checked on another batch size, both forms."""
+    for name, fusion, deploy in (("resnet18_mod", "first_k", False), ("mobilenet_v2_mod", "original", True)):
+        model = _mod_model(name, fusion=fusion)
+        if deploy:
+            model = mod_models.optimize_for_inference(model)
+        path = tmp_path / f"{name}.onnx"
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+            torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(path), dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}})
+        export_module.check_onnx_file(path)
+        report = onnx_parity(model, path, torch.randn(3, 3, 32, 32))
+        assert report.outputs_close, (name, report)
