@@ -333,6 +333,16 @@ class MoDBlock(nn.Module):
         if self.record_selection:
             self.last_scores = scores.detach()
 
+    def __prepare_scriptable__(self) -> "MoDBlock":
+        """``torch.jit.script`` calls this on every module first: refuse, saying what works instead."""
+        raise RuntimeError(
+            f"{type(self).__name__}: TorchScript (torch.jit.script) cannot compile a MoD block (its forward checks "
+            "inputs and picks a backend in Python), and PyTorch deprecates TorchScript. Export with torch.export "
+            "(torch.export.export, or mod_models.tools.export.export_program for a .pt2 with a dynamic batch) or to "
+            "ONNX (torch.onnx.export(model, (x,), path, dynamo=True), or mod_models.tools.export.export_onnx); "
+            "in Python, torch.compile(model)"
+        )
+
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, k={self.k}, capacity={self.capacity}, fusion={self.fusion!r}, "

@@ -366,8 +366,8 @@ def test_torch_export_roundtrip_with_dynamic_batch(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch's own export paths on MoD models: the standard torch.onnx.export call (dynamo=True) and the
-# legacy TorchScript-based exporter (dynamo=False).
+# PyTorch's own export paths on MoD models: the standard torch.onnx.export call (dynamo=True), the
+# legacy TorchScript-based exporter (dynamo=False), torch.jit.script and torch.jit.trace.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -477,3 +477,29 @@ def test_legacy_onnx_export_matches_pytorch(tmp_path):
         export_module.check_onnx_file(path)
         report = onnx_parity(model, path, torch.randn(3, 3, 32, 32))
         assert report.outputs_close, (name, report)
+
+
+def test_torchscript_scripting_is_refused_with_the_supported_ways():
+    model = build_model("resnet18_mod", num_classes=4, backend="reference").eval()
+    for module in (model, model.layer1[1]):
+        with pytest.raises(RuntimeError, match="TorchScript") as error, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+            torch.jit.script(module)
+        message = str(error.value)
+        assert "torch.export" in message and "torch.onnx.export" in message and "mod_models.tools.export" in message
+
+
+def test_torchscript_tracing_equals_eager_on_other_inputs():
+    """``torch.jit.trace`` records the reference path's ops (the selection included), so the traced
+    model computes what the model computes, at other batch sizes too, as trained and deployed."""
+    for name, fusion, deploy in (("resnet18_mod", "first_k", False), ("mobilenet_v2_mod", "original", True)):
+        model = _mod_model(name, fusion=fusion)
+        if deploy:
+            model = mod_models.optimize_for_inference(model)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and tracer warnings
+            traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32))
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 32, 32)
+            with torch.no_grad():
+                torch.testing.assert_close(traced(x.clone()), model(x.clone()), rtol=1e-5, atol=1e-5)
