@@ -26,7 +26,11 @@ with capacity ``c``, it processes ``k = C // c`` channels per sample (``k >= 1``
    ResNet blocks (as after a standard residual add) and none for MobileNetV2. Targets are
    distinct within a sample, so the fusion needs no atomics and is deterministic.
 
-Shapes never depend on the data (``k`` is fixed), so a MoD network keeps a static graph.
+Shapes never depend on the data (``k`` is fixed), so a MoD network keeps a static graph. While a
+graph is captured (``torch.compile``, ``torch.export``, ONNX export) the same values are computed
+with ops that the graph compilers take: the fusion writes its targets with one ``index_put``, and an
+ONNX export spells the stable sort as ``TopK`` and the gather as an advanced index (see
+:func:`scale_and_fuse`, :func:`select_top_k`, :func:`gather_channels`).
 
 This module is the single source of truth for what a MoD block computes. The modules in
 :mod:`mod_models.blocks`, the tests and the benchmarks import these functions; the fused Triton
