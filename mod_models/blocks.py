@@ -262,6 +262,8 @@ class MoDBlock(nn.Module):
             return trace_as_leaf(self, x)
         MF.check_feature_map(x, self.channels)
         self._check_input_dtype(x)
+        if MF.exporting_onnx():  # one graph, whichever backend runs the block eagerly
+            return self._forward_onnx(x)
         if self.deployed:
             return self._forward_deployed(x)
         if resolve_backend(self.backend, x) == "triton":
@@ -344,12 +346,23 @@ class MoDBlock(nn.Module):
         self._record_scores(scores)
         return out
 
-    def _forward_reference(self, x: Tensor) -> Tensor:
+    def _forward_reference(self, x: Tensor, *, functional: bool = False) -> Tensor:
         idx, w = self.route(x)
         self._record(idx)
         y = self.process(MF.gather_channels(x, idx))
-        inplace = self._may_write_input(x, y, w)
+        inplace = not functional and self._may_write_input(x, y, w)
         return MF.scale_and_fuse(x, y, w, idx, fusion=self.fusion, activation=self.activation, inplace=inplace)
+
+    def _forward_onnx(self, x: Tensor) -> Tensor:
+        """The block as ``torch.onnx.export`` records it: the reference path, whatever the backend (ONNX
+        spells its ops: TopK for the stable sort, GatherND and ScatterND for the k planes), never in place."""
+        if self.router is None:
+            raise ValueError(
+                f"{type(self).__name__} routes randomly (router='random'): it draws its channels from PyTorch's "
+                "RNG at every call, which an ONNX model cannot reproduce; export a model trained with the learned "
+                "router"
+            )
+        return self._forward_reference(x, functional=True)
 
     def _forward_fused(self, x: Tensor) -> Tensor:
         import mod_kernels
@@ -383,6 +396,16 @@ class MoDBlock(nn.Module):
     def _record_scores(self, scores: Tensor) -> None:
         if self.record_selection:
             self.last_scores = scores.detach()
+
+    def __prepare_scriptable__(self) -> "MoDBlock":
+        """``torch.jit.script`` calls this on every module first: refuse, saying what works instead."""
+        raise RuntimeError(
+            f"{type(self).__name__}: TorchScript (torch.jit.script) cannot compile a MoD block (its forward checks "
+            "inputs and picks a backend in Python), and PyTorch deprecates TorchScript. Export with torch.export "
+            "(torch.export.export, or mod_models.tools.export.export_program for a .pt2 with a dynamic batch) or to "
+            "ONNX (torch.onnx.export(model, (x,), path, dynamo=True), or mod_models.tools.export.export_onnx); "
+            "in Python, torch.compile(model)"
+        )
 
     def extra_repr(self) -> str:
         return (

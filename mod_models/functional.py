@@ -26,7 +26,11 @@ with capacity ``c``, it processes ``k = C // c`` channels per sample (``k >= 1``
    ResNet blocks (as after a standard residual add) and none for MobileNetV2. Targets are
    distinct within a sample, so the fusion needs no atomics and is deterministic.
 
-Shapes never depend on the data (``k`` is fixed), so a MoD network keeps a static graph.
+Shapes never depend on the data (``k`` is fixed), so a MoD network keeps a static graph. While a
+graph is captured (``torch.compile``, ``torch.export``, ONNX export) the same values are computed
+with ops that the graph compilers take: the fusion writes its targets with one ``index_put``, and an
+ONNX export spells the stable sort as ``TopK`` and the gather as an advanced index (see
+:func:`scale_and_fuse`, :func:`select_top_k`, :func:`gather_channels`).
 
 This module is the single source of truth for what a MoD block computes. The modules in
 :mod:`mod_models.blocks`, the tests and the benchmarks import these functions; the fused Triton
@@ -39,6 +43,8 @@ sample; ``idx`` and ``w`` are ``[B, k]``.
 from __future__ import annotations
 
 import contextlib
+import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -149,9 +155,47 @@ def select_top_k(scores: Tensor, k: int) -> Tensor:
 
     Slot order is a stable descending sort: higher score first, ties to the lower
     channel index. NaN ranks above every number (as in :func:`torch.sort`), so
-    every row still gets ``k`` distinct, in-range indices.
+    every row still gets ``k`` distinct, in-range indices. In an ONNX export the sort is
+    spelled :func:`stable_sort_via_topk` (the same order; ONNX has no stable sort).
     """
+    if exporting_onnx():
+        return stable_sort_via_topk(scores, dim=1, descending=True)[1][:, :k]
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def stable_sort_via_topk(
+    x: Tensor, *, stable: Optional[bool] = None, dim: int = -1, descending: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``torch.sort(x, dim=dim, descending=descending, stable=True)`` as ``topk`` over the whole axis:
+    the ONNX form of the reference sort (the signature of ``aten.sort.stable``).
+
+    ONNX ``TopK`` is specified to order equal values by lower index first (ONNX Runtime also
+    puts NaN first when ``largest=1``), which is the stable sort's order. Only for graphs that
+    become ONNX: eager ``torch.topk`` does not promise this tie order.
+    """
+    length = x.shape[dim]
+    result = torch.topk(x, length, dim=dim, largest=descending, sorted=True)
+    return result.values, result.indices
+
+
+def exporting_onnx() -> bool:
+    """True while ``torch.onnx.export`` traces the caller (either exporter); never under ``torch.compile``."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return False
+    onnx = sys.modules.get("torch.onnx")  # not imported: no export is running (and none is imported here)
+    if onnx is None:
+        return False
+    if onnx.is_in_onnx_export():
+        return True
+    # Dynamo answers False for torch.onnx.is_in_onnx_export() (torch 2.14.1), so when the exporter falls
+    # back to torch.export(strict=True) only its own flag tells.
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
+
+
+def capturing_graph() -> bool:
+    """True while a graph is captured from the caller: ``torch.compile``, ``torch.export`` or an ONNX export."""
+    return torch.compiler.is_compiling() or exporting_onnx()
 
 
 def gather_channels(x: Tensor, idx: Tensor) -> Tensor:
@@ -166,11 +210,19 @@ def gather_channels(x: Tensor, idx: Tensor) -> Tensor:
     """
     batch, _, height, width = x.shape
     k = idx.shape[1]
+    if exporting_onnx():  # whole [H, W] planes by (sample, channel): one GatherND, no expanded index
+        return x[batch_rows(idx), idx]
     if is_channels_last(x):
         nhwc = x.permute(0, 2, 3, 1)
         packed = nhwc.gather(3, idx[:, None, None, :].expand(batch, height, width, k))
         return packed.permute(0, 3, 1, 2)
     return x.gather(1, idx[:, :, None, None].expand(batch, k, height, width))
+
+
+def batch_rows(idx: Tensor) -> Tensor:
+    """``rows[b, j] = b``, ``[B, k]``: with ``idx`` the advanced index of ``(sample, channel)`` pairs."""
+    batch, k = idx.shape
+    return torch.arange(batch, device=idx.device)[:, None].expand(batch, k)
 
 
 def check_index_rows(idx: Tensor, channels: int, name: str = "idx") -> None:
@@ -229,21 +281,24 @@ def scale_and_fuse(
     check_activation(activation)
     batch, channels, height, width = x.shape
     k = idx.shape[1]
-    if fusion == "original":
-        target_index = idx[:, :, None, None].expand(batch, k, height, width)
-        x_target = x.gather(1, target_index)
-    else:
-        start = 0 if fusion == "first_k" else channels - k
-        x_target = x.narrow(1, start, k)
+    start = 0 if fusion == "first_k" else channels - k
+    x_target = gather_channels(x, idx) if fusion == "original" else x.narrow(1, start, k)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 input
     fused = torch.addcmul(x_target.to(compute_dtype), y.to(compute_dtype), w[:, :, None, None].to(compute_dtype))
     if activation == "relu":
         fused = fused.relu_()
     fused = fused.to(x.dtype)
 
+    if capturing_graph():
+        # One index_put of the k target planes per sample (ONNX: one ScatterND). Not the slice
+        # copy below: with Inductor's freezing (torch 2.14.1), a slice_scatter that two or more
+        # convolutions read fails to compile ("FakeTensorUpdater cannot recompute metadata for
+        # tracked _inductor_lowering_function nodes"). The same values land in the same places.
+        targets = (batch_rows(idx), fusion_targets(idx, channels, fusion))
+        return x.index_put_(targets, fused) if inplace else x.index_put(targets, fused)
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
     if fusion == "original":
-        out.scatter_(1, target_index, fused)
+        out.scatter_(1, idx[:, :, None, None].expand(batch, k, height, width), fused)
     else:
         out.narrow(1, start, k).copy_(fused)
     return out

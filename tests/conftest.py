@@ -61,9 +61,15 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The kernel-coverage test runs last (it reads what the whole session launched). With
-    ``MOD_TESTS_EARLY_FAILURES=1`` (the GPU script), the GPU-only tests run first: a short lease
-    spends its seconds on what only the GPU can check."""
+    """Tests marked slow are skipped (and reported as skipped) unless ``MOD_SLOW_TESTS=1`` or a ``-m``
+    expression asks for them. The kernel-coverage test runs last (it reads what the whole session
+    launched). With ``MOD_TESTS_EARLY_FAILURES=1`` (the GPU script), the GPU-only tests run first: a
+    short lease spends its seconds on what only the GPU can check."""
+    if os.environ.get("MOD_SLOW_TESTS") != "1" and "slow" not in (config.getoption("markexpr") or ""):
+        skip = pytest.mark.skip(reason="slow: run with MOD_SLOW_TESTS=1 (or select it with -m slow)")
+        for item in items:
+            if item.get_closest_marker("slow") is not None:
+                item.add_marker(skip)
     items.sort(key=lambda item: item.module.__name__.endswith("test_kernel_coverage"))
     if os.environ.get("MOD_TESTS_EARLY_FAILURES") != "1":
         return

@@ -24,6 +24,7 @@ __all__ = [
     "naive_fuse",
     "naive_mod_forward",
     "assert_teacher_forced_agreement",
+    "assert_selections_explain_logits",
     "randomise_norms",
 ]
 
@@ -237,20 +238,37 @@ def assert_teacher_forced_agreement(
 
     import mod_models
 
-    dtype = x.dtype
     reference = mod_models.set_backend(copy.deepcopy(model) if reference is None else reference, "reference")
     fused_model = mod_models.set_backend(model, backend)
     fused_blocks = [m for m in fused_model.modules() if isinstance(m, mod_models.MoDBlock)]
-    reference_blocks = [m for m in reference.modules() if isinstance(m, mod_models.MoDBlock)]
     for block in fused_blocks:
         block.record_selection = True
     with torch.no_grad():
-        fused = fused_model(x).float()
-    for block, fused_block in zip(reference_blocks, fused_blocks):
-        block.forced_selection = fused_block.last_selection.clone()
+        fused = fused_model(x)
+    assert_selections_explain_logits(reference, [b.last_selection.clone() for b in fused_blocks], fused, x, label)
+
+
+def assert_selections_explain_logits(
+    reference: torch.nn.Module, selections: list, logits: torch.Tensor, x: torch.Tensor, label: str
+) -> None:
+    """Teacher forcing with selections from anywhere (a fused backend, a compiled model): ``reference``
+    (run on the ``"reference"`` backend, each MoD block forced to its entry of ``selections``, in
+    module order) reproduces ``logits``, and each selection is a stable top-k of the reference's own
+    scores up to a near-tie. ``reference`` is changed (backend, forced selections, recording)."""
+    import mod_models
+
+    dtype = x.dtype
+    reference = mod_models.set_backend(reference, "reference")
+    reference_blocks = [m for m in reference.modules() if isinstance(m, mod_models.MoDBlock)]
+    assert len(selections) == len(reference_blocks), (
+        f"{label}: {len(selections)} selections for {len(reference_blocks)} blocks"
+    )
+    for block, selection in zip(reference_blocks, selections):
+        block.forced_selection = selection
         block.record_selection = True
     with torch.no_grad():
         forced = reference(x).float()
+    fused = logits.float()
     relative = ((fused - forced).norm() / forced.norm()).item()
     assert relative <= FORCED_LOGITS_RTOL[dtype], f"{label}: logits under the fused selections differ by {relative:.3g}"
     tie = NEAR_TIE[dtype]

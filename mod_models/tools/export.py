@@ -2,11 +2,12 @@
 
 * :func:`export_program` traces a model with :func:`torch.export.export` (reference backend,
   eval mode, optional dynamic batch); :func:`torch.export.save` stores it as ``.pt2``.
-* :func:`export_onnx` writes an ONNX model of the reference path. The reference top-k is a
-  stable descending ``torch.sort``, which the ONNX exporter cannot translate; the exported
-  program is rewritten so that every ``aten.sort.stable`` becomes ``TopK`` over the full axis
-  (:func:`stable_sort_via_topk`). ONNX defines ``TopK`` to break ties by the lower index and
-  ONNX Runtime ranks NaN first, exactly as the stable sort does, so the selection is the same.
+* :func:`export_onnx` writes an ONNX model with ``torch.onnx.export(..., dynamo=True)``, the
+  exporter's standard call, which takes MoD models directly: while it traces, each MoD block
+  records its reference path in ONNX's ops, whatever its backend (the stable descending sort as
+  ``TopK`` over the full axis, :func:`mod_models.functional.stable_sort_via_topk`: ONNX defines
+  ``TopK`` to break ties by the lower index and ONNX Runtime ranks NaN first, exactly as the stable
+  sort does; the k selected and target planes as ``GatherND`` / ``ScatterND``).
   With ``with_selections=True`` the ONNX model also returns each MoD block's selected channels
   ``[B, k]`` (outputs ``selection.<block>``), so deployments can check routing too.
   Every written ONNX model passes ``onnx.checker.check_model`` (full check) or is removed.
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import MoDBlock, set_backend
+from ..functional import stable_sort_via_topk
 from ..train.cli_args import (
     EXIT_INPUT_ERROR,
     CliParser,
@@ -127,6 +129,12 @@ def _example_input(example: Tensor | Sequence[int]) -> Tensor:
     return torch.randn(shape)
 
 
+def _dynamic_batch(x: Tensor) -> tuple[dict[int, Any]]:
+    if x.shape[0] < 2:
+        raise ValueError("dynamic_batch needs an example batch of at least 2 (torch.export specialises size 1)")
+    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+
 def export_program(
     model: nn.Module,
     example: Tensor | Sequence[int],
@@ -148,11 +156,7 @@ def export_program(
     if dynamic_batch:
         check_exportable(prepared, dynamic_batch=True)
     module: nn.Module = WithSelections(prepared) if with_selections else prepared
-    dynamic_shapes = None
-    if dynamic_batch:
-        if x.shape[0] < 2:
-            raise ValueError("dynamic_batch needs an example batch of at least 2 (torch.export specialises size 1)")
-        dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    dynamic_shapes = _dynamic_batch(x) if dynamic_batch else None
     with warnings.catch_warnings():
         # WithSelections reads selections that the blocks keep as plain attributes; they are
         # cleared before forward returns, so the program holds no stale state.
@@ -160,22 +164,10 @@ def export_program(
         return torch.export.export(module, (x,), dynamic_shapes=dynamic_shapes)
 
 
-def stable_sort_via_topk(
-    x: Tensor, *, stable: Optional[bool] = None, dim: int = -1, descending: bool = False
-) -> tuple[Tensor, Tensor]:
-    """``aten.sort.stable`` as ``topk`` over the whole axis: the ONNX-exportable form of the reference sort.
-
-    ONNX ``TopK`` is specified to order equal values by lower index first (ONNX Runtime also
-    puts NaN first when ``largest=1``), which is the stable sort's order. Only used to rewrite
-    programs for ONNX; eager ``torch.topk`` does not promise this tie order.
-    """
-    length = x.shape[dim]
-    result = torch.topk(x, length, dim=dim, largest=descending, sorted=True)
-    return result.values, result.indices
-
-
 def onnx_ready_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with every stable sort replaced by :func:`stable_sort_via_topk`."""
+    """``program`` (a ``torch.export`` of a MoD model, e.g. from :func:`export_program`) with every stable
+    sort replaced by :func:`mod_models.functional.stable_sort_via_topk`, the form the MoD blocks take
+    in an ONNX export: ``torch.onnx.export(onnx_ready_program(program), dynamo=True)`` then works."""
     table = torch.export.default_decompositions()
     table[torch.ops.aten.sort.stable] = stable_sort_via_topk
     return program.run_decompositions(table)
@@ -222,14 +214,21 @@ def export_onnx(
         ) from error
     path = os.fspath(path)
     check_exportable(model, dynamic_batch=dynamic_batch)
-    program = export_program(model, example, dynamic_batch=dynamic_batch, with_selections=with_selections)
+    x = _example_input(example)
+    prepared = prepare_for_export(model)
+    module: nn.Module = WithSelections(prepared).eval() if with_selections else prepared
     block_names = [name for name, _ in _mod_blocks(model)] if with_selections else []
     output_names = [LOGITS_NAME] + [SELECTION_PREFIX + name for name in block_names]
     kwargs: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": output_names, "dynamo": True}
+    if dynamic_batch:
+        kwargs["dynamic_shapes"] = _dynamic_batch(x)
     if opset is not None:
         kwargs["opset_version"] = opset
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the exporter prints its steps
-        onnx_program = torch.onnx.export(onnx_ready_program(program), **kwargs)
+    with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        # The exporter prints its steps; WithSelections reads selections that the blocks keep as plain
+        # attributes, cleared before forward returns, so the graph holds no stale state.
+        warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+        onnx_program = torch.onnx.export(module, (x,), **kwargs)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     onnx_program.save(path)

@@ -5,7 +5,9 @@ import copy
 import dataclasses
 import io
 import json
+import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 pytest.importorskip("onnxruntime", reason="ONNX tests need the 'export' extra (onnx, onnxscript, onnxruntime)")
 pytest.importorskip("onnxscript", reason="ONNX tests need the 'export' extra (onnx, onnxscript, onnxruntime)")
 
+import mod_models  # noqa: E402
 from mod_models import build_model  # noqa: E402
 from mod_models.blocks import MoDBlock  # noqa: E402
 from mod_models.tools import export as export_module  # noqa: E402
@@ -360,3 +363,143 @@ def test_torch_export_roundtrip_with_dynamic_batch(tmp_path):
         export_program(model, (1, 3, 32, 32))
     with pytest.raises(ValueError):
         export_program(model, (2, 3, 32))
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch's own export paths on MoD models: the standard torch.onnx.export call (dynamo=True), the
+# legacy TorchScript-based exporter (dynamo=False), torch.jit.script and torch.jit.trace.
+# ----------------------------------------------------------------------------------------------
+
+
+def _standard_onnx_export(module, x, path, **kwargs):
+    """``torch.onnx.export(module, (x,), path, dynamo=True, **kwargs)`` as every tutorial writes it
+    (its progress lines silenced), then the full ``onnx.checker`` check."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        torch.onnx.export(module, (x,), str(path), dynamo=True, **kwargs)
+    export_module.check_onnx_file(path)
+    return path
+
+
+def _nodes_by_block(path, model):
+    """``{block name: [op types]}`` of an ONNX file exported from ``model``, read from the scopes the
+    exporter records on each node."""
+    import onnx
+
+    blocks = [name for name, m in model.named_modules() if isinstance(m, MoDBlock)]
+    nodes = {name: [] for name in blocks}
+    for node in onnx.load(str(path)).graph.node:
+        scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
+        owner = [name for name in blocks if f"'{name}'" in scopes]
+        if owner:
+            nodes[owner[0]].append(node.op_type)
+    return nodes
+
+
+def test_standard_onnx_export_of_a_mod_model_matches_pytorch(tmp_path):
+    """The call every tutorial shows used to fail on every MoD model ("No ONNX function found for
+    aten.sort.stable"); its graph is checked, and ONNX Runtime computes PyTorch's logits."""
+    model = _mod_model("resnet18_mod")
+    path = _standard_onnx_export(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
+    report = onnx_parity(model, path, torch.randn(1, 3, 32, 32))
+    assert report.outputs_close, report
+
+
+def test_standard_onnx_export_of_the_deploy_form_selects_like_pytorch(tmp_path):
+    """Deploy form, 'original' fusion (targets = the selected channels), a dynamic batch, and the
+    selections as outputs (``WithSelections``): ONNX Runtime selects what PyTorch selects."""
+    model = mod_models.optimize_for_inference(_mod_model("mobilenet_v2_mod", fusion="original"))
+    wrapped = WithSelections(model).eval()
+    names = ["logits"] + [SELECTION_PREFIX + name for name in wrapped.block_names]
+    path = _standard_onnx_export(wrapped, torch.randn(2, 3, 32, 32), tmp_path / "m.onnx", output_names=names,
+                                 dynamic_shapes=({0: torch.export.Dim("batch")},))
+    report = onnx_parity(model, path, torch.randn(3, 3, 32, 32))
+    assert report.ok, report
+    assert sum(report.near_tie_selections.values()) <= 1, report
+
+
+def test_standard_onnx_export_breaks_ties_like_the_stable_sort(tmp_path):
+    """Every score tied (zero router output weights): the selection is channels 0..k-1 in ONNX too."""
+    model = _mod_model("resnet18_mod", fusion="original")
+    for module in model.modules():
+        if isinstance(module, MoDBlock):
+            nn.init.zeros_(module.router.fc2.weight)
+    wrapped = WithSelections(model).eval()
+    path = _standard_onnx_export(wrapped, torch.randn(2, 3, 32, 32), tmp_path / "ties.onnx")
+    session = ort_session(path)
+    outputs = session.run(None, {session.get_inputs()[0].name: torch.randn(2, 3, 32, 32).numpy()})
+    for block, selection in zip(wrapped._blocks, outputs[1:]):
+        assert torch.equal(torch.from_numpy(selection), torch.arange(block.k).expand(2, block.k))
+
+
+def test_onnx_export_of_a_mod_block_is_lean_and_never_traces_the_eager_backend(tmp_path, monkeypatch):
+    """Each MoD block exports as the same small graph whatever its backend: the eager paths of the
+    other backends (fused kernels, custom ops) are never traced. A deployed BasicBlock is at most 20
+    nodes: router (5), TopK and the slot slice, the scores gathered, one GatherND of the k selected
+    planes (and its index), f_k (3), scale and fuse (5) and one ScatterND of the k target planes;
+    no Transpose, Concat or Expand of a feature map."""
+    model = mod_models.optimize_for_inference(_mod_model("resnet18_mod"))
+    x = torch.randn(1, 3, 32, 32)
+    reference = _nodes_by_block(_standard_onnx_export(model, x, tmp_path / "reference.onnx"), model)
+
+    def never(*args, **kwargs):
+        raise AssertionError("an eager backend path was traced into the ONNX graph")
+
+    monkeypatch.setattr(MoDBlock, "_forward_fused", never)
+    monkeypatch.setattr(MoDBlock, "_forward_deployed", never)
+    other = mod_models.set_backend(copy.deepcopy(model), "triton")
+    assert _nodes_by_block(_standard_onnx_export(other, x, tmp_path / "triton.onnx"), other) == reference
+    for name, ops in reference.items():
+        assert 0 < len(ops) <= 20, (name, ops)
+        assert ops.count("ScatterND") == ops.count("GatherND") == ops.count("TopK") == 1, (name, ops)
+        assert not {"Transpose", "Expand", "Sort"} & set(ops), (name, ops)
+
+
+def test_standard_onnx_export_refuses_random_routing_by_name(tmp_path):
+    model = build_model("resnet18_mod", num_classes=4, backend="reference", router="random").eval()
+    with pytest.raises(Exception, match="routes randomly") as error:
+        _standard_onnx_export(model, torch.randn(1, 3, 32, 32), tmp_path / "never.onnx")
+    assert "learned router" in str(error.value)
+
+
+def test_legacy_onnx_export_matches_pytorch(tmp_path):
+    """``torch.onnx.export(..., dynamo=False)`` (the TorchScript-based exporter, deprecated by PyTorch)
+    used to export every MoD block as the identity (relative error 0.38, no error); it now records the
+    same ONNX formulation. A dynamic batch, checked on another batch size, both forms."""
+    for name, fusion, deploy in (("resnet18_mod", "first_k", False), ("mobilenet_v2_mod", "original", True)):
+        model = _mod_model(name, fusion=fusion)
+        if deploy:
+            model = mod_models.optimize_for_inference(model)
+        path = tmp_path / f"{name}.onnx"
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+            torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(path), dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}})
+        export_module.check_onnx_file(path)
+        report = onnx_parity(model, path, torch.randn(3, 3, 32, 32))
+        assert report.outputs_close, (name, report)
+
+
+def test_torchscript_scripting_is_refused_with_the_supported_ways():
+    model = build_model("resnet18_mod", num_classes=4, backend="reference").eval()
+    for module in (model, model.layer1[1]):
+        with pytest.raises(RuntimeError, match="TorchScript") as error, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+            torch.jit.script(module)
+        message = str(error.value)
+        assert "torch.export" in message and "torch.onnx.export" in message and "mod_models.tools.export" in message
+
+
+def test_torchscript_tracing_equals_eager_on_other_inputs():
+    """``torch.jit.trace`` records the reference path's ops (the selection included), so the traced
+    model computes what the model computes, at other batch sizes too, as trained and deployed."""
+    for name, fusion, deploy in (("resnet18_mod", "first_k", False), ("mobilenet_v2_mod", "original", True)):
+        model = _mod_model(name, fusion=fusion)
+        if deploy:
+            model = mod_models.optimize_for_inference(model)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and tracer warnings
+            traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32))
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 32, 32)
+            with torch.no_grad():
+                torch.testing.assert_close(traced(x.clone()), model(x.clone()), rtol=1e-5, atol=1e-5)
