@@ -40,7 +40,16 @@ from mod_models.tools.facts import count_macs, count_params
 from . import agreement
 from .env import stamp
 from .floors import FLOORS
-from .providers import PLAIN_PROVIDERS, REFERENCE, ModelProvider, Selections, error_text, graph_break_count
+from .providers import (
+    REFERENCE,
+    ModelProvider,
+    OnnxRuntimeProvider,
+    Selections,
+    error_text,
+    graph_break_count,
+    plain_provider,
+    provider_modes,
+)
 from .timing import Budget, Timing, capture_cuda_graph, time_cpu_interleaved, time_cuda_events
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,16 +100,35 @@ class TimerSettings:
     compile_estimate_s: float = 60.0  # assumed cost of a whole-model compile before one was measured
 
 
+def _plain_cases(providers: list[ModelProvider], floors: tuple[str, ...]) -> tuple[list[ModelProvider],
+                                                                                    list[tuple[str, ModelProvider]]]:
+    """The baseline's providers and the ``(floor, provider)`` pairs of a family: one per mode of
+    ``providers``; the static floor only in modes that cost no compilation or export (it splits the
+    eager overhead into f_k and routing; a compiled or exported copy of every model would double
+    those costs)."""
+    plain = [plain_provider(p) for p in providers]
+    by_mode = {p.mode: p for p in plain}
+    modes = provider_modes(plain)
+    floor_cases = [(floor, by_mode[mode]) for floor in floors for mode in modes
+                   if floor != "static" or not by_mode[mode].expensive]
+    return [by_mode[mode] for mode in modes], floor_cases
+
+
+def _ordered(providers: list[ModelProvider]) -> list[ModelProvider]:
+    """The reference first (its output is what the others are checked against)."""
+    return sorted(providers, key=lambda p: p.name != REFERENCE.name)
+
+
 def family_cases(baseline: str, mod_names: list[str], providers: list[ModelProvider],
                  floors: tuple[str, ...] = ("identity", "static"),
                  include_baseline: bool = True) -> list[tuple[str, str, str]]:
     """``(network, role, provider)`` of every case :func:`bench_family` measures, in its order; a
     floor's network is its MoD model."""
-    modes = sorted({p.mode_key for p in providers})
-    cases = [(baseline, "baseline", PLAIN_PROVIDERS[c].name) for c in modes] if include_baseline else []
+    baseline_providers, floor_cases = _plain_cases(providers, floors)
+    cases = [(baseline, "baseline", p.name) for p in baseline_providers] if include_baseline else []
     for name in mod_names:
-        cases += [(name, "mod", p.name) for p in sorted(providers, key=lambda p: p.name != REFERENCE.name)]
-        cases += [(name, f"floor_{floor}", PLAIN_PROVIDERS[c].name) for floor in floors for c in modes]
+        cases += [(name, "mod", p.name) for p in _ordered(providers)]
+        cases += [(name, f"floor_{floor}", p.name) for floor, p in floor_cases]
     return cases
 
 
@@ -117,10 +145,12 @@ def case_weight(network: str, provider: str, batch: int, resolution: int) -> flo
     batch 1 a case's time (building, checks, warm-up, timed calls, an export) follows the network's
     number of modules far more than its MACs (a 2-core VM: mobilenet_v2's family, 0.3 GMACs, took
     as long as resnet50's, 4.1 GMACs); MACs times the batch take over at large batches. ONNX
-    Runtime counts double (two exports)."""
+    Runtime counts double (two exports), a compiled case triple (a compilation)."""
     modules, gmacs = network_size(network, resolution)
     weight = modules / 50 + 0.1 * gmacs * batch
-    return 2 * weight if provider == "onnxruntime" else weight
+    if provider == "onnxruntime":
+        return 2 * weight
+    return 3 * weight if "compile" in provider or "freezing" in provider else weight
 
 
 def plan_cases(names: list[str], configs: list[ModelConfig], providers: list[ModelProvider],
@@ -168,7 +198,8 @@ class ModelCache:
             model = self.get(name, role)
             params = count_params(model)
             macs = count_macs(copy.deepcopy(model), resolution)
-            self._facts[key] = {"params_m": params / 1e6, "gmacs": macs / 1e9}
+            blocks = sum(isinstance(m, MoDBlock) for m in model.modules())
+            self._facts[key] = {"params_m": params / 1e6, "gmacs": macs / 1e9, "mod_blocks": blocks}
         return self._facts[key]
 
     def materialize(self, name: str, role: str, config: ModelConfig) -> nn.Module:
@@ -177,7 +208,9 @@ class ModelCache:
         model = model.to(device=config.device, dtype=DTYPES[config.dtype])
         if config.memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)
-        model.bench_resolution = config.resolution  # for providers that export the model
+        # For providers that export the model: its input size, and a name for their caches.
+        model.bench_resolution, model.bench_batch = config.resolution, config.batch
+        model.bench_name = f"{name}:{role}"
         return model.eval()
 
 
@@ -269,8 +302,21 @@ def bench_family(
     if config.cuda_graph and not on_cuda:
         raise ValueError("CUDA graphs need a CUDA device")
     x = make_input(config, seed)
-    modes = sorted({p.mode_key for p in providers})
+    baseline_providers, floor_cases = _plain_cases(providers, floors)
     compile_cost = [timer.compile_estimate_s]
+    eager_outputs: dict[tuple[str, str], Tensor | None] = {}
+
+    def eager_output(source: tuple[str, str]) -> Tensor | None:
+        """The eager eval-mode output of a network without MoD blocks (what its other modes must compute)."""
+        if source not in eager_outputs:
+            try:
+                model = cache.materialize(*source, config)
+                with torch.inference_mode():
+                    eager_outputs[source] = model(x).float().clone()
+            except Exception as error:  # noqa: BLE001
+                log(f"  eager output of {source[0]} ({source[1]}) failed: {error_text(error)}")
+                eager_outputs[source] = None
+        return eager_outputs[source]
 
     def finished(record: dict) -> tuple[str, str]:
         before, after = on_case(record) if on_case is not None else ("", "")
@@ -280,11 +326,13 @@ def bench_family(
                  keep_reference: bool = False, reference_output: Tensor | None = None,
                  reference_selection: list | None = None) -> _Case:
         # Parameters and MACs of the MoD models and baselines (the table's columns); floors skip the count.
-        facts = cache.facts(name, "model", config.resolution) if not of_model else {"params_m": None, "gmacs": None}
+        facts = (cache.facts(name, "model", config.resolution) if not of_model
+                 else {"params_m": None, "gmacs": None, "mod_blocks": None})
         record = stamp({
             "section": "model", "model": name, "role": role, "of_model": of_model,
             "baseline": None if role == "baseline" else BASELINE_OF[of_model or name],
             "provider": provider.name, "mode": provider.mode, "compiled": provider.compiled,
+            "freezing": provider.freezing, "runtime": provider.runtime,
             **config.fields(), **facts, "status": "ok", "reason": "",
             # Triton on the CPU is its interpreter: a correctness tool whose times are not speeds.
             "interpreter": provider.backend == "triton" and not on_cuda,
@@ -292,13 +340,16 @@ def bench_family(
         shown = f"{role.removeprefix('floor_')} floor of {of_model}" if of_model else name
         label = f"{shown} | {provider.name}"
         cost = compile_cost[0] if provider.compiled else 2.0
+        source = (of_model, role) if of_model else (name, "model")
+        expected = None
+        if role != "mod" and provider.mode != "eager":
+            expected = eager_output(source)
         if not budget.allows(cost):
             record.update(status="skipped", reason="time budget", budget_left_s=round(max(budget.left(), 0.0), 1),
                           estimated_cost_s=round(cost, 1))
             before, after = finished(record)
             log(f"{before} skip  {label}: {record['reason']}{after}")
             return _Case(record)
-        source = (of_model, role) if of_model else (name, "model")
         track_selection = keep_reference and not provider.compiled and provider.runs_torch_modules
         try:
             model = cache.materialize(*source, config)
@@ -307,7 +358,7 @@ def bench_family(
             if track_selection:
                 _set_record_selection(model, True)
             start = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), provider.compiling():
                 out = fn(x)
             if on_cuda:
                 torch.cuda.synchronize()
@@ -346,11 +397,17 @@ def bench_family(
             record["agreement"] = {"ok": True, "method": "reference", "rel_err": 0.0, "tolerance": 0.0,
                                    "detail": "the reference itself"}
             record["_output"], record["_selection"] = out.detach().float().clone(), selection
-        elif role == "mod":
+        elif role != "mod":
+            if provider.mode != "eager":
+                record["agreement"] = _plain_agreement(out, expected, config)
+                if not record["agreement"]["ok"]:
+                    log(f"  differ {label}: {record['agreement']['detail']}")
+        else:
             try:
-                record["agreement"] = _model_agreement(
-                    provider, fn, out, x, name=name, config=config, cache=cache, record=record,
-                    reference_output=reference_output, reference_selection=reference_selection)
+                with provider.compiling():
+                    record["agreement"] = _model_agreement(
+                        provider, fn, out, x, name=name, config=config, cache=cache, record=record,
+                        reference_output=reference_output, reference_selection=reference_selection)
             except Exception as error:  # noqa: BLE001 - a check that cannot run is a failed check, never a pass
                 record["agreement"] = {"ok": False, "method": "teacher_forcing", "rel_err": None, "tolerance": None,
                                        "detail": "selection-aware check failed: " + error_text(error)}
@@ -380,11 +437,11 @@ def bench_family(
     with thread_setting(config.threads):
         log(f" family {baseline}: {config.label()}")
         if include_baseline:
-            for mode in modes:
-                cases.append(run_case(baseline, "baseline", PLAIN_PROVIDERS[mode]))
+            for plain in baseline_providers:
+                cases.append(run_case(baseline, "baseline", plain))
         for name in mod_names:
             reference_output = reference_selection = None
-            for provider in sorted(providers, key=lambda p: p.name != REFERENCE.name):
+            for provider in _ordered(providers):
                 if provider.name == REFERENCE.name:
                     case = run_case(name, "mod", provider, keep_reference=True)
                     reference_output = case.record.pop("_output", None)
@@ -395,19 +452,31 @@ def bench_family(
                     case = run_case(name, "mod", provider, reference_output=reference_output,
                                     reference_selection=reference_selection)
                 cases.append(case)
-            for floor in floors:
-                for mode in modes:
-                    cases.append(run_case(name, f"floor_{floor}", PLAIN_PROVIDERS[mode], of_model=name))
+            for floor, plain in floor_cases:
+                cases.append(run_case(name, f"floor_{floor}", plain, of_model=name))
+        eager_outputs.clear()
 
         pending = {i: c.run for i, c in enumerate(cases) if c.run is not None}
         if pending:
             log(f"  timing {len(pending)} case(s): {timer.cpu_rounds} interleaved rounds x "
                 f"{timer.cpu_samples_per_round} samples")
-            with torch.inference_mode():
-                timings = time_cpu_interleaved(
-                    pending, rounds=timer.cpu_rounds, samples_per_round=timer.cpu_samples_per_round,
-                    warmup=timer.cpu_warmup, budget=budget,
-                )
+            # A compiled case must run the graph its first call compiled (with freezing, when asked): a
+            # recompilation while timing is an error, not a silent new graph.
+            compiled = any(cases[i].record["compiled"] for i in pending)
+            try:
+                with torch.inference_mode(), (torch.compiler.set_stance("fail_on_recompile") if compiled
+                                              else contextlib.nullcontext()):
+                    timings = time_cpu_interleaved(
+                        pending, rounds=timer.cpu_rounds, samples_per_round=timer.cpu_samples_per_round,
+                        warmup=timer.cpu_warmup, budget=budget,
+                    )
+            except Exception as error:  # noqa: BLE001 - reported in the records, never faked
+                timings = {}
+                for i in pending:
+                    cases[i].record.update(status="error", reason="timing failed: " + error_text(error))
+                    before, after = finished(cases[i].record)
+                    log(f"{before} error {cases[i].record['model']} | {cases[i].record['provider']}: "
+                        f"{cases[i].record['reason']}{after}")
             for i, timing in timings.items():
                 _put_timing(cases[i].record, timing, "")
             # The family's timed cases finish together: each line gets its count, the last the time estimate.
@@ -420,8 +489,25 @@ def bench_family(
                     f"{shown} | {r['provider']}{after if n == len(marks) - 1 else ''}")
     for case in cases:
         case.run = None
+    OnnxRuntimeProvider.release()
+    if any(p.compiled for p in providers):
+        torch._dynamo.reset()
     _free(device)
     return [case.record for case in cases]
+
+
+def _plain_agreement(out: Tensor, expected: Tensor | None, config: ModelConfig) -> dict:
+    """A network without MoD blocks in another mode (deploy, compiled, ONNX Runtime) against its eager
+    eval-mode output: relative L2 of the logits. Nothing routes, so only rounding differs: the tight
+    teacher-forcing tolerance on the CPU, the logits tolerance on CUDA (TF32, bf16)."""
+    dtype = DTYPES[config.dtype]
+    tolerance = (agreement.model_tolerance(dtype) if config.device.startswith("cuda")
+                 else agreement.forced_model_tolerance(dtype))
+    if expected is None:
+        return {"ok": False, "method": "relative_l2", "rel_err": None, "tolerance": tolerance,
+                "detail": "no eager output to compare with"}
+    result = agreement.compare(out.float(), expected, tolerance).as_dict()
+    return {**result, "method": "relative_l2", "detail": result.get("detail") or "vs the same network in eager mode"}
 
 
 def _model_agreement(provider: ModelProvider, fn: Callable[[Tensor], object], out: Tensor, x: Tensor, *, name: str,

@@ -1,12 +1,30 @@
 """Who runs a model: the providers of the model table.
 
 A provider turns a model (already on its device, dtype and memory format) into a callable
-``x -> logits``. MoD models have the pure PyTorch ``reference`` backend and the fused ``triton``
-backend, each as trained (eager or under ``torch.compile``) or in the deploy form
-(``+deploy``: :func:`mod_models.optimize_for_inference`). Networks without MoD blocks (the
-torchvision baselines and the floors) run ``eager``, ``compile``, ``deploy`` (batch norms
-folded by the same utility) or ``deploy+compile``; a MoD provider is compared with the baseline
-and floors of its own mode.
+``x -> logits``. MoD models have the pure PyTorch ``reference`` backend, the fused ``triton``
+backend (GPU) and the ``native`` CPU kernel of the deploy form, each as trained (eager or under
+``torch.compile``) or in the deploy form (``+deploy``: :func:`mod_models.optimize_for_inference`).
+Networks without MoD blocks (the torchvision baselines and the floors) run ``eager``,
+``compile``, ``deploy`` (batch norms folded by the same utility), ``deploy+compile``,
+``deploy+freezing`` or ``onnxruntime``; a MoD provider is compared with the baseline and floors
+of its own mode (:func:`plain_provider`).
+
+**CPU runtimes.** What a CPU deployer can run a trained model in, each a ``runtime`` of the
+model table, MoD model, identity floor and baseline alike:
+
+* ``eager``: the deploy form in eager PyTorch (MoD blocks on the native kernel, one call each;
+  the baseline with its batch norms folded): ``native+deploy`` / ``deploy``.
+* ``compile``: ``torch.compile`` with Inductor's freezing (``torch._inductor.config.freezing``,
+  PyTorch's setting for CPU inference: parameters become constants, convolutions are prepacked
+  for oneDNN), of the deploy form: ``native+deploy+freezing`` / ``deploy+freezing``. The deploy
+  form, not the eval form, because it is the form that serves a model (what
+  ``optimize_for_inference`` hands a deployer), Inductor keeps each MoD block as one native call
+  (a custom op with ``flexible_layout``: it runs on Inductor's channels_last activations in place),
+  and freezing folds the baseline's batch norms itself, so its two forms compile to the same code
+  (measured within 1 %; ``bench/results/cpu-amd-epyc-2cpu-notes.md`` has the comparison with
+  the eval form, ``reference+freezing`` / ``freezing``, which ``--providers`` can add).
+* ``onnxruntime``: the model exported to ONNX (``mod_models.tools.export``, the reference path in
+  ONNX's ops) and run by ONNX Runtime's CPU provider: ``onnxruntime`` for every network.
 
 A provider that cannot run raises :class:`Unavailable` (or whatever the backend raises, which
 the benchmark reports as unavailable); nothing falls back silently.
@@ -14,6 +32,8 @@ the benchmark reports as unavailable); nothing falls back silently.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,18 +96,32 @@ class ModelProvider:
     backend: str | None = None
     compiled: bool = False
     deploy: bool = False
+    freezing: bool = False  # compiled with Inductor's freezing (torch._inductor.config.freezing)
+    runtime: str | None = None  # the CPU runtime this provider stands for (RUNTIMES), if any
 
     @property
     def mode(self) -> str:
-        """``"eager"``, ``"compile"``, ``"deploy"`` or ``"deploy+compile"``: what a MoD provider is
-        compared with (the baseline and floors of the same mode)."""
+        """``"eager"``, ``"compile"``, ``"deploy"``, ``"deploy+compile"``, ``"freezing"`` or
+        ``"deploy+freezing"``: what a MoD provider is compared with (the baseline and floors of the
+        same mode)."""
+        compiled = "freezing" if self.freezing else "compile"
         if self.deploy:
-            return "deploy+compile" if self.compiled else "deploy"
-        return "compile" if self.compiled else "eager"
+            return f"deploy+{compiled}" if self.compiled else "deploy"
+        return compiled if self.compiled else "eager"
 
     @property
-    def mode_key(self) -> tuple[bool, bool]:
-        return self.compiled, self.deploy
+    def expensive(self) -> bool:
+        """Preparing it costs a compilation or an export (the static floor is measured only where not)."""
+        return self.compiled
+
+    def compiling(self) -> contextlib.AbstractContextManager:
+        """The context of the calls that may compile (the first call, the output check): Inductor's
+        freezing on for a freezing provider, the global config restored afterwards."""
+        if self.freezing:
+            import torch._inductor.config as inductor_config
+
+            return inductor_config.patch(freezing=True)
+        return contextlib.nullcontext()
 
     @property
     def runs_torch_modules(self) -> bool:
@@ -96,10 +130,24 @@ class ModelProvider:
 
     def selection_call(self, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], tuple[Tensor, Selections]] | None:
         """For the output check: ``x -> (logits, selections)`` computed as the prepared ``fn`` computes
-        them, or None where the selections cannot be read (``torch.compile``, a wrapped callable)."""
-        if self.compiled or not isinstance(fn, nn.Module) or not has_mod_blocks(fn):
+        them, or None where the selections cannot be read (a wrapped callable, ``torch.compile``
+        without :attr:`records_compiled_selections`)."""
+        if self.compiled:
+            model = getattr(fn, "_orig_mod", None)
+            if not self.records_compiled_selections or model is None or not has_mod_blocks(model):
+                return None
+            return lambda x: (fn(x), {name: block.last_selection for name, block in mod_blocks(model)})
+        if not isinstance(fn, nn.Module) or not has_mod_blocks(fn):
             return None
         return lambda x: run_recording(fn, x)
+
+    @property
+    def records_compiled_selections(self) -> bool:
+        """A compiled MoD model whose blocks keep ``record_selection`` on in the compiled graph (their
+        selections are outputs of the same graph, read back for the teacher-forced check): the CPU
+        runtime providers. Costs one ``[B, k]`` and one ``[B, C]`` tensor and two attribute writes per
+        block and call, which the timed calls pay too (a bias against MoD of a few microseconds)."""
+        return self.compiled and self.runtime is not None
 
     def prepare(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
         """The callable to time; ``model`` is owned by this provider from now on."""
@@ -111,8 +159,15 @@ class ModelProvider:
             optimize_for_inference(model.eval())
         if self.compiled:
             configure_dynamo()
+            if self.records_compiled_selections:
+                for _, block in mod_blocks(model):
+                    block.record_selection = True
             return torch.compile(model, dynamic=False)
         return model
+
+
+def mod_blocks(model: nn.Module) -> list[tuple[str, MoDBlock]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoDBlock)]
 
 
 def run_recording(model: nn.Module, x: Tensor) -> tuple[Tensor, Selections]:
@@ -152,18 +207,26 @@ class _OrtRun:
 
 
 class OnnxRuntimeProvider(ModelProvider):
-    """The reference path exported to ONNX (``mod_models.tools.export``) and run by ONNX Runtime on the
-    CPU with as many intra-op threads as torch uses in the timed configuration. Its mode is its own,
-    so it gets no ratio against the PyTorch baseline; ``vs ref`` is ORT time beside PyTorch's.
+    """A network exported to ONNX (``mod_models.tools.export``: a MoD block as its reference path in
+    ONNX's ops) and run by ONNX Runtime on the CPU with as many intra-op threads as torch uses in the
+    timed configuration, at the configuration's fixed batch. One provider for MoD models, floors and
+    baselines alike (mode ``"onnxruntime"``: a MoD model is compared with its baseline and floor in
+    ONNX Runtime).
 
-    The timed session runs an export without selection outputs; the output check runs a second
-    export with them (``with_selections=True``), made only when the check asks for it."""
+    The timed session runs an export without selection outputs; the output check of a MoD model runs
+    a second export with them (``with_selections=True``), made only when the check asks for it.
+    Exports live in temporary folders until :meth:`release` (the model table calls it after each
+    family)."""
 
-    _exports: dict = {}  # (fingerprint of the weights, with selections) -> exported file (one export each)
+    _exports: dict = {}  # (network, batch, resolution, weights fingerprint, with selections) -> (folder, export)
 
     @property
     def mode(self) -> str:
         return "onnxruntime"
+
+    @property
+    def expensive(self) -> bool:
+        return True
 
     @property
     def runs_torch_modules(self) -> bool:
@@ -180,14 +243,16 @@ class OnnxRuntimeProvider(ModelProvider):
             raise Unavailable(f"onnxruntime provider needs the export extra: {error}") from error
         if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
             raise Unavailable("the onnxruntime provider runs fp32 models on the CPU")
-        fingerprint = (type(model).__name__, sum(float(p.detach().double().sum()) for p in model.parameters()))
+        fingerprint = (getattr(model, "bench_name", type(model).__name__),
+                       sum(float(p.detach().double().sum()) for p in model.parameters()))
         resolution = _input_resolution(model)
+        batch = getattr(model, "bench_batch", 1)
 
         def export(with_selections: bool):
-            key = (fingerprint, with_selections)
+            key = (fingerprint, batch, resolution, with_selections)
             if key not in self._exports:
-                folder = tempfile.TemporaryDirectory(prefix="mod-bench-onnx-")
-                exported = export_onnx(model, f"{folder.name}/model.onnx", (1, 3, resolution, resolution),
+                folder = tempfile.mkdtemp(prefix="mod-bench-onnx-")
+                exported = export_onnx(model, f"{folder}/model.onnx", (batch, 3, resolution, resolution),
                                        with_selections=with_selections, dynamic_batch=False)
                 self._exports[key] = (folder, exported)
             return self._exports[key][1]
@@ -198,6 +263,13 @@ class OnnxRuntimeProvider(ModelProvider):
 
     def selection_call(self, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], tuple[Tensor, Selections]] | None:
         return getattr(fn, "with_selections", None)
+
+    @classmethod
+    def release(cls) -> None:
+        """Delete every exported file (sessions already made keep running: ONNX Runtime holds the model)."""
+        for folder, _ in cls._exports.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        cls._exports.clear()
 
 
 def _input_resolution(model: nn.Module) -> int:
@@ -215,18 +287,41 @@ REFERENCE_DEPLOY = ModelProvider("reference+deploy", backend="reference", deploy
 TRITON_DEPLOY = ModelProvider("triton+deploy", backend="triton", deploy=True)
 REFERENCE_DEPLOY_COMPILED = ModelProvider("reference+deploy+compile", backend="reference", compiled=True, deploy=True)
 TRITON_DEPLOY_COMPILED = ModelProvider("triton+deploy+compile", backend="triton", compiled=True, deploy=True)
-ONNXRUNTIME = OnnxRuntimeProvider("onnxruntime")
+# The CPU runtimes (see the module docstring); the eval form under freezing for comparison.
+NATIVE_DEPLOY = ModelProvider("native+deploy", backend="native", deploy=True, runtime="eager")
+NATIVE_DEPLOY_FREEZING = ModelProvider("native+deploy+freezing", backend="native", compiled=True, deploy=True,
+                                       freezing=True, runtime="compile")
+REFERENCE_FREEZING = ModelProvider("reference+freezing", backend="reference", compiled=True, freezing=True)
+ONNXRUNTIME = OnnxRuntimeProvider("onnxruntime", runtime="onnxruntime")
 MOD_PROVIDERS = {p.name: p for p in (
     REFERENCE, REFERENCE_COMPILED, TRITON, TRITON_COMPILED, REFERENCE_DEPLOY, TRITON_DEPLOY,
-    REFERENCE_DEPLOY_COMPILED, TRITON_DEPLOY_COMPILED, ONNXRUNTIME,
+    REFERENCE_DEPLOY_COMPILED, TRITON_DEPLOY_COMPILED, NATIVE_DEPLOY, NATIVE_DEPLOY_FREEZING, REFERENCE_FREEZING,
+    ONNXRUNTIME,
 )}
 
 EAGER = ModelProvider("eager")
 COMPILED = ModelProvider("compile", compiled=True)
-DEPLOY = ModelProvider("deploy", deploy=True)
+DEPLOY = ModelProvider("deploy", deploy=True, runtime="eager")
 DEPLOY_COMPILED = ModelProvider("deploy+compile", compiled=True, deploy=True)
-# The baseline and floors of each mode, keyed by (compiled, deploy).
-PLAIN_PROVIDERS = {p.mode_key: p for p in (EAGER, COMPILED, DEPLOY, DEPLOY_COMPILED)}
+FREEZING = ModelProvider("freezing", compiled=True, freezing=True)
+DEPLOY_FREEZING = ModelProvider("deploy+freezing", compiled=True, deploy=True, freezing=True, runtime="compile")
+# The baseline and floors of each mode.
+PLAIN_PROVIDERS = {p.mode: p for p in (EAGER, COMPILED, DEPLOY, DEPLOY_COMPILED, FREEZING, DEPLOY_FREEZING,
+                                       ONNXRUNTIME)}
+# CPU runtime -> (its MoD provider, its plain provider), in the tables' order.
+RUNTIMES = {"eager": (NATIVE_DEPLOY, DEPLOY), "compile": (NATIVE_DEPLOY_FREEZING, DEPLOY_FREEZING),
+            "onnxruntime": (ONNXRUNTIME, ONNXRUNTIME)}
+RUNTIME_TITLES = {"eager": "eager, deploy form", "compile": "torch.compile + freezing", "onnxruntime": "ONNX Runtime"}
+
+
+def plain_provider(provider: ModelProvider) -> ModelProvider:
+    """The provider of the baseline and floors a MoD provider is compared with (same mode)."""
+    return PLAIN_PROVIDERS[provider.mode]
+
+
+def provider_modes(providers: list[ModelProvider]) -> list[str]:
+    """The modes of ``providers`` in order of first appearance (the order of the baseline and floor cases)."""
+    return list(dict.fromkeys(p.mode for p in providers))
 
 
 def parse_providers(names: list[str]) -> list[ModelProvider]:
