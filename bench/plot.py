@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .records import agreed, config_title, model_derived, ok, paper_ratio, status_text
+from .records import RUNTIME_ORDER, agreed, config_title, model_derived, ok, paper_ratio, runtime_derived, status_text
 
 PROVIDER_COLORS = {
     "reference": "#7f7f7f", "reference+compile": "#1f77b4", "triton": "#d62728", "triton+compile": "#ff7f0e",
-    "onnxruntime": "#2ca02c",
+    "onnxruntime": "#2ca02c", "native+deploy": "#9467bd", "native+deploy+freezing": "#8c564b",
 }
+RUNTIME_LABELS = {"eager": "eager deploy form", "compile": "torch.compile + freezing", "onnxruntime": "ONNX Runtime",
+                  "best": "best vs best"}
+RUNTIME_COLORS = {"eager": "#9467bd", "compile": "#8c564b", "onnxruntime": "#2ca02c", "best": "#17becf"}
 MAX_BAR_WIDTH = 0.3  # in units of one model's slot: a panel of one model gets a bar, not a wall
 
 
@@ -44,18 +47,22 @@ def figure(records: list[dict], title: str = ""):
     """The matplotlib figure :func:`plot` saves (None when no ratio was measured)."""
     import matplotlib.pyplot as plt
 
+    runtime_panels = [(key, rows) for key, rows in runtime_derived(records).items()
+                      if any(r["best_vs_best"] for r in rows)]
     model_panels = [(key, rows, "") for key, rows in model_derived(records).items() if any(r["speedup"] for r in rows)]
     model_panels += [(key, rows, "training step, ") for key, rows in model_derived(records, "train").items()
                      if any(r["speedup"] for r in rows)]
     kernel_panel = _kernel_series(records)
-    panels = len(model_panels) + (1 if kernel_panel else 0)
+    panels = len(runtime_panels) + len(model_panels) + (1 if kernel_panel else 0)
     if panels == 0:
         return None
-    slots = max([len({r["record"]["model"] for r in rows}) for _, rows, _ in model_panels] + [len(kernel_panel[0])
-                                                                                           if kernel_panel else 0])
+    slots = max([len({r["record"]["model"] for r in rows}) for _, rows, _ in model_panels]
+                + [len(rows) for _, rows in runtime_panels] + [len(kernel_panel[0]) if kernel_panel else 0])
     width = 11 if slots >= 6 else 4.5 + 1.1 * slots  # a panel of one or two models needs no wide canvas
     fig, axes = plt.subplots(panels, 1, figsize=(width, 3.4 * panels), squeeze=False, layout="constrained")
-    for ax, (key, rows, prefix) in zip(axes[:, 0], model_panels):
+    for ax, (key, rows) in zip(axes[:, 0], runtime_panels):
+        _runtime_panel(ax, key, rows)
+    for ax, (key, rows, prefix) in zip(axes[len(runtime_panels):, 0], model_panels):
         _model_panel(ax, key, rows, prefix)
     if kernel_panel:
         ax = axes[-1, 0]
@@ -102,6 +109,33 @@ def _model_panel(ax, key: tuple, rows: list[dict], prefix: str = "") -> None:
     if not_drawn:
         note = "not drawn: " + "; ".join(f"{p} ({why})" for p, why in not_drawn.items())
         ax.set_xlabel(note, fontsize=7, color="#555555", loc="left")
+    _legend(ax)
+
+
+def _runtime_panel(ax, key: tuple, rows: list[dict]) -> None:
+    """Per MoD model: baseline / MoD in each CPU runtime, then best vs best; its ceiling (dashed) and the
+    paper's ratio (solid) marked over the group."""
+    models = [row["model"] for row in rows]
+    series = {runtime: [(row["runtimes"].get(runtime) or {}).get("speedup") for row in rows]
+              for runtime in RUNTIME_ORDER}
+    series["best"] = [row["best_vs_best"] for row in rows]
+    series = {name: values for name, values in series.items() if any(values)}
+    width = min(0.8 / len(series), MAX_BAR_WIDTH)
+    for j, (name, values) in enumerate(series.items()):
+        positions = [i + (j - (len(series) - 1) / 2) * width for i in range(len(models))]
+        ax.bar(positions, [v or 0.0 for v in values], width, label=RUNTIME_LABELS[name], color=RUNTIME_COLORS[name])
+        _mark_missing(ax, [p for p, v in zip(positions, values) if not v])
+    half = min(0.45, (len(series) * width) / 2 + 0.08)
+    for values, style, label in (([row["best_ceiling"] for row in rows], "--", "ceiling (best runtimes)"),
+                                 ([row["paper"] for row in rows], "-", "paper")):
+        marked = [(i, v) for i, v in enumerate(values) if v]
+        if marked:
+            ax.hlines([v for _, v in marked], [i - half for i, _ in marked], [i + half for i, _ in marked],
+                      colors="black", linewidth=2 if style == "-" else 1.2, linestyles=style, label=label, zorder=3)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    _x_axis(ax, models)
+    ax.set_ylabel("baseline / MoD")
+    ax.set_title("CPU runtimes, " + config_title(key), fontsize=9)
     _legend(ax)
 
 

@@ -22,6 +22,12 @@ def agreed(record: dict | None) -> bool:
     return ok(record) and bool((record.get("agreement") or {}).get("ok"))
 
 
+def usable(record: dict | None) -> bool:
+    """A baseline or floor time a ratio may use: measured, and where it was checked (a mode other than
+    eager: deploy, compiled, ONNX Runtime) it computed what the eager network computes."""
+    return ok(record) and (record.get("agreement") is None or bool(record["agreement"].get("ok")))
+
+
 CONFIG_KEYS = ("device_type", "batch", "dtype", "memory_format", "resolution", "cuda_graph", "threads")
 
 
@@ -71,32 +77,32 @@ def model_derived(records: list[dict], section: str = "model") -> dict[tuple, li
             base = baselines.get((r["baseline"], r["mode"]))
             identity = floors.get((r["model"], "floor_identity", r["mode"]))
             static = floors.get((r["model"], "floor_static", r["mode"]))
-            usable = agreed(r) and not r.get("interpreter")
+            checked = agreed(r) and not r.get("interpreter")
             t = r.get("median_ms")
             row = {
                 "record": r,
                 "baseline_record": base,
                 "identity": identity,
                 "static": static,
-                "agreed": usable,
+                "agreed": checked,
                 "speedup": None,
                 "overhead": None,
                 "overhead_fk": None,
                 "overhead_routing": None,
                 "vs_reference": None,
                 # The best ratio any MoD implementation could reach here: baseline / identity floor.
-                "ceiling": base["median_ms"] / identity["median_ms"] if ok(base) and ok(identity) else None,
+                "ceiling": base["median_ms"] / identity["median_ms"] if usable(base) and usable(identity) else None,
             }
-            if usable and ok(base):
+            if checked and usable(base):
                 row["speedup"] = base["median_ms"] / t
-            if usable and ok(identity):
+            if checked and usable(identity):
                 t0 = identity["median_ms"]
                 row["overhead"] = (t - t0) / t0
-                if ok(static):
+                if usable(static):
                     row["overhead_fk"] = (static["median_ms"] - t0) / t0
                     row["overhead_routing"] = (t - static["median_ms"]) / t0
             ref = references.get(r["model"])
-            if usable and ok(ref):
+            if checked and ok(ref):
                 row["vs_reference"] = ref["median_ms"] / t
             rows.append(row)
         derived[key] = rows
@@ -108,3 +114,68 @@ def paper_ratio(model: str, device_type: str | None) -> float | None:
     if pair is None:
         return None
     return pair[1] if device_type == "cuda" else pair[0]
+
+
+RUNTIME_ORDER = ("eager", "compile", "onnxruntime")
+
+
+def runtime_derived(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Per config: one row per MoD model measured in the CPU runtimes (records with a ``runtime``):
+    per runtime its MoD, identity-floor and baseline records with the ratios of that runtime, and
+    the best of each network over the runtimes where it was measured and checked:
+
+    * ``speedup`` (per runtime): baseline / MoD in that runtime; ``overhead``: MoD over its identity
+      floor in that runtime;
+    * ``best_vs_best``: the baseline's fastest runtime / the MoD model's fastest runtime (a MoD time
+      counts only where its outputs agreed with the eager reference, a baseline or floor time only
+      where it agreed with its eager network);
+    * ``ceiling``: the baseline's fastest / the identity floor's fastest, the best ratio any MoD
+      implementation could reach with these runtimes;
+    * ``paper``: the paper's CPU ratio.
+    """
+    by_config: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("section") == "model" and r.get("runtime"):
+            by_config.setdefault(config_key(r), []).append(r)
+    derived: dict[tuple, list[dict]] = {}
+    for key, rs in by_config.items():
+        baselines = {(r["model"], r["runtime"]): r for r in rs if r["role"] == "baseline"}
+        floors = {(r["of_model"], r["runtime"]): r for r in rs if r["role"] == "floor_identity"}
+        mods = [r for r in rs if r["role"] == "mod"]
+        rows = []
+        for model in dict.fromkeys(r["model"] for r in mods):
+            row = {"model": model, "baseline": None, "runtimes": {}, "paper": paper_ratio(model, "cpu")}
+            for runtime in RUNTIME_ORDER:
+                mod = next((r for r in mods if r["model"] == model and r["runtime"] == runtime), None)
+                if mod is None:
+                    continue
+                row["baseline"] = mod["baseline"]
+                base = baselines.get((mod["baseline"], runtime))
+                floor = floors.get((model, runtime))
+                checked = agreed(mod) and not mod.get("interpreter")
+                row["runtimes"][runtime] = {
+                    "mod": mod, "baseline": base, "floor": floor, "agreed": checked,
+                    "speedup": base["median_ms"] / mod["median_ms"] if checked and usable(base) else None,
+                    "overhead": (mod["median_ms"] - floor["median_ms"]) / floor["median_ms"]
+                    if checked and usable(floor) else None,
+                }
+            row.update(_best(row["runtimes"]))
+            rows.append(row)
+        derived[key] = rows
+    return derived
+
+
+def _best(runtimes: dict[str, dict]) -> dict:
+    def fastest(role: str, good) -> tuple[str | None, float | None]:
+        times = [(runtime, cell[role]["median_ms"]) for runtime, cell in runtimes.items() if good(cell)]
+        return min(times, key=lambda rt: rt[1]) if times else (None, None)
+
+    mod_runtime, mod_ms = fastest("mod", lambda cell: cell["agreed"])
+    base_runtime, base_ms = fastest("baseline", lambda cell: usable(cell["baseline"]))
+    floor_runtime, floor_ms = fastest("floor", lambda cell: usable(cell["floor"]))
+    return {
+        "best_mod": (mod_runtime, mod_ms), "best_baseline": (base_runtime, base_ms),
+        "best_floor": (floor_runtime, floor_ms),
+        "best_vs_best": base_ms / mod_ms if base_ms and mod_ms else None,
+        "best_ceiling": base_ms / floor_ms if base_ms and floor_ms else None,
+    }
