@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model table only (inference and training-step rows)")
     what.add_argument("--train-only", action="store_true", help="the model table's training-step rows only")
     p.add_argument("--no-train", action="store_true", help="no training-step rows")
+    p.add_argument("--no-native-block", action="store_true",
+                   help="CPU: no native block microbenchmark (part of --full and --quick)")
     p.add_argument("--train-batch-sizes", nargs="+", type=_positive_int, default=None,
                    help="training-step batch sizes (CPU 8, with --full 8 32; CUDA 64 128)")
     p.add_argument("--train-resolution", type=_positive_int, default=None,
@@ -238,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         args.train_only) else (["kernels", "models", "train"] if on_cuda or small else ["models", "train"])
     if args.no_train and "train" in sections:
         sections.remove("train")
+    # The native CPU block's microbenchmark: its own section of the whole CPU table (and of the smoke run).
+    if not on_cuda and not args.dry_run and (args.full or args.quick) and "models" in sections and not (
+            args.models_only or args.no_native_block):
+        sections.append("native_block")
     if not on_cuda and "kernels" not in sections and not (args.models_only or args.train_only):
         note = ("kernel microbenchmarks skipped: they time GPU kernels (no CUDA device here); "
                 "`python -m bench --kernels` runs a CPU smoke version")
@@ -347,26 +353,21 @@ def main(argv: list[str] | None = None) -> int:
         elif on_cuda or args.dry_run:
             providers = [MOD_PROVIDERS[name] for name in ("triton+deploy", "reference+deploy", "reference", "triton")]
         else:
-            providers = [MOD_PROVIDERS["reference"], MOD_PROVIDERS["reference+deploy"]]
-            meta["notes"].append("models on CPU: triton providers not run (Triton on CPU is its interpreter, "
-                                 "a correctness tool, not a fast path)")
-            if not small and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
-                providers.append(MOD_PROVIDERS["onnxruntime"])  # the reference path exported to ONNX
-            elif not small:
-                meta["notes"].append("onnxruntime provider not run: install the export extra")
+            providers = cpu_providers(args.full, meta)
         eager = [p for p in providers if not p.compiled]
         compiled = [p for p in providers if p.compiled]
         if use_compile and not args.providers:
-            compiled = [MOD_PROVIDERS["reference+compile"]]
+            extra = [MOD_PROVIDERS["reference+compile"]]
             if on_cuda or args.dry_run:
-                compiled[:0] = [MOD_PROVIDERS["triton+deploy+compile"], MOD_PROVIDERS["triton+compile"]]
+                extra[:0] = [MOD_PROVIDERS["triton+deploy+compile"], MOD_PROVIDERS["triton+compile"]]
+            compiled = extra + [p for p in compiled if p not in extra]
         if on_cuda:
             batches = args.batch_sizes or ([2, 1] if small else [64, 1])
             dtypes = args.dtype or (["bf16"] if small else ["bf16", "fp32"])
             formats = args.memory_format or ["channels_last"]
             threads: list = [None]
         else:
-            batches = args.batch_sizes or [1]
+            batches = args.batch_sizes or ([1, 8] if args.full else [1])
             dtypes = args.dtype or ["fp32"]
             formats = args.memory_format or ["nchw"]
             threads = _threads(args.threads or (["1", "all"] if args.full else ["1"]), all_threads)
@@ -399,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
             rest = [m for m in names if m not in key_models]
             phases.append((first_dtype, compiled, rest, ("identity",)))
             phases.append((other_configs, compiled, names, ("identity",)))
+        if not on_cuda and not args.dry_run:
+            # On a CPU every provider of a family runs in one family run, so that all its cases (the
+            # runtimes, compiled ones included) are timed side by side in interleaved rounds.
+            phases = [(configs, eager + compiled, names, floors)]
         phases = [phase for phase in phases if all(phase[:3])]
         plan = [case for configs_, providers_, names_, floors_ in phases
                 for case in M.plan_cases(names_, configs_, providers_, floors_)]
@@ -427,10 +432,11 @@ def main(argv: list[str] | None = None) -> int:
         meta["sections"]["models"] = time.monotonic() - section_start
         log("section " + R.sections_text({"models": meta["sections"]["models"]}))
         if mode == "short" and not on_cuda:
-            full_configs = M.default_configs("cpu", batch_sizes=batches, dtypes=dtypes, memory_formats=formats,
+            full_configs = M.default_configs("cpu", batch_sizes=[1, 8], dtypes=dtypes, memory_formats=formats,
                                              resolution=resolution, threads=_threads(["1", "all"], all_threads))
-            full_weight = sum(M.case_weight(net, prov, c.batch, c.resolution)
-                              for c, net, _, prov in M.plan_cases(list(M.MOD_BUILDERS), full_configs, eager, floors))
+            full_providers = cpu_providers(True, {"notes": []})
+            full_weight = sum(M.case_weight(net, prov, c.batch, c.resolution) for c, net, _, prov
+                              in M.plan_cases(list(M.MOD_BUILDERS), full_configs, full_providers, floors))
             if train:
                 full_weight += train.full_weight
             estimate = progress.seconds_for(full_weight)
@@ -488,6 +494,23 @@ def main(argv: list[str] | None = None) -> int:
         meta["sections"]["launches"] = time.monotonic() - section_start
         save()
 
+    # -------------------------------------------------------------- native block microbenchmark
+    if "native_block" in sections:
+        from . import native_block as NB
+
+        section_start = time.monotonic()
+        shapes, block_batches, block_threads = ((NB.QUICK_SHAPES, (1,), [1]) if small
+                                                else (NB.SHAPES, (1, 8), _threads(["1", "all"], all_threads)))
+        log(f"native block: {len(shapes)} shape(s) x batch {block_batches} x threads {block_threads}: native vs "
+            "reference deploy block vs one read of the input")
+        block_records, load_s = NB.measure(batches=block_batches, threads=block_threads, shapes=shapes,
+                                           rounds=2 if small else 5, env=env, log=log)
+        records += block_records
+        meta["notes"].append("native block: extension " + ("not loaded" if load_s is None else
+                                                            f"loaded in {load_s:.1f} s (a build when not cached)"))
+        meta["sections"]["native_block"] = time.monotonic() - section_start
+        save()
+
     if meta["load_average"] is not None:
         meta["load_average"] = meta["load_average"][:1] + [list(os.getloadavg())]
     if part_path is None:
@@ -507,6 +530,23 @@ def main(argv: list[str] | None = None) -> int:
     for line in closing_lines(mode, meta, out_dir, n_models=len(M.MOD_BUILDERS), format_duration=format_duration):
         log(line)
     return 0
+
+
+def cpu_providers(full: bool, meta: dict) -> list:
+    """The MoD providers of the CPU model table: the eager reference as trained (what every other
+    provider is checked against), then the three CPU runtimes (eager deploy form on the native
+    kernel, torch.compile with freezing of the deploy form, ONNX Runtime where installed); with
+    ``full`` also the deploy form on the reference backend (what the native kernel replaces)."""
+    from .providers import MOD_PROVIDERS
+
+    names = ["reference"] + (["reference+deploy"] if full else []) + ["native+deploy", "native+deploy+freezing"]
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        names.append("onnxruntime")
+    else:
+        meta["notes"].append("onnxruntime runtime not run: install the export extra (onnxruntime, onnxscript)")
+    meta["notes"].append("models on CPU: triton providers not run (Triton on CPU is its interpreter, a correctness "
+                         "tool, not a fast path)")
+    return [MOD_PROVIDERS[name] for name in names]
 
 
 @dataclass
@@ -618,9 +658,13 @@ def print_summary(records: list[dict], meta: dict) -> None:
         rows = [[t["target"], t["status"], t["measured"]] for t in target_rows]
         print(R.table(["target", "status", "measured"], rows))
         print()
+    for title, body in R.runtime_tables(records):
+        print(f"## CPU runtimes, {title}\n{body}\n")
     for title, body in R.model_tables(records):
         print(f"## {title}\n{body}\n")
     for title, body in R.train_tables(records):
+        print(f"## {title}\n{body}\n")
+    for title, body in R.native_block_tables(records):
         print(f"## {title}\n{body}\n")
     chain = [r for r in records if r.get("section") == "kernel" and r.get("op", "").startswith("route_fuse")]
     for title, body in R.kernel_tables(chain):

@@ -1,8 +1,8 @@
 """CPU microbenchmark of one deployed MoD block: the native kernel vs the reference vs one read.
 
-``python -m bench.native_block`` times, at the stage shapes of resnet75_mod (Bottleneck, capacity 64)
-and mobilenet_v2_mod (inverted residual, capacity 16), batch 1 and 8, one thread and all of torch's
-threads:
+``python -m bench.native_block`` times, at the stage shapes of resnet50_mod and resnet75_mod (the
+same Bottleneck shapes, capacity 64) and the MoD groups of mobilenet_v2_mod (inverted residual,
+capacity 16), batch 1 and 8, one thread and all of torch's threads:
 
 * ``native``: the deployed block (:func:`mod_models.optimize_for_inference`) on the ``"native"``
   backend: one call of :mod:`mod_kernels.native_block`;
@@ -18,6 +18,8 @@ microseconds, timed in interleaved rounds (:func:`bench.timing.time_cpu_interlea
 time of the first call's extension load (a build when torch's extension cache lacks it).
 
 Results go to stdout (and, with ``--json PATH``, to a JSON file); :func:`run` returns them.
+``python -m bench --full`` on a CPU runs it as its own section (:func:`measure`: records of
+section ``"native_block"``, judged against the target of at most twice one read of the input).
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ import torch
 
 # (label, block kind, C, H = W, capacity)
 SHAPES = (
-    ("resnet75_mod layer1", "bottleneck", 256, 56, 64),
-    ("resnet75_mod layer2", "bottleneck", 512, 28, 64),
-    ("resnet75_mod layer3", "bottleneck", 1024, 14, 64),
-    ("resnet75_mod layer4", "bottleneck", 2048, 7, 64),
+    ("resnet50/75_mod layer1", "bottleneck", 256, 56, 64),
+    ("resnet50/75_mod layer2", "bottleneck", 512, 28, 64),
+    ("resnet50/75_mod layer3", "bottleneck", 1024, 14, 64),
+    ("resnet50/75_mod layer4", "bottleneck", 2048, 7, 64),
     ("mobilenet_v2 24", "inverted", 24, 56, 16),
+    ("mobilenet_v2 32", "inverted", 32, 28, 16),
+    ("mobilenet_v2 64", "inverted", 64, 14, 16),
     ("mobilenet_v2 96", "inverted", 96, 14, 16),
     ("mobilenet_v2 160", "inverted", 160, 7, 16),
 )
+QUICK_SHAPES = (SHAPES[2], SHAPES[7])
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,49 @@ def run(*, batches=(1, 8), threads=None, shapes=SHAPES, rounds: int = 5, progres
     return {"extension_load_s": load_s, "timings": results}
 
 
+def measure(*, batches=(1, 8), threads=None, shapes=SHAPES, rounds: int = 5, env: dict | None = None,
+            log=print) -> tuple[list[dict], float | None]:
+    """The benchmark's ``native_block`` section: one record per shape x batch x thread count (a case
+    whose blocks disagree, or that cannot run, is recorded with its reason, not timed), and the
+    extension's load time (None when it cannot load)."""
+    from .env import stamp
+    from .providers import error_text
+
+    env = env or {}
+    if threads is None:
+        threads = sorted({1, torch.get_num_threads()})
+    try:
+        load_s = extension_load_seconds()
+    except Exception as error:  # noqa: BLE001 - reported in the records, never faked
+        reason = error_text(error)
+        return [stamp({"section": "native_block", "shape": label, "kind": kind, "channels": channels, "size": size,
+                       "batch": batch, "threads": count, "dtype": "fp32", "memory_format": "nchw",
+                       "status": "unavailable", "reason": reason}, env)
+                for label, kind, channels, size, _ in shapes for batch in batches for count in threads], None
+    records = []
+    for label, kind, channels, size, capacity in shapes:
+        for batch in batches:
+            for count in threads:
+                base = {"section": "native_block", "shape": label, "kind": kind, "channels": channels, "size": size,
+                        "capacity": capacity, "batch": batch, "threads": count, "dtype": "fp32",
+                        "memory_format": "nchw"}
+                try:
+                    t = time_shape(label, kind, channels, size, capacity, batch, count, rounds=rounds)
+                except Exception as error:  # noqa: BLE001
+                    records.append(stamp({**base, "status": "error", "reason": error_text(error)}, env))
+                    log(f"  error {label} b{batch} {count}t: {error_text(error)}")
+                    continue
+                records.append(stamp({
+                    **base, "k": t.k, "status": "ok", "reason": "", "native_us": list(t.native_us),
+                    "reference_us": list(t.reference_us), "read_us": list(t.read_us),
+                    "native_vs_read": t.native_vs_read, "reference_vs_native": t.speedup_vs_reference,
+                    "agreement": {"ok": True, "method": "selections equal, outputs within 1e-5"},
+                    "method": "torch.utils.benchmark blocked_autorange, interleaved rounds (native, reference, read)",
+                }, env))
+                log(format_row(t))
+    return records, load_s
+
+
 def format_row(t: BlockTiming) -> str:
     def cell(values: tuple[float, float, float]) -> str:
         return f"{values[0]:8.1f} [{values[1]:.1f}, {values[2]:.1f}]"
@@ -180,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = None if args.threads is None else [int(t) for t in args.threads.split(",")]
     shapes, rounds = SHAPES, args.rounds
     if args.quick:
-        batches, threads, shapes, rounds = (1,), [1], (SHAPES[2], SHAPES[5]), 2
+        batches, threads, shapes, rounds = (1,), [1], QUICK_SHAPES, 2
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available")
     printed = []
 
