@@ -75,10 +75,11 @@ def test_quick_run_writes_under_the_working_directory_not_the_published_results(
 def test_quick_run_prints_progress_and_a_time_split_that_adds_up(quick_run: dict) -> None:
     stdout = quick_run["stdout"]
     payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
-    n_models = sum(r["section"] == "model" for r in payload["records"])
+    # One count for the whole run: the model table's inference and training-step rows.
+    n_cases = sum(r["section"] in ("model", "train") for r in payload["records"])
     counted = [line for line in stdout.splitlines() if re.match(r"\[\s*\d+/\d+\] ", line)]
     counters = [tuple(map(int, re.match(r"\[\s*(\d+)/(\d+)\]", line).groups())) for line in counted]
-    assert counters == [(i, n_models) for i in range(1, n_models + 1)], stdout[-2000:]
+    assert counters == [(i, n_cases) for i in range(1, n_cases + 1)], stdout[-2000:]
     assert re.search(r"\(\d+s elapsed, done\)$", counted[-1]), counted[-1]
     line = next(line for line in stdout.splitlines() if line.startswith("time: "))
     parts, total = line.removeprefix("time: ").split("; total ")
@@ -146,6 +147,26 @@ def test_quick_run_counts_launches_and_has_deploy_rows(quick_run: dict) -> None:
     assert model["max_per_mod_block"] <= 3 and model["launches"] < baseline_deploy[0]["launches"]
     markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
     assert "## Kernel launches" in markdown and "| resnet18_mod (resnet18) |" in markdown
+
+
+def test_quick_run_has_the_cpu_runtime_rows_and_the_native_block_section(quick_run: dict) -> None:
+    payload = json.loads((quick_run["out_dir"] / f"{quick_run['stem']}.json").read_text())
+    models = [r for r in payload["records"] if r["section"] == "model" and r.get("runtime")]
+    runtimes = {r["runtime"] for r in models}
+    assert {"eager", "compile"} <= runtimes and runtimes <= {"eager", "compile", "onnxruntime"}
+    for runtime in runtimes:
+        cases = {r["role"]: r for r in models if r["runtime"] == runtime}
+        assert set(cases) >= {"mod", "baseline", "floor_identity"}, runtime
+        assert all(r["status"] == "ok" and r["agreement"]["ok"] for r in cases.values()), runtime
+    compiled = [r for r in models if r["runtime"] == "compile"]
+    assert all(r["freezing"] and r["compiled"] for r in compiled)
+    (mod,) = [r for r in compiled if r["role"] == "mod"]
+    assert mod["agreement"]["method"] == "teacher_forcing"  # the compiled graph's selections, read back
+    blocks = [r for r in payload["records"] if r["section"] == "native_block"]
+    assert blocks and all(r["status"] == "ok" and r["native_vs_read"] > 0 for r in blocks)
+    markdown = (quick_run["out_dir"] / f"{quick_run['stem']}.md").read_text()
+    assert "## CPU runtimes" in markdown and "| resnet18_mod (resnet18) | torch.compile + freezing |" in markdown
+    assert "best vs best" in markdown and "## Native block microbenchmark" in markdown
 
 
 def _disagreeing(model: torch.nn.Module):
@@ -511,24 +532,28 @@ def _planned_runs(monkeypatch, tmp_path: Path, *argv: str) -> tuple[list[tuple],
     monkeypatch.setattr(launches, "measure", lambda names, **kwargs: ([], "not counted (test)"))
     lines = []
     monkeypatch.setattr(cli, "log", lines.append)
-    assert cli.main(["--device", "cpu", "--models-only", "--no-plot", "--out-dir", str(tmp_path), *argv]) == 0
+    assert cli.main(["--device", "cpu", "--models-only", "--no-train", "--no-plot", "--out-dir", str(tmp_path),
+                     *argv]) == 0
     return calls, "\n".join(lines)
 
 
 def test_default_is_the_short_table_and_says_how_to_run_the_full_one(monkeypatch, tmp_path: Path) -> None:
     calls, printed = _planned_runs(monkeypatch, tmp_path)
-    # The deploy rows first, then the models as trained (and ONNX Runtime where installed).
-    (deploy, as_trained) = calls
-    assert deploy[2] == ["reference+deploy"] and as_trained[2][0] == "reference"
-    for names, configs, _ in calls:
-        assert names == list(cli.SHORT_MODELS) and [c.threads for c in configs] == [1]
+    # One family run per family with every provider, so that the CPU runtimes are timed side by side:
+    # the eager reference (what the others are checked against), the deploy form on the native kernel,
+    # its torch.compile with freezing, and ONNX Runtime where installed.
+    ((names, configs, providers),) = calls
+    runtimes = ["native+deploy", "native+deploy+freezing"] + (["onnxruntime"] if "onnxruntime" in providers else [])
+    assert providers[0] == "reference" and sorted(providers[1:]) == sorted(runtimes)
+    assert names == list(cli.SHORT_MODELS) and [(c.batch, c.threads) for c in configs] == [(1, 1)]
     assert "The whole table: python -m bench --full" in printed
     assert (tmp_path / f"{collect_env(torch.device('cpu'))['device_slug']}-short.json").exists()
 
     calls, printed = _planned_runs(monkeypatch, tmp_path, "--full")
-    for names, configs, _ in calls:
-        assert names == list(M.MOD_BUILDERS)
-        assert [c.threads for c in configs] == list(dict.fromkeys([1, torch.get_num_threads()]))
+    ((names, configs, providers),) = calls
+    assert names == list(M.MOD_BUILDERS) and "reference+deploy" in providers
+    threads = list(dict.fromkeys([1, torch.get_num_threads()]))
+    assert [(c.batch, c.threads) for c in configs] == [(b, t) for b in (1, 8) for t in threads]
     assert "The whole table" not in printed  # nothing more to suggest after the whole table
 
 
