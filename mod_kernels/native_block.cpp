@@ -38,6 +38,7 @@ enum Kind : int64_t { kBottleneck = 0, kBasic = 1, kInverted = 2 };
 
 constexpr int kLanes = 16;  // independent partial sums of a reduction (vectorised, in a fixed order)
 constexpr int64_t kPoolItemElements = 1 << 15;  // elements pooled per phase-1 item (at least)
+constexpr int64_t kChannelsLastRun = 64;  // channels per phase-1 item of a channels_last input (at least)
 constexpr int64_t kTilePositions = 1024;  // output positions per phase-3 item (at least one row)
 constexpr int64_t kParallelWork = 1 << 14;  // below this many elements a phase runs on one thread
 
@@ -348,10 +349,19 @@ void gather_rows(const TileContext<T>& t, int64_t r_begin, int64_t r_end, const 
                  int64_t pad) {
   const Problem& p = t.p;
   const int64_t lo = std::max<int64_t>(r_begin, 0), hi = std::min(r_end, p.height);
+  const bool channels_last = p.xs.c == 1 && p.xs.w != 1;
+  // channels_last: the channels not read from the snapshot are gathered position by position (the
+  // k channels of a position share cache lines), not channel by channel at a stride of C.
+  thread_local std::vector<int64_t> by_position;
+  by_position.clear();
   for (int64_t j = 0; j < p.k; ++j) {
     const int64_t c = t.idx[j];
     float* base = dst.data + j * dst.stride + pad;
     const bool from_snapshot = t.snapshot && c >= p.target_start && c < p.target_start + p.k;
+    if (channels_last && !from_snapshot) {
+      by_position.push_back(j);
+      continue;
+    }
     for (int64_t r = lo; r < hi; ++r) {
       float* d = base + (r - dst.row0) * pitch;
       if (from_snapshot) {
@@ -364,6 +374,18 @@ void gather_rows(const TileContext<T>& t, int64_t r_begin, int64_t r_end, const 
         } else {
           for (int64_t x = 0; x < p.width; ++x) d[x] = to_f(s[x * p.xs.w]);
         }
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(by_position.size());
+  for (int64_t r = lo; r < hi; ++r) {
+    const T* row = t.x + t.b * p.xs.b + r * p.xs.h;
+    const int64_t offset = pad + (r - dst.row0) * pitch;
+    for (int64_t x = 0; x < p.width; ++x) {
+      const T* position = row + x * p.xs.w;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = by_position[i];
+        dst.data[j * dst.stride + offset + x] = to_f(position[t.idx[j] * p.xs.c]);
       }
     }
   }
@@ -391,11 +413,33 @@ inline void fuse_row(const TileContext<T>& t, int64_t j, int64_t r, const float*
   }
 }
 
-// Scales and fuses slot j's output plane y (the tile's rows, padded pitch) into its target.
+// Scales and fuses the k output planes ys (slot j's at ys + j * len: the tile's rows, padded pitch)
+// into their targets: plane by plane, row by row; channels_last outputs position by position (the
+// k targets of a position share cache lines). The same arithmetic for every element either way.
 template <typename T>
-void fuse_tile(const TileContext<T>& t, const float* y, int64_t j, int64_t r0, int64_t rows, int64_t pitch,
+void fuse_tile(const TileContext<T>& t, const float* ys, int64_t len, int64_t r0, int64_t rows, int64_t pitch,
                int64_t pad) {
-  for (int64_t r = 0; r < rows; ++r) fuse_row(t, j, r0 + r, y + r * pitch + pad);
+  const Problem& p = t.p;
+  const bool channels_last = p.xs.c == 1 && p.xs.w != 1 && p.os.c == 1 && p.os.w != 1;
+  if (!channels_last) {
+    for (int64_t j = 0; j < p.k; ++j)
+      for (int64_t r = 0; r < rows; ++r) fuse_row(t, j, r0 + r, ys + j * len + r * pitch + pad);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src_row = t.x + t.b * p.xs.b + (r0 + r) * p.xs.h;
+    T* dst_row = t.out + t.b * p.os.b + (r0 + r) * p.os.h;
+    const float* y_row = ys + r * pitch + pad;
+    for (int64_t x = 0; x < p.width; ++x) {
+      const T* src = src_row + x * p.xs.w;
+      T* dst = dst_row + x * p.os.w;
+      for (int64_t j = 0; j < p.k; ++j) {
+        const int64_t target = p.original ? t.idx[j] : p.target_start + j;
+        const float v = to_f(src[target]) + t.w[j] * y_row[j * len + x];
+        dst[target] = static_cast<T>(p.relu ? relu_keep_nan(v) : v);
+      }
+    }
+  }
 }
 
 thread_local std::vector<float> tls_scratch;
@@ -413,7 +457,7 @@ void bottleneck_tile(const TileContext<T>& t, int64_t r0, int64_t r1) {
   const int64_t rows = r1 - r0, pitch = W + 2 * d, len = rows * pitch;
   const int64_t lo = std::max<int64_t>(r0 - d, 0), hi = std::min(r1 + d, p.height);
   float* cursor = scratch(planes_size(k, rows + 2 * d, pitch, d) + planes_size(m, rows + 2 * d, pitch, d) +
-                          m * len + len);
+                          m * len + k * len);
   const Planes xs = make_planes(cursor, k, rows + 2 * d, r0 - d, pitch, d);
   const Planes t1 = make_planes(cursor, m, rows + 2 * d, r0 - d, pitch, d);
   float* t2 = cursor;
@@ -431,10 +475,9 @@ void bottleneck_tile(const TileContext<T>& t, int64_t r0, int64_t r1) {
     for (int64_t q = 0; q < len; ++q) dst[q] = relu_keep_nan(dst[q]);
   }
   // 1x1 m -> k, then scale and fuse.
-  for (int64_t j = 0; j < k; ++j) {
-    conv1x1<0>(t2, len, m, y, len, 1, p.weights[2].data + j * m, p.biases[2].data + j, len);
-    fuse_tile(t, y, j, r0, rows, pitch, d);
-  }
+  for (int64_t j = 0; j < k; ++j)
+    conv1x1<0>(t2, len, m, y + j * len, len, 1, p.weights[2].data + j * m, p.biases[2].data + j, len);
+  fuse_tile(t, y, len, r0, rows, pitch, d);
 }
 
 template <typename T>
@@ -442,7 +485,7 @@ void basic_tile(const TileContext<T>& t, int64_t r0, int64_t r1) {
   const Problem& p = t.p;
   const int64_t d = p.dilation, W = p.width, k = p.k;
   const int64_t rows = r1 - r0, pitch = W + 2 * d, len = rows * pitch;
-  float* cursor = scratch(planes_size(k, rows + 4 * d, pitch, d) + planes_size(k, rows + 2 * d, pitch, d) + len);
+  float* cursor = scratch(planes_size(k, rows + 4 * d, pitch, d) + planes_size(k, rows + 2 * d, pitch, d) + k * len);
   const Planes xs = make_planes(cursor, k, rows + 4 * d, r0 - 2 * d, pitch, d);
   const Planes t1 = make_planes(cursor, k, rows + 2 * d, r0 - d, pitch, d);
   float* y = cursor;
@@ -457,10 +500,10 @@ void basic_tile(const TileContext<T>& t, int64_t r0, int64_t r1) {
   }
   zero_pad_columns(t1.data + (lo - t1.row0) * pitch, t1.stride, k, hi - lo, pitch, d, W);
   // 3x3 k -> k, then scale and fuse.
-  for (int64_t j = 0; j < k; ++j) {
-    conv3x3(t1.data + d * pitch, t1.stride, k, p.weights[1].data + j * k * 9, p.biases[1].data[j], pitch, d, len, y);
-    fuse_tile(t, y, j, r0, rows, pitch, d);
-  }
+  for (int64_t j = 0; j < k; ++j)
+    conv3x3(t1.data + d * pitch, t1.stride, k, p.weights[1].data + j * k * 9, p.biases[1].data[j], pitch, d, len,
+            y + j * len);
+  fuse_tile(t, y, len, r0, rows, pitch, d);
 }
 
 template <typename T>
@@ -470,7 +513,7 @@ void inverted_tile(const TileContext<T>& t, int64_t r0, int64_t r1) {
   const int64_t rows = r1 - r0, pitch = W + 2, len = rows * pitch;
   const int64_t lo = std::max<int64_t>(r0 - 1, 0), hi = std::min(r1 + 1, p.height);
   float* cursor = scratch(planes_size(k, rows + 2, pitch, 1) + (p.has_expand ? planes_size(e, rows + 2, pitch, 1) : 0) +
-                          e * len + len);
+                          e * len + k * len);
   const Planes xs = make_planes(cursor, k, rows + 2, r0 - 1, pitch, 1);
   gather_rows(t, lo, hi, xs, pitch, 1);
   Planes expanded = xs;
@@ -494,10 +537,10 @@ void inverted_tile(const TileContext<T>& t, int64_t r0, int64_t r1) {
     for (int64_t q = 0; q < len; ++q) dst[q] = relu6_keep_nan(dst[q]);
   }
   // 1x1 e -> k, then scale and fuse.
-  for (int64_t j = 0; j < k; ++j) {
-    conv1x1<0>(dw, len, e, y, len, 1, p.weights[layer + 1].data + j * e, p.biases[layer + 1].data + j, len);
-    fuse_tile(t, y, j, r0, rows, pitch, 1);
-  }
+  for (int64_t j = 0; j < k; ++j)
+    conv1x1<0>(dw, len, e, y + j * len, len, 1, p.weights[layer + 1].data + j * e, p.biases[layer + 1].data + j,
+               len);
+  fuse_tile(t, y, len, r0, rows, pitch, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,12 +558,13 @@ void pool_chunk(const Problem& p, const T* x, T* out, float* snapshot, int64_t b
   const bool pool = p.learned;
   if (s.c == 1 && s.w != 1) {  // channels last: channels contiguous at each position
     const int64_t n = c1 - c0;
-    for (int64_t c = 0; c < n; ++c) sums[c] = 0.f;
+    float* __restrict acc = sums;
+    for (int64_t c = 0; c < n; ++c) acc[c] = 0.f;
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
-        const T* src = xb + h * s.h + w * s.w + c0;
+        const T* __restrict src = xb + h * s.h + w * s.w + c0;
         if (pool)
-          for (int64_t c = 0; c < n; ++c) sums[c] += to_f(src[c]);
+          for (int64_t c = 0; c < n; ++c) acc[c] += to_f(src[c]);
         if (ob) {
           T* dst = ob + h * o.h + w * o.w + c0 * o.c;
           if (o.c == 1) {
@@ -589,8 +633,11 @@ void run_block(Problem& p, const Tensor& x_t, const Tensor& out_t, const R* fc1,
   const T* x = x_t.data_ptr<T>();
   T* out = out_t.data_ptr<T>();
 
-  // Phase 1.
-  const int64_t chunk = std::min(C, std::max<int64_t>(1, (kPoolItemElements + HW - 1) / HW));
+  // Phase 1. A channels_last item reads a run of channels at every position: at least
+  // kChannelsLastRun channels (whole vectors), else its reads would be short strided runs.
+  const bool channels_last = p.xs.c == 1 && p.xs.w != 1;
+  int64_t chunk = std::min(C, std::max<int64_t>(1, (kPoolItemElements + HW - 1) / HW));
+  if (channels_last) chunk = std::min(C, std::max(chunk, kChannelsLastRun));
   const int64_t n_chunks = (C + chunk - 1) / chunk;
   std::vector<float> partial(p.learned ? B * n_chunks * c_hidden : 0);
   std::vector<float> snapshot(p.in_place ? B * k * HW : 0);

@@ -20,6 +20,10 @@ float32, float16 and bfloat16 (fp32 arithmetic, one rounding at the store), any 
 channels_last, sliced views: read in place, never copied whole), any batch, parallel over samples,
 channel chunks and row tiles on torch's intra-op threads. The work split depends on the shape
 only, so results are bitwise the same for any thread count and for a sample in any batch.
+channels_last inputs (what a block sees under Inductor's freezing) are pooled in runs of at least 64
+channels per position and gathered and fused position by position, the k channels of a position
+together (per call, thread CPU time, B = 1, one thread, under a load of 3: resnet50_mod layer1
+C=256 56x56 551 -> 172 us, layer2 176 -> 112 us, layer3 125 -> 90 us; NCHW 100, 82, 86 us).
 In place for affine fusions (the ``k`` targets of ``x`` are overwritten; a snapshot of them taken
 while pooling feeds the gather, so no tile reads what another writes); ``"original"`` fusion
 returns a new tensor.
