@@ -58,6 +58,7 @@ from ._utils import (
     cdiv,
     check_dtype,
     check_feature_map,
+    check_in_place_input,
     check_same_device,
     check_shape,
     empty_like_format,
@@ -576,13 +577,18 @@ def _expand_block(hidden_pow2: int) -> int:
 def check_fused_block_inputs(
     x: Tensor, kind: str, params: Tensor, k: int, hidden: int, dilation: int, fusion: str,
     fc1_weight: Optional[Tensor], fc2_weight: Optional[Tensor], scores: Optional[Tensor], has_expand: bool,
+    inplace: bool = False,
 ) -> None:
+    """Shapes, dtypes, devices and layouts of the deployed block's inputs; with ``inplace`` (an
+    affine fusion, which writes its targets into ``x``), that ``x`` may be written in place."""
     check_feature_map(x, "x")
     channels = x.shape[1]
     if kind not in BLOCK_KINDS:
         raise ValueError(f"unknown block kind {kind!r}; expected one of {BLOCK_KINDS}")
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+    if inplace and fusion != "original":  # "original" fusion never writes x
+        check_in_place_input(x)
     for name, value, low in (("k", k, 1), ("hidden", hidden, 1), ("dilation", dilation, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
