@@ -21,7 +21,7 @@ convolution biases), so keep the trained checkpoint; the deploy form is made fro
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -56,15 +56,9 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> None:
         ValueError: the norm has no running statistics (it would normalise by batch statistics) or
             its width differs from the convolution's.
     """
-    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
-        raise ValueError(
-            f"cannot fold {type(norm).__name__} without running statistics (track_running_stats=False "
-            "normalises by batch statistics even in eval mode)"
-        )
-    if conv.out_channels != norm.running_mean.numel():
-        raise ValueError(
-            f"cannot fold a {norm.running_mean.numel()}-channel norm into a conv with {conv.out_channels} outputs"
-        )
+    problem = _fold_problem(conv, norm)
+    if problem is not None:
+        raise ValueError(f"cannot fold {type(norm).__name__} {problem}")
     with torch.no_grad():
         mean = norm.running_mean.double()
         var = norm.running_var.double()
@@ -79,23 +73,33 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> None:
         conv.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
 
 
-def _fold_pairs(module: nn.Module) -> Iterator[str]:
-    """Fold the conv -> norm pairs ``module`` owns directly; yields the folded norms' names."""
-    for kind, pairs in NAMED_CONV_NORM_PAIRS.items():
+def _fold_problem(conv: nn.Conv2d, norm: nn.Module) -> Optional[str]:
+    """Why ``norm`` cannot be folded into ``conv`` (the end of a sentence), or None when it can."""
+    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
+        return (
+            "without running statistics (track_running_stats=False normalises by batch statistics even in "
+            "eval mode)"
+        )
+    if conv.out_channels != norm.running_mean.numel():
+        return f"with {norm.running_mean.numel()} channels into a convolution with {conv.out_channels} outputs"
+    return None
+
+
+def _conv_norm_pairs(module: nn.Module) -> dict[str, nn.Conv2d]:
+    """The norms ``module`` owns directly that directly follow a convolution: ``{norm name: conv}``."""
+    pairs = {}
+    for kind, named in NAMED_CONV_NORM_PAIRS.items():
         if type(module) is kind:
-            for conv_name, norm_name in pairs:
-                conv, norm = getattr(module, conv_name), getattr(module, norm_name)
-                if isinstance(conv, nn.Conv2d) and isinstance(norm, FOLDABLE_NORMS):
-                    fold_conv_bn(conv, norm)
-                    setattr(module, norm_name, nn.Identity().eval())
-                    yield norm_name
+            for conv_name, norm_name in named:
+                conv = getattr(module, conv_name)
+                if isinstance(conv, nn.Conv2d):
+                    pairs[norm_name] = conv
     if isinstance(module, nn.Sequential):
         children = list(module.named_children())
-        for (_, first), (norm_name, second) in zip(children, children[1:]):
-            if isinstance(first, nn.Conv2d) and isinstance(second, FOLDABLE_NORMS):
-                fold_conv_bn(first, second)
-                setattr(module, norm_name, nn.Identity().eval())
-                yield norm_name
+        for (_, first), (norm_name, _) in zip(children, children[1:]):
+            if isinstance(first, nn.Conv2d):
+                pairs[norm_name] = first
+    return pairs
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -104,40 +108,36 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     Recognised: consecutive ``Conv2d`` -> norm inside any ``nn.Sequential`` (torchvision's
     ``Conv2dNormActivation``, ResNet downsample branches, MobileNetV2's inverted residuals), and the
     ``convN`` -> ``bnN`` pairs of torchvision's ``ResNet``/``BasicBlock``/``Bottleneck`` and of the MoD
-    ResNet blocks. A batch norm left anywhere else cannot be folded safely and raises ``ValueError``
-    naming it (nothing is changed then).
+    ResNet blocks. Every norm is checked before any is folded: a batch norm left anywhere else, one
+    without running statistics (``track_running_stats=False``) or one whose width differs from its
+    convolution's raises ``ValueError`` naming it (e.g. ``layer2.0.bn2``), and nothing is changed then.
 
     Args:
         model: in eval mode (the running statistics are what gets folded).
     """
     _check_eval(model, "fold_batch_norms")
+    folds = []
     for name, module in model.named_modules():
+        pairs = _conv_norm_pairs(module)
         for norm_name, norm in module.named_children():
-            if isinstance(norm, FOLDABLE_NORMS) and not _folds(module, norm_name):
-                path = f"{name}.{norm_name}" if name else norm_name
+            if not isinstance(norm, FOLDABLE_NORMS):
+                continue
+            path = f"{name}.{norm_name}" if name else norm_name
+            if norm_name not in pairs:
                 raise ValueError(
                     f"fold_batch_norms: {path} ({type(norm).__name__}) does not directly follow a convolution "
                     "that this utility can fold it into; nothing was changed"
                 )
-    for module in list(model.modules()):
-        for _ in _fold_pairs(module):
-            pass
+            problem = _fold_problem(pairs[norm_name], norm)
+            if problem is not None:
+                raise ValueError(
+                    f"fold_batch_norms: cannot fold {path} ({type(norm).__name__}) {problem}; nothing was changed"
+                )
+            folds.append((module, pairs[norm_name], norm_name, norm))
+    for module, conv, norm_name, norm in folds:
+        fold_conv_bn(conv, norm)
+        setattr(module, norm_name, nn.Identity().eval())
     return model
-
-
-def _folds(module: nn.Module, norm_name: str) -> bool:
-    """True when :func:`_fold_pairs` folds ``module.<norm_name>``."""
-    for kind, pairs in NAMED_CONV_NORM_PAIRS.items():
-        if type(module) is kind:
-            for conv_name, pair_norm in pairs:
-                if pair_norm == norm_name and isinstance(getattr(module, conv_name), nn.Conv2d):
-                    return True
-    if isinstance(module, nn.Sequential):
-        children = list(module.named_children())
-        for (_, first), (name, _) in zip(children, children[1:]):
-            if name == norm_name and isinstance(first, nn.Conv2d):
-                return True
-    return False
 
 
 def _check_eval(model: nn.Module, what: str) -> None:

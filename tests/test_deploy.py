@@ -176,6 +176,26 @@ def test_folding_refuses_what_it_cannot_fold():
         mod_models.optimize_for_inference("resnet50")
 
 
+@pytest.mark.parametrize("fold", [mod_models.fold_batch_norms, mod_models.optimize_for_inference],
+                         ids=["fold_batch_norms", "optimize_for_inference"])
+def test_a_norm_that_cannot_fold_mid_model_names_itself_and_changes_nothing(fold):
+    """A batch norm without running statistics in the middle of a model: the error names it, and
+    no norm before it (in module order) has been folded."""
+    model = randomise(mod_models.resnet18_mod(num_classes=10, backend="reference"))
+    model.layer2[0].bn2 = nn.BatchNorm2d(128, track_running_stats=False)
+    model.eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    kinds = [(name, type(module)) for name, module in model.named_modules()]
+    with pytest.raises(ValueError, match=r"layer2\.0\.bn2 \(BatchNorm2d\).*running statistics"):
+        fold(model)
+    assert [(name, type(module)) for name, module in model.named_modules()] == kinds, "modules were replaced"
+    after = model.state_dict()
+    assert list(after) == list(before), "state_dict keys changed"
+    assert all(torch.equal(after[name], before[name]) for name in before), "a tensor changed"
+    assert not mod_models.is_deployed(model)
+    assert not any(m.deployed or m.inplace for m in model.modules() if isinstance(m, mod_models.MoDBlock))
+
+
 # ----------------------------------------------------------------------------------------------
 # The deploy form's contract
 # ----------------------------------------------------------------------------------------------
