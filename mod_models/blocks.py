@@ -270,7 +270,7 @@ class MoDBlock(nn.Module):
             router = dict(fc1_weight=fc1, fc2_weight=fc2)
         out, idx, _, scores = mod_kernels.fused_block_forward(
             x, self.fused_kind, params, self.k, self.reduced_width, dilation=self.dilation,
-            fusion=self.fusion, activation=self.activation, inplace=self._inplace and MF.may_write_in_place(x),
+            fusion=self.fusion, activation=self.activation, inplace=self._writes_in_place() and MF.may_write_in_place(x),
             has_expand=self.fused_has_expand, **router,
         )
         self._record(idx)
@@ -287,7 +287,7 @@ class MoDBlock(nn.Module):
     def _forward_fused(self, x: Tensor) -> Tensor:
         import mod_kernels
 
-        inplace = self._inplace and MF.may_write_in_place(x) and not MF.autograd_needs(x, *self.parameters())
+        inplace = self._writes_in_place() and MF.may_write_in_place(x) and not MF.autograd_needs(x, *self.parameters())
         if self.router is None:
             router = dict(scores=MF.random_scores(x))
         else:
@@ -305,9 +305,15 @@ class MoDBlock(nn.Module):
         not need the input, ``x`` owns its memory densely (an expanded or overlapping view cannot
         be written element by element), and ``x`` is not an inference tensor outside inference
         mode (PyTorch forbids updating those)."""
-        if not self._inplace:
+        if not self._writes_in_place():
             return False
         return MF.may_write_in_place(x) and not MF.autograd_needs(x, y, w)
+
+    def _writes_in_place(self) -> bool:
+        """``inplace=True``, except for a deployed block with ``"original"`` fusion, which returns a
+        new tensor on every backend (the fused kernel cannot write the selected channels while other
+        programs still read them; the other backends do as it does)."""
+        return self._inplace and not (self.deployed and self.fusion == "original")
 
     def _record(self, idx: Tensor) -> None:
         if self.record_selection:

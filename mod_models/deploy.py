@@ -9,9 +9,10 @@ ecosystem do (``torch.jit.freeze``, TensorRT's builder, timm's ``reparameterize`
    downsample branches and the MoD blocks' reduced blocks alike. The same utility folds torchvision's
    own ResNets and MobileNetV2, so benchmarks compare deploy form with deploy form;
 2. every MoD block is switched to in-place fusion (it writes only its ``k`` target channels into its
-   input tensor) and marked deployed, which on the ``"triton"`` backend runs the whole block as three
-   kernel launches (:mod:`mod_kernels.fused_block`); the ``"reference"`` backend runs the same folded
-   convolutions in plain PyTorch and stays the source of truth;
+   input tensor; ``"original"`` fusion returns a new tensor) and marked deployed, which on the
+   ``"triton"`` backend runs the whole block as three kernel launches (:mod:`mod_kernels.fused_block`);
+   the ``"reference"`` backend runs the same folded convolutions in plain PyTorch and stays the source
+   of truth;
 3. the model is frozen for inference: parameters stop requiring grad, and a forward in training mode
    or with an input that requires grad raises instead of computing something that cannot be trained.
 

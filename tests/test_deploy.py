@@ -249,15 +249,23 @@ def test_deployed_block_writes_only_the_targets_of_its_input(backend):
     assert_close(copied, expected, atol=1e-5, rtol=1e-5, name="inference tensor, out of place")
 
 
-def test_original_fusion_returns_a_new_tensor_and_keeps_its_input():
-    reference, deployed = deployed_pair(randomise(mod_models.MoDBasicBlock(24, capacity=4, fusion="original")))
-    x = torch.randn(2, 24, 4, 5)
+@pytest.mark.parametrize("backend, channels, capacity", [
+    ("triton", 24, 4), ("reference", 24, 4),
+    ("triton", 40, 2),  # k = 20 > 16: outside the fused kernel (routing kernels, convolutions, fusion kernel)
+], ids=["triton-fused", "reference", "triton-fallback"])
+def test_original_fusion_returns_a_new_tensor_and_keeps_its_input(backend, channels, capacity):
+    """The documented behaviour of a deployed block with "original" fusion, on every path."""
+    block = randomise(mod_models.MoDBasicBlock(channels, capacity=capacity, fusion="original"))
+    reference, deployed = deployed_pair(block)
+    mod_models.set_backend(deployed, backend)
+    assert deployed.deploy_plan().fused == (capacity == 4)
+    x = torch.randn(2, channels, 4, 5)
     kept = x.clone()
     with torch.no_grad():
         out = deployed(x)
         expected = reference(kept.clone())
-    assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr()
-    assert_close(out, expected, atol=1e-5, rtol=1e-5, name="original fusion")
+    assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr(), f"{backend}: the input was written"
+    assert_close(out, expected, atol=1e-5, rtol=1e-5, name=f"original fusion, {backend}")
 
 
 # ----------------------------------------------------------------------------------------------
