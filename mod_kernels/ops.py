@@ -284,7 +284,8 @@ def fused_block_forward(
         x: ``[B, C, H, W]`` float32/float16/bfloat16, NCHW or channels_last (any strides).
         kind: ``"bottleneck"`` (1x1 k->hidden, ReLU, 3x3, ReLU, 1x1 ->k), ``"basic"`` (3x3 k->k, ReLU,
             3x3) or ``"inverted"`` (1x1 k->hidden, ReLU6, 3x3 depthwise, ReLU6, 1x1 ->k).
-        params: :func:`pack_params` of the reduced block's folded convolutions.
+        params: :func:`pack_params` of the reduced block's folded convolutions (float32, float16 or
+            bfloat16; the kernels compute in fp32 either way).
         k: channels per sample; hidden: the inner width (bottleneck width, expanded width, or k).
         dilation: of the 3x3 convolutions (ResNet blocks).
         fusion: ``"first_k"``, ``"last_k"`` or ``"original"``; activation: ``"relu"`` or ``"none"``.

@@ -17,7 +17,9 @@ ecosystem do (``torch.jit.freeze``, TensorRT's builder, timm's ``reparameterize`
    or with an input that requires grad raises instead of computing something that cannot be trained.
 
 The model is changed in place and returned. Its ``state_dict`` changes too (no batch-norm entries,
-convolution biases), so keep the trained checkpoint; the deploy form is made from it in milliseconds.
+convolution biases, and each MoD block's folded reduced block packed into one parameter,
+``packed_weights``: :mod:`mod_models.folded`, which also says how to change a deployed model's
+weights), so keep the trained checkpoint; the deploy form is made from it in milliseconds.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .blocks import MoDBasicBlock, MoDBlock, MoDBottleneck
+from .folded import pack_reduced_block
 
 FOLDABLE_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
@@ -186,13 +189,14 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     """
     _check_eval(model, "optimize_for_inference")
     fold_batch_norms(model)
-    _make_ordinary(model)
     for module in model.modules():
         if isinstance(module, MoDBlock):
             module.inplace = True
             module.deployed = True
-            if module.folded_convs() is not None:
-                module._fused_operands()
+            convs = module.folded_convs()
+            if convs is not None:  # one parameter holds f_k's folded weights (mod_models.folded)
+                pack_reduced_block(module, convs)
+    _make_ordinary(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if getattr(model, _DEPLOY_HOOK_ATTR, None) is None:
@@ -202,8 +206,8 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
 
 def _make_ordinary(model: nn.Module) -> None:
     """Replace parameters and buffers that are inference tensors (a model built or loaded inside
-    ``torch.inference_mode``) by ordinary copies, so the deployed model runs both in inference mode
-    and under ``no_grad``, and the fused operands' cache can see in-place weight updates."""
+    ``torch.inference_mode``, or packed there) by ordinary copies, so the deployed model runs both in
+    inference mode and under ``no_grad``, and its weights can still be changed in place afterwards."""
     with torch.inference_mode(False), torch.no_grad():
         for module in model.modules():
             for name, parameter in module._parameters.items():

@@ -36,6 +36,7 @@ class Mutant:
     mutated: str
     tests: tuple[str, ...]  # pytest arguments that must fail with the bug
     what: str
+    more: tuple[tuple[str, str, str], ...] = ()  # further (path, original, mutated) edits of the same bug
 
 
 MUTANTS = (
@@ -109,6 +110,20 @@ MUTANTS = (
         ("tests/test_deploy.py", "-k", "equals_the_unfolded and float32"),
         "the fused block adds f_k without scaling it by the router score",
     ),
+    *(Mutant(
+        f"deployed-kernel-reads-a-stale-copy-{case}", "mod_models/blocks.py",
+        "        params = folded.packed_weights(self)\n",
+        "        params = self._packed_copy\n",
+        ("tests/test_deploy.py", "-k", test),
+        f"the fused kernel reads a copy of the packed weights made by the deploy step ({what})",
+        (("mod_models/deploy.py", "                pack_reduced_block(module, convs)\n",
+          "                pack_reduced_block(module, convs)\n"
+          "                module._packed_copy = module.packed_weights.detach().clone()\n"),),
+    ) for case, test, what in (
+        ("data-edit", "changed_in_place_after_a_forward and triton", "weights changed through .data"),
+        ("reused-address", "old_weights_address and triton", "a new weight at the old one's address"),
+        ("compiled-load", "load_state_dict_into_a_compiled and triton", "load_state_dict after torch.compile"),
+    )),
     Mutant(
         "ties-go-to-the-higher-channel", "mod_kernels/fused_route_pack.py",
         "    keys = (ordered.to(tl.int64) << 32) | (C - 1 - c).to(tl.int64)\n",
@@ -132,12 +147,13 @@ def run_mutant(mutant: Mutant, files: list[str]) -> tuple[bool, float, str]:
             target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target)
-        source = Path(tmp) / mutant.path
-        text = source.read_text()
-        if text.count(mutant.original) != 1:
-            raise SystemExit(f"{mutant.name}: the original text occurs {text.count(mutant.original)} times in "
-                             f"{mutant.path}; update the mutant to the current code")
-        source.write_text(text.replace(mutant.original, mutant.mutated))
+        for path, original, mutated in ((mutant.path, mutant.original, mutant.mutated), *mutant.more):
+            source = Path(tmp) / path
+            text = source.read_text()
+            if text.count(original) != 1:
+                raise SystemExit(f"{mutant.name}: the original text occurs {text.count(original)} times in "
+                                 f"{path}; update the mutant to the current code")
+            source.write_text(text.replace(original, mutated))
         env = dict(os.environ, PYTHONPATH=tmp)
         start = time.perf_counter()
         result = subprocess.run(

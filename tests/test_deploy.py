@@ -269,6 +269,115 @@ def test_original_fusion_returns_a_new_tensor_and_keeps_its_input(backend, chann
 
 
 # ----------------------------------------------------------------------------------------------
+# Changing a deployed model's weights: one copy, which both backends compute from
+# ----------------------------------------------------------------------------------------------
+
+# A folded convolution of f_k and the norm folded into it: scaling the folded weight equals scaling
+# the unfolded convolution's weight, and adding to the folded bias equals adding to the norm's bias.
+EDITED = {"bottleneck": ("conv2", "bn2"), "basic": ("conv1", "bn1"), "inverted": ("conv.1.0", "conv.1.1")}
+
+
+def _edit_unfolded(reference: nn.Module, kind: str) -> None:
+    conv_name, norm_name = EDITED[kind]
+    with torch.no_grad():
+        reference.get_submodule(conv_name).weight.mul_(2)
+        reference.get_submodule(norm_name).bias.add_(0.25)
+        reference.router.fc2.weight.mul_(-1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_weights_changed_in_place_after_a_forward_are_used(kind, backend):
+    """``.data`` edits of the folded weights and of the router after the deployed block has run: the
+    deployed block equals the unfolded block with the same edits, on both backends."""
+    channels, capacity = MID_SHAPES[kind]
+    reference, deployed = deployed_pair(randomise(BLOCKS[kind](channels, capacity=capacity)))
+    mod_models.set_backend(deployed, backend)
+    x = torch.randn(2, channels, 4, 5)
+    assert_deploy_matches(reference, deployed, x, f"{kind} {backend} before the edit")
+    conv = deployed.get_submodule(EDITED[kind][0])
+    conv.weight.data.mul_(2)
+    conv.bias.data.add_(0.25)
+    deployed.router.fc2.weight.data.mul_(-1)
+    _edit_unfolded(reference, kind)
+    assert_deploy_matches(reference, deployed, x, f"{kind} {backend} after the edit")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_new_weight_at_an_old_weights_address_is_used(backend):
+    """A new tensor where the old weight was (its address reused; here deterministically: the same
+    memory, a tensor with a fresh version counter), written without a version bump and assigned."""
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4)))
+    mod_models.set_backend(deployed, backend)
+    x = torch.randn(2, 48, 4, 5)
+    assert_deploy_matches(reference, deployed, x, f"{backend} before")
+    old = deployed.conv2.weight
+    new = torch.from_numpy(old.detach().numpy())
+    assert new.data_ptr() == old.data_ptr() and new._version == 0
+    new.numpy()[...] *= 2
+    deployed.conv2.weight = nn.Parameter(new, requires_grad=False)
+    with torch.no_grad():
+        reference.conv2.weight.mul_(2)
+    assert_deploy_matches(reference, deployed, x, f"{backend} after")
+    # Assignment copies into the block's one copy of the weights (any tensor of the right shape).
+    deployed.conv2.weight = reference.conv2.weight.detach() * 0  # a zero folded weight: f_k's 3x3 output is its bias
+    with torch.no_grad():
+        reference.conv2.weight.zero_()
+    assert_deploy_matches(reference, deployed, x, f"{backend} after assigning zeros")
+    with pytest.raises(ValueError, match=r"has shape \(3, 3, 3, 3\); got a tensor of shape \(2, 3, 3, 3\)"):
+        deployed.conv2.weight = torch.zeros(2, 3, 3, 3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_load_state_dict_into_a_compiled_deployed_block_is_used(backend):
+    """``load_state_dict`` into a deployed block that ``torch.compile`` has already run: the compiled
+    forward computes with the loaded weights. (The reference backend's graph is traced by Dynamo and
+    AOTAutograd, where a captured copy would go stale, but not compiled by Inductor, to keep the CPU
+    suite short.)"""
+    _, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4), seed=1))
+    other_reference, other = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4), seed=2))
+    mod_models.set_backend(deployed, backend)
+    compiled = torch.compile(deployed, fullgraph=True, backend="inductor" if backend == "triton" else "aot_eager")
+    x = torch.randn(2, 48, 4, 4)
+    with torch.no_grad():
+        compiled(x.clone())
+        deployed.load_state_dict(other.state_dict())
+        got = compiled(x.clone())
+        expected = other_reference(x.clone())
+    assert_close(got, expected, atol=1e-5, rtol=1e-5, name="compiled deployed block after load_state_dict")
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_deploy_form_state_dict_keys_and_loading(kind):
+    """A packed block's state dict: ``packed_weights`` in place of f_k's folded convolutions. It loads
+    into a deployed block of the same variant, as does the per-convolution form; a trained (unfolded)
+    state dict does not (keep the trained checkpoint and deploy again)."""
+    channels, capacity = MID_SHAPES[kind]
+    reference, deployed = deployed_pair(randomise(BLOCKS[kind](channels, capacity=capacity), seed=3))
+    keys = list(deployed.state_dict())
+    assert sorted(keys) == ["packed_weights", "router.fc1.weight", "router.fc2.weight"], keys
+    assert [name for name, _ in deployed.named_parameters()] == keys
+    packed = deployed.packed_weights
+    convs = deployed.folded_convs()
+    assert packed.numel() == sum(c.weight.numel() + c.out_channels for c in convs)
+    assert all(c.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr() for c in convs)
+    x = torch.randn(2, channels, 4, 5)
+    expected, _ = run_block(reference, x)
+    fresh = BLOCKS[kind](channels, capacity=capacity).eval()
+    with pytest.raises(RuntimeError, match="packed_weights"):
+        mod_models.optimize_for_inference(copy.deepcopy(fresh)).load_state_dict(reference.state_dict())
+    per_conv = {f"{name}.{part}": getattr(module, part).clone() for name, module in deployed.named_modules()
+                if module in convs for part in ("weight", "bias")}
+    per_conv.update({k: v for k, v in deployed.state_dict().items() if k.startswith("router.")})
+    for state in (deployed.state_dict(), per_conv):
+        for backend in ("triton", "reference"):
+            loaded = mod_models.set_backend(mod_models.optimize_for_inference(copy.deepcopy(fresh)), backend)
+            loaded.load_state_dict(state)
+            out, _ = run_block(loaded, x)
+            assert_close(out, expected, atol=1e-5, rtol=1e-5, name=f"loaded {kind}, {backend}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Equivalence of the fused block
 # ----------------------------------------------------------------------------------------------
 
@@ -448,7 +557,6 @@ def test_deployed_models_equal_the_unfolded_reference(name, unpoisoned):
         per_block.append(counter.total - module._launches_before)
 
     for block in blocks:
-        block._fused_operands()  # pack outside the count
         block.register_forward_pre_hook(before)
         block.register_forward_hook(after)
     with counter:
@@ -494,8 +602,15 @@ def test_deploying_under_inference_mode_gives_an_ordinary_model():
                 out_no_grad = model(x.clone())
             assert_close(out_inference, expected, atol=1e-4, rtol=1e-4, name="deployed in inference mode")
             assert torch.equal(out_inference, out_no_grad)
-    block = deployed
+    # A weight assigned inside inference mode (an inference tensor) is copied into the block's one
+    # copy of its weights, which stays ordinary: used in inference mode and under no_grad alike.
+    block, unfolded = deployed, reference
     with torch.inference_mode():
-        block.conv1.weight = nn.Parameter(block.conv1.weight.clone(), requires_grad=False)  # an inference tensor
-        with pytest.raises(ValueError, match="inference tensor"):
-            block(torch.randn(1, 32, 4, 4))
+        block.conv1.weight = block.conv1.weight * 2
+    assert not block.packed_weights.is_inference()
+    with torch.no_grad():
+        unfolded.conv1.weight.mul_(2)
+        expected = unfolded(x.clone())
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            assert_close(block(x.clone()), expected, atol=1e-5, rtol=1e-5, name=f"assigned weight, {mode.__name__}")

@@ -165,7 +165,8 @@ def test_every_block_path(kind, fmt, dtype):
 @pytest.mark.parametrize("kind", list(BLOCKS))
 def test_autocast_block_paths(kind, fmt, dtype):
     """Under autocast an fp32 model's MoD blocks see low-precision feature maps beside fp32 router
-    weights: training step and the deploy form, against the reference under the same autocast."""
+    weights: training step and the deploy form (whose packed weights stay fp32 too; both routers),
+    against the reference under the same autocast."""
     cls, channels, capacity = BLOCKS[kind]
     x = torch.randn(2, channels, 3, 4, generator=torch.Generator().manual_seed(2)).to(dtype)
     x = x.contiguous(memory_format=FORMATS[fmt])
@@ -180,12 +181,23 @@ def test_autocast_block_paths(kind, fmt, dtype):
         exact = exact_run(block, x, ref[1], train=True)
         for number, (g, e, x64) in enumerate(zip(got[2], ref[2], exact[2])):
             assert_as_accurate(g, e, x64, dtype, f"{label} gradient {number}")
-        block.eval()
-        deployed = mod_models.optimize_for_inference(copy.deepcopy(fused).eval())
-        ref_out, ref_selection, _ = run(block, x, seed=6, train=False, autocast=dtype)
-        out, selection, _ = run(deployed, x, seed=6, train=False, autocast=dtype)
-        assert torch.equal(selection, ref_selection)
-        assert relative_l2(out, ref_out) <= REL_L2[dtype], f"{label} deployed: {relative_l2(out, ref_out):.3g}"
+        random_block = randomise(cls(channels, capacity=capacity, fusion=fusion, router="random"))
+        for reference, name in ((block, "learned"), (random_block, "random")):
+            reference.eval()
+            triton = mod_models.set_backend(copy.deepcopy(reference), "triton")
+            deployed = mod_models.optimize_for_inference(triton)
+            ref_out, ref_selection, _ = run(reference, x, seed=6, train=False, autocast=dtype)
+            out, selection, _ = run(deployed, x, seed=6, train=False, autocast=dtype)
+            assert torch.equal(selection, ref_selection)
+            error = relative_l2(out, ref_out)
+            assert error <= REL_L2[dtype], f"{label} {name} deployed: {error:.3g}"
+            with torch.inference_mode():  # out of place
+                frozen = x.clone(memory_format=torch.preserve_format)
+            torch.manual_seed(6)
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+                copied = deployed(frozen)
+            assert copied.data_ptr() != frozen.data_ptr()
+            assert torch.equal(copied, out), f"{label} {name}: deployed out of place differs from in place"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
