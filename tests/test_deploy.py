@@ -465,6 +465,46 @@ def test_fused_block_on_a_strided_view():
     assert_close(out, ref_out, atol=1e-5, rtol=1e-5, name="strided view")
 
 
+@pytest.mark.parametrize("fusion", ["first_k", "original"])  # in place (snapshot programs) and a new tensor
+def test_fused_block_at_a_batch_of_several_router_tiles(fusion):
+    """B = 40: the pooling and router kernels tile the batch by ROUTER_BLOCK_B = 16 samples (three
+    tiles, the last one partial); every sample must get its own scores, selection and output."""
+    assert FB.ROUTER_BLOCK_B == 16
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(32, capacity=4, fusion=fusion)))
+    x = torch.randn(40, 32, 2, 3)
+    assert_deploy_matches(reference, deployed, x, f"batch 40, {fusion}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_reference_deploy_in_low_precision(kind, dtype):
+    """The deploy form on the reference backend in fp16/bf16: every tensor stays in the model's dtype,
+    and the error against float64 (same selection) is at most twice the unfolded block's own."""
+    channels, capacity = MID_SHAPES[kind]
+    block = randomise(BLOCKS[kind](channels, capacity=capacity, fusion="last_k")).to(dtype)
+    reference, deployed = deployed_pair(block)
+    mod_models.set_backend(deployed, "reference")
+    assert {t.dtype for t in [*deployed.parameters(), *deployed.buffers()]} == {dtype}
+    x = torch.randn(2, channels, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert_deploy_matches(reference, deployed, x, f"reference deploy {kind} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_reference_deploy_of_a_whole_model_in_low_precision(name, dtype):
+    """Every folded layer of a whole model (stem, standard blocks, downsample branches, MoD blocks) in
+    fp16/bf16 on the reference backend: all tensors in the model's dtype, and the logits under the
+    deployed model's own selections agree with the unfolded model's."""
+    model = randomise(mod_models.build_model(name, num_classes=10, backend="reference")).eval().to(dtype)
+    reference = copy.deepcopy(model)
+    deployed = mod_models.optimize_for_inference(model)
+    dtypes = {n: t.dtype for n, t in [*deployed.named_parameters(), *deployed.named_buffers()] if t.is_floating_point()}
+    assert set(dtypes.values()) == {dtype}, {n: d for n, d in dtypes.items() if d != dtype}
+    x = torch.randn(2, 3, 32, 32).to(dtype)
+    assert_teacher_forced_agreement(deployed, x, f"{name} {dtype} reference deploy", reference=reference,
+                                    backend="reference")
+
+
 def test_fused_block_is_bitwise_deterministic_and_batch_invariant():
     _, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(256, capacity=64)))  # C_h = 16: the tl.dot path
     x = torch.randn(3, 256, 9, 9)
@@ -478,6 +518,35 @@ def test_fused_block_is_bitwise_deterministic_and_batch_invariant():
 # ----------------------------------------------------------------------------------------------
 # Dispatch rule and launch budget
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, k, hidden", [("bottleneck", 32, 8), ("basic", 16, 16), ("inverted", 32, 192)])
+def test_dispatch_rule_at_the_channel_limit(kind, k, hidden):
+    """The fused kernel takes C = 4096 (with k and the inner width at their limits too) and nothing wider."""
+    assert FB.MAX_FUSED_CHANNELS == 4096
+    plan = mod_kernels.fused_block_plan(kind, 4096, k, hidden)
+    assert plan.fused, plan.reason
+    for channels in (4097, 4104, 8192):
+        plan = mod_kernels.fused_block_plan(kind, channels, k, hidden)
+        assert not plan.fused and f"C = {channels} > 4096" in plan.reason, plan
+    assert not mod_kernels.fused_block_plan(kind, 4096, k + 1, hidden).fused
+    if kind == "inverted":
+        assert not mod_kernels.fused_block_plan(kind, 4096, k, hidden + 1).fused
+
+
+def test_fused_block_at_4096_channels(unpoisoned):
+    """A deployed block at the widest C the fused kernel takes: three launches (one top-k over 4096
+    keys per program), equal to the unfolded reference; one channel more runs the fallback."""
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(4096, capacity=128)))
+    assert deployed.k == 32 and deployed.deploy_plan().fused
+    x = torch.randn(1, 4096, 1, 2)
+    assert_deploy_matches(reference, deployed, x, "C = 4096")
+    with torch.no_grad():
+        inputs = x.clone()
+        counter = count_launches(lambda: deployed(inputs))
+    assert counter.total == 3 and counter.triton == 3, dict(counter.by_name)
+    wider = mod_models.optimize_for_inference(mod_models.MoDBottleneck(4160, capacity=130).eval())
+    assert wider.k == 32 and not wider.deploy_plan().fused
 
 
 def test_wide_reduced_blocks_run_the_routing_kernels_and_folded_convolutions(unpoisoned):
