@@ -635,6 +635,10 @@ def fused_block_unchecked(
     has_expand: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`fused_block` of checked inputs: ``(out, idx, w, scores)``."""
+    if fc1_weight is not None and (fc1_weight.dtype != torch.float32 or fc2_weight.dtype != torch.float32):
+        # The router kernels compute in fp32; 16-bit weight tiles would cost _router_scores_kernel its
+        # registers (ptxas: 190-255, spills). The deploy form keeps its routers in fp32: no copy there.
+        fc1_weight, fc2_weight = fc1_weight.float(), fc2_weight.float()
     batch, channels, height, width = x.shape
     hw = height * width
     original = fusion == "original"

@@ -17,9 +17,10 @@ ecosystem do (``torch.jit.freeze``, TensorRT's builder, timm's ``reparameterize`
    or with an input that requires grad raises instead of computing something that cannot be trained.
 
 The model is changed in place and returned. Its ``state_dict`` changes too (no batch-norm entries,
-convolution biases, and each MoD block's folded reduced block packed into one parameter,
-``packed_weights``: :mod:`mod_models.folded`, which also says how to change a deployed model's
-weights), so keep the trained checkpoint; the deploy form is made from it in milliseconds.
+convolution biases, MoD routers' weights in fp32, and each MoD block's folded reduced block packed
+into one parameter, ``packed_weights``: :mod:`mod_models.folded`, which also says how to change a
+deployed model's weights), so keep the trained checkpoint; the deploy form is made from it in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -196,12 +197,24 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
             convs = module.folded_convs()
             if convs is not None:  # one parameter holds f_k's folded weights (mod_models.folded)
                 pack_reduced_block(module, convs)
+            _router_in_fp32(module)
     _make_ordinary(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if getattr(model, _DEPLOY_HOOK_ATTR, None) is None:
         setattr(model, _DEPLOY_HOOK_ATTR, model.register_forward_pre_hook(_refuse_training_and_autograd))
     return model
+
+
+def _router_in_fp32(block: MoDBlock) -> None:
+    """Keep a deployed block's router weights in fp32: the router computes in fp32 on every backend
+    (the same scores from the same values), and the fused router kernel's tiles need fp32 weights to
+    stay in registers (16-bit ones make ptxas spill: 190-255 registers)."""
+    if block.router is None:
+        return
+    for linear in (block.router.fc1, block.router.fc2):
+        if linear.weight.dtype != torch.float32:
+            linear.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
 
 
 def _make_ordinary(model: nn.Module) -> None:

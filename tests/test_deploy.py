@@ -484,7 +484,9 @@ def test_reference_deploy_in_low_precision(kind, dtype):
     block = randomise(BLOCKS[kind](channels, capacity=capacity, fusion="last_k")).to(dtype)
     reference, deployed = deployed_pair(block)
     mod_models.set_backend(deployed, "reference")
-    assert {t.dtype for t in [*deployed.parameters(), *deployed.buffers()]} == {dtype}
+    dtypes = {name: t.dtype for name, t in [*deployed.named_parameters(), *deployed.named_buffers()]}
+    assert dtypes.pop("router.fc1.weight") == dtypes.pop("router.fc2.weight") == torch.float32
+    assert set(dtypes.values()) == {dtype}, dtypes
     x = torch.randn(2, channels, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
     assert_deploy_matches(reference, deployed, x, f"reference deploy {kind} {dtype}")
 
@@ -493,13 +495,16 @@ def test_reference_deploy_in_low_precision(kind, dtype):
 @pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
 def test_reference_deploy_of_a_whole_model_in_low_precision(name, dtype):
     """Every folded layer of a whole model (stem, standard blocks, downsample branches, MoD blocks) in
-    fp16/bf16 on the reference backend: all tensors in the model's dtype, and the logits under the
-    deployed model's own selections agree with the unfolded model's."""
+    fp16/bf16 on the reference backend: all tensors in the model's dtype (but the MoD routers' weights:
+    fp32, as the router computes), and the logits under the deployed model's own selections agree with
+    the unfolded model's."""
     model = randomise(mod_models.build_model(name, num_classes=10, backend="reference")).eval().to(dtype)
     reference = copy.deepcopy(model)
     deployed = mod_models.optimize_for_inference(model)
-    dtypes = {n: t.dtype for n, t in [*deployed.named_parameters(), *deployed.named_buffers()] if t.is_floating_point()}
+    tensors = [*deployed.named_parameters(), *deployed.named_buffers()]
+    dtypes = {n: t.dtype for n, t in tensors if t.is_floating_point() and ".router." not in n}
     assert set(dtypes.values()) == {dtype}, {n: d for n, d in dtypes.items() if d != dtype}
+    assert {t.dtype for n, t in tensors if ".router." in n} == {torch.float32}
     x = torch.randn(2, 3, 32, 32).to(dtype)
     assert_teacher_forced_agreement(deployed, x, f"{name} {dtype} reference deploy", reference=reference,
                                     backend="reference")
@@ -587,6 +592,26 @@ def test_at_most_three_launches_per_deployed_block(kind, channels, capacity, fus
         inputs = x.clone()
         counter = count_launches(lambda: deployed(inputs))
     assert counter.total <= 3, f"{counter.total} launches: {dict(counter.by_name)}"
+
+
+def test_deployed_router_stays_fp32_and_a_16_bit_one_still_computes(unpoisoned):
+    """The deploy form keeps a bf16 block's router in fp32 (the router computes in fp32; 16-bit weight
+    tiles make the router kernel spill its registers) and its folded weights in bf16: the same
+    selection and output as the unfolded bf16 block, in three launches. A router made 16-bit again
+    afterwards is converted by the launcher: still the same."""
+    channels, capacity = MID_SHAPES["bottleneck"]
+    block = randomise(mod_models.MoDBottleneck(channels, capacity=capacity)).to(torch.bfloat16)
+    reference, deployed = deployed_pair(block)
+    assert deployed.router.fc1.weight.dtype == deployed.router.fc2.weight.dtype == torch.float32
+    assert deployed.packed_weights.dtype == torch.bfloat16
+    x = torch.randn(2, channels, 4, 5).to(torch.bfloat16)
+    assert_deploy_matches(reference, deployed, x, "bf16 block, fp32 router")
+    with torch.no_grad():
+        inputs = x.clone()
+        counter = count_launches(lambda: deployed(inputs))
+    assert counter.total == 3, dict(counter.by_name)
+    deployed.router.to(torch.bfloat16)
+    assert_deploy_matches(reference, deployed, x, "bf16 router after deploying")
 
 
 def test_launch_counter_counts_kernels_not_views():
