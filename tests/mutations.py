@@ -153,6 +153,13 @@ MUTANTS = (
         ("compiled-load", "load_state_dict_into_a_compiled and triton", "load_state_dict after torch.compile"),
     )),
     Mutant(
+        "input-gradient-drops-the-pooled-term", "mod_kernels/fused_route_pack.py",
+        "        grad += tl.load(grad_pool_ptr + b * C + c, mask=c_mask, other=0.0)[:, None]\n",
+        "        grad += 0.0 * tl.load(grad_pool_ptr + b * C + c, mask=c_mask, other=0.0)[:, None]\n",
+        ("tests/test_kernel_sweep.py", "-k", "test_every_block_path and bfloat16"),
+        "the block input's gradient misses the router's pooling term (caught by the derived bf16 bound alone)",
+    ),
+    Mutant(
         "ties-go-to-the-higher-channel", "mod_kernels/fused_route_pack.py",
         "    keys = (ordered.to(tl.int64) << 32) | (C - 1 - c).to(tl.int64)\n",
         "    keys = (ordered.to(tl.int64) << 32) | c.to(tl.int64)\n",
