@@ -88,6 +88,23 @@ def check_feature_map(t: Tensor, name: str) -> None:
         raise ValueError(f"{name}: one sample spans {span} elements, more than the kernels' 32-bit in-sample offsets")
 
 
+def check_in_place_input(x: Tensor) -> None:
+    """Raise ``ValueError`` unless a kernel may write into ``x`` element by element: ``x`` owns its
+    memory densely (NCHW or channels_last; not an expanded or overlapping view, whose channels
+    share memory) and is not an inference tensor outside inference mode (PyTorch forbids updating
+    those). The in-place entry points (``scale_fuse``, ``fuse_routed``, ``routed_block``,
+    ``fused_block_forward``) all check this one rule. While a compiler traces, the graph's mutation
+    of an inference tensor is PyTorch's to check."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError("in-place fusion needs x contiguous (NCHW or channels_last); got a strided or expanded view")
+    if not torch.compiler.is_compiling() and x.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            "in-place fusion cannot write x: it is an inference tensor and inference mode is off (PyTorch "
+            "forbids updating inference tensors outside torch.inference_mode); pass inplace=False, or run "
+            "under torch.inference_mode()"
+        )
+
+
 def check_same_device(reference: Tensor, **tensors: Tensor) -> None:
     for name, t in tensors.items():
         if t.device != reference.device:

@@ -33,8 +33,9 @@ comes in (tiles and chunks depend on the shape only).
 
 The widths are tiny (k = 1..32 channels), below what ``tl.dot`` takes (16 in every dimension),
 so the reduced convolutions are broadcast multiply-accumulates over ``[out, in, positions]``
-tiles (the folded weights, and the router's, reach the kernels in fp32, packed once by the deploy
-form); the 3x3 convolutions recompute the layer before them at each of the nine shifted
+tiles in fp32 (the folded weights reach the kernels as one packed vector, the deployed block's own
+parameter, in the model's dtype; they and the router's weights are converted to fp32 as they are
+loaded); the 3x3 convolutions recompute the layer before them at each of the nine shifted
 positions (cheap at these widths) instead of exchanging a halo between threads. The random
 router draws its keys with ``torch.rand`` (one launch) and, for in-place affine fusions, copies
 the targets with one ``copy_``: three launches as well.
@@ -58,6 +59,7 @@ from ._utils import (
     cdiv,
     check_dtype,
     check_feature_map,
+    check_in_place_input,
     check_same_device,
     check_shape,
     empty_like_format,
@@ -84,6 +86,7 @@ POOL_STEPS_PER_PROGRAM = 4
 MAX_FUSED_K = {"bottleneck": 32, "basic": 16, "inverted": 32}
 MAX_FUSED_CHANNELS = 4096  # the per-program top-k sorts next_pow2(C) keys in registers
 MAX_FUSED_HIDDEN = 192  # inverted residual: expanded width t * k
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # of the packed folded weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +318,9 @@ def _bottleneck_kernel(
     scores_ptr,  # [B, C] fp32 router scores (or the random router's keys)
     idx_ptr,  # [B, K] int64 output: selected channels, slot order
     w_ptr,  # [B, K] fp32 output: selected scores (1 for the random router)
-    params_ptr,  # fp32 folded weights: W1 [M, K], b1 [M], W2 [M, M, 3, 3], b2 [M], W3 [K, M], b3 [K]
+    # params_ptr: folded weights (fp32/fp16/bf16, computed in fp32):
+    # W1 [M, K], b1 [M], W2 [M, M, 3, 3], b2 [M], W3 [K, M], b3 [K]
+    params_ptr,
     C, K, M, H, W, target_start, dilation,  # M: the bottleneck width max(K // 4, 1)
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_ob, stride_oc, stride_oh, stride_ow,
@@ -331,13 +336,15 @@ def _bottleneck_kernel(
     m = tl.arange(0, M_POW2)
     m_mask = m < M
     j = tl.arange(0, K_POW2)
-    w1 = tl.load(params_ptr + m[:, None] * K + j[None, :], mask=m_mask[:, None] & valid[None, :], other=0.0)
-    b1 = tl.load(params_ptr + M * K + m, mask=m_mask, other=0.0)
+    w1 = tl.load(
+        params_ptr + m[:, None] * K + j[None, :], mask=m_mask[:, None] & valid[None, :], other=0.0
+    ).to(tl.float32)
+    b1 = tl.load(params_ptr + M * K + m, mask=m_mask, other=0.0).to(tl.float32)
     w2_at = params_ptr + M * K + M
-    b2 = tl.load(w2_at + M * M * 9 + m, mask=m_mask, other=0.0)
+    b2 = tl.load(w2_at + M * M * 9 + m, mask=m_mask, other=0.0).to(tl.float32)
     w3_at = w2_at + M * M * 9 + M
-    w3 = tl.load(w3_at + j[:, None] * M + m[None, :], mask=valid[:, None] & m_mask[None, :], other=0.0)
-    b3 = tl.load(w3_at + K * M + j, mask=valid, other=0.0)
+    w3 = tl.load(w3_at + j[:, None] * M + m[None, :], mask=valid[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
+    b3 = tl.load(w3_at + K * M + j, mask=valid, other=0.0).to(tl.float32)
     pair = m_mask[:, None] & m_mask[None, :]
     acc = tl.zeros([M_POW2, BLOCK_P], dtype=tl.float32)
     for tap in tl.static_range(9):
@@ -348,7 +355,7 @@ def _bottleneck_kernel(
                             stride_xc, stride_xh, stride_xw, stride_sc, stride_sh, stride_sw, IN_PLACE)
         h1 = relu_keep_nan(_mac(w1, xs) + b1[:, None])
         h1 = tl.where(m_mask[:, None] & inside[None, :], h1, 0.0)  # conv2 pads h1 with zeros
-        w2 = tl.load(w2_at + (m[:, None] * M + m[None, :]) * 9 + tap, mask=pair, other=0.0)
+        w2 = tl.load(w2_at + (m[:, None] * M + m[None, :]) * 9 + tap, mask=pair, other=0.0).to(tl.float32)
         acc += _mac(w2, h1)
     h2 = tl.where(m_mask[:, None], relu_keep_nan(acc + b2[:, None]), 0.0)
     y = _mac(w3, h2) + b3[:, None]
@@ -365,7 +372,7 @@ def _basic_kernel(
     scores_ptr,  # [B, C] fp32 router scores (or the random router's keys)
     idx_ptr,  # [B, K] int64 output: selected channels, slot order
     w_ptr,  # [B, K] fp32 output: selected scores (1 for the random router)
-    params_ptr,  # fp32 folded weights: W1 [K, K, 3, 3], b1 [K], W2 [K, K, 3, 3], b2 [K]
+    params_ptr,  # folded weights (fp32/fp16/bf16, computed in fp32): W1 [K, K, 3, 3], b1 [K], W2 [K, K, 3, 3], b2 [K]
     C, K, H, W, target_start, dilation,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_ob, stride_oc, stride_oh, stride_ow,
@@ -380,9 +387,9 @@ def _basic_kernel(
                                      LEARNED, ORIGINAL, IN_PLACE)
     j = tl.arange(0, K_POW2)
     pair = valid[:, None] & valid[None, :]
-    b1 = tl.load(params_ptr + K * K * 9 + j, mask=valid, other=0.0)
+    b1 = tl.load(params_ptr + K * K * 9 + j, mask=valid, other=0.0).to(tl.float32)
     w2_at = params_ptr + K * K * 9 + K
-    b2 = tl.load(w2_at + K * K * 9 + j, mask=valid, other=0.0)
+    b2 = tl.load(w2_at + K * K * 9 + j, mask=valid, other=0.0).to(tl.float32)
     acc = tl.zeros([K_POW2, BLOCK_P], dtype=tl.float32)
     for tap2 in range(9):  # conv2's taps; conv1 is recomputed at each shifted position (both loops
         # stay loops: unrolling the 81 tap pairs costs twice the registers)
@@ -395,11 +402,11 @@ def _basic_kernel(
             inside = _inside(hh, ww, H, W, p_mask)
             xs = _load_selected(x_base, snapshot_base, channel, from_x, from_snapshot, snapshot_slot, hh, ww,
                                 inside, stride_xc, stride_xh, stride_xw, stride_sc, stride_sh, stride_sw, IN_PLACE)
-            w1 = tl.load(params_ptr + (j[:, None] * K + j[None, :]) * 9 + tap1, mask=pair, other=0.0)
+            w1 = tl.load(params_ptr + (j[:, None] * K + j[None, :]) * 9 + tap1, mask=pair, other=0.0).to(tl.float32)
             acc1 += _mac(w1, xs)
         inside2 = _inside(hh2, ww2, H, W, p_mask)
         h1 = tl.where(valid[:, None] & inside2[None, :], relu_keep_nan(acc1 + b1[:, None]), 0.0)
-        w2 = tl.load(w2_at + (j[:, None] * K + j[None, :]) * 9 + tap2, mask=pair, other=0.0)
+        w2 = tl.load(w2_at + (j[:, None] * K + j[None, :]) * 9 + tap2, mask=pair, other=0.0).to(tl.float32)
         acc += _mac(w2, h1)
     y = acc + b2[:, None]
     _fuse_epilogue(y, w, channel, valid, x_base, out_base, snapshot_base, C, K, target_start, ph, pw, p_mask,
@@ -415,7 +422,9 @@ def _inverted_kernel(
     scores_ptr,  # [B, C] fp32 router scores (or the random router's keys)
     idx_ptr,  # [B, K] int64 output: selected channels, slot order
     w_ptr,  # [B, K] fp32 output: selected scores (1 for the random router)
-    params_ptr,  # fp32 folded weights: (HAS_EXPAND) We [E, K], be [E]; Wd [E, 3, 3], bd [E]; Wp [K, E], bp [K]
+    # params_ptr: folded weights (fp32/fp16/bf16, computed in fp32):
+    # (HAS_EXPAND) We [E, K], be [E]; Wd [E, 3, 3], bd [E]; Wp [K, E], bp [K]
+    params_ptr,
     C, K, E, H, W, target_start,  # E: the expanded width t * K (K when not HAS_EXPAND)
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_ob, stride_oc, stride_oh, stride_ow,
@@ -439,8 +448,10 @@ def _inverted_kernel(
         e = e0 + tl.arange(0, E_BLOCK)
         e_mask = e < E
         if HAS_EXPAND:
-            we = tl.load(params_ptr + e[:, None] * K + j[None, :], mask=e_mask[:, None] & valid[None, :], other=0.0)
-            be = tl.load(params_ptr + E * K + e, mask=e_mask, other=0.0)
+            we = tl.load(
+                params_ptr + e[:, None] * K + j[None, :], mask=e_mask[:, None] & valid[None, :], other=0.0
+            ).to(tl.float32)
+            be = tl.load(params_ptr + E * K + e, mask=e_mask, other=0.0).to(tl.float32)
         else:
             # Without expansion the depthwise convolution reads the selected channels themselves:
             # one chunk (E_BLOCK = K_POW2) whose rows are the slots.
@@ -458,13 +469,15 @@ def _inverted_kernel(
             else:
                 expanded = _mac(we, xs)
             expanded = tl.where(e_mask[:, None] & inside[None, :], expanded, 0.0)  # the depthwise conv's padding
-            wd = tl.load(depthwise_at + e * 9 + tap, mask=e_mask, other=0.0)
+            wd = tl.load(depthwise_at + e * 9 + tap, mask=e_mask, other=0.0).to(tl.float32)
             depthwise += wd[:, None] * expanded
-        bd = tl.load(depthwise_at + E * 9 + e, mask=e_mask, other=0.0)
+        bd = tl.load(depthwise_at + E * 9 + e, mask=e_mask, other=0.0).to(tl.float32)
         depthwise = tl.where(e_mask[:, None], relu6_keep_nan(depthwise + bd[:, None]), 0.0)
-        wp = tl.load(project_at + j[:, None] * E + e[None, :], mask=valid[:, None] & e_mask[None, :], other=0.0)
+        wp = tl.load(
+            project_at + j[:, None] * E + e[None, :], mask=valid[:, None] & e_mask[None, :], other=0.0
+        ).to(tl.float32)
         y += _mac(wp, depthwise)
-    y += tl.load(project_at + K * E + j, mask=valid, other=0.0)[:, None]
+    y += tl.load(project_at + K * E + j, mask=valid, other=0.0).to(tl.float32)[:, None]
     _fuse_epilogue(y, w, channel, valid, x_base, out_base, snapshot_base, C, K, target_start, ph, pw, p_mask,
                    stride_xc, stride_xh, stride_xw, stride_oc, stride_oh, stride_ow, stride_sc, stride_sh, stride_sw,
                    K_POW2, ORIGINAL, IN_PLACE, False, BLOCK_COPY)
@@ -510,7 +523,7 @@ def fused_block_plan(kind: str, channels: int, k: int, hidden: int) -> FusedBloc
 
 
 def params_numel(kind: str, k: int, hidden: int, has_expand: bool = True) -> int:
-    """Length of the packed fp32 parameter vector of a reduced block (see :func:`pack_params`)."""
+    """Length of the packed parameter vector of a reduced block (see :func:`pack_params`)."""
     if kind == "bottleneck":
         return hidden * k + hidden + hidden * hidden * 9 + hidden + k * hidden + k
     if kind == "basic":
@@ -519,14 +532,17 @@ def params_numel(kind: str, k: int, hidden: int, has_expand: bool = True) -> int
     return expand + hidden * 9 + hidden + k * hidden + k
 
 
-def pack_params(convs: list[tuple[Tensor, Optional[Tensor]]]) -> Tensor:
-    """One fp32 vector of the reduced block's folded convolutions, in order: each weight in its
-    logical ``[out, in, kh, kw]`` order, then its bias (zeros when it has none)."""
+def pack_params(convs: list[tuple[Tensor, Optional[Tensor]]], dtype: torch.dtype = torch.float32) -> Tensor:
+    """One ``dtype`` vector (float32, float16 or bfloat16; the kernels compute in fp32 either way)
+    of the reduced block's folded convolutions, in order: each weight in its logical
+    ``[out, in, kh, kw]`` order, then its bias (zeros when it has none)."""
+    if dtype not in PARAM_DTYPES:
+        raise TypeError(f"dtype must be one of {PARAM_DTYPES}, got {dtype}")
     parts = []
     for weight, bias in convs:
-        parts.append(weight.detach().float().reshape(-1))
-        parts.append(bias.detach().float().reshape(-1) if bias is not None
-                     else weight.new_zeros(weight.shape[0], dtype=torch.float32))
+        parts.append(weight.detach().to(dtype).reshape(-1))
+        parts.append(bias.detach().to(dtype).reshape(-1) if bias is not None
+                     else weight.new_zeros(weight.shape[0], dtype=dtype))
     return torch.cat(parts)
 
 
@@ -579,13 +595,18 @@ def _expand_block(hidden_pow2: int) -> int:
 def check_fused_block_inputs(
     x: Tensor, kind: str, params: Tensor, k: int, hidden: int, dilation: int, fusion: str,
     fc1_weight: Optional[Tensor], fc2_weight: Optional[Tensor], scores: Optional[Tensor], has_expand: bool,
+    inplace: bool = False,
 ) -> None:
+    """Shapes, dtypes, devices and layouts of the deployed block's inputs; with ``inplace`` (an
+    affine fusion, which writes its targets into ``x``), that ``x`` may be written in place."""
     check_feature_map(x, "x")
     channels = x.shape[1]
     if kind not in BLOCK_KINDS:
         raise ValueError(f"unknown block kind {kind!r}; expected one of {BLOCK_KINDS}")
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+    if inplace and fusion != "original":  # "original" fusion never writes x
+        check_in_place_input(x)
     for name, value, low in (("k", k, 1), ("hidden", hidden, 1), ("dilation", dilation, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -596,8 +617,8 @@ def check_fused_block_inputs(
     plan = fused_block_plan(kind, channels, k, hidden)
     if not plan.fused:
         raise ValueError(f"fused_block_forward does not take this block ({plan.reason}); run mod_kernels.routed_block")
-    if not isinstance(params, Tensor) or params.dim() != 1 or params.dtype != torch.float32:
-        raise TypeError("params must be the 1-D float32 vector pack_params returns")
+    if not isinstance(params, Tensor) or params.dim() != 1 or params.dtype not in PARAM_DTYPES:
+        raise TypeError("params must be the 1-D float32/float16/bfloat16 vector pack_params returns")
     expected = params_numel(kind, k, hidden, has_expand)
     if params.numel() != expected or not params.is_contiguous():
         raise ValueError(
@@ -631,6 +652,10 @@ def fused_block_unchecked(
     has_expand: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`fused_block` of checked inputs: ``(out, idx, w, scores)``."""
+    if fc1_weight is not None and (fc1_weight.dtype != torch.float32 or fc2_weight.dtype != torch.float32):
+        # The router kernels compute in fp32; 16-bit weight tiles would cost _router_scores_kernel its
+        # registers (ptxas: 190-255, spills). The deploy form keeps its routers in fp32: no copy there.
+        fc1_weight, fc2_weight = fc1_weight.float(), fc2_weight.float()
     batch, channels, height, width = x.shape
     hw = height * width
     original = fusion == "original"

@@ -46,6 +46,7 @@ from ._utils import (
     check_backward_once,
     check_dtype,
     check_feature_map,
+    check_in_place_input,
     check_same_device,
     check_shape,
     dense_tiles,
@@ -277,8 +278,8 @@ def check_fuse_inputs(
     check_same_device(x, y=y, w=w, idx=idx, selected_slot=selected_slot)
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
-    if inplace and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError("in-place fusion needs x contiguous (NCHW or channels_last); got a strided or expanded view")
+    if inplace:
+        check_in_place_input(x)
 
 
 def check_fuse_selection(idx: Tensor, selected_slot: Tensor, channels: int) -> None:

@@ -233,7 +233,8 @@ def scale_fuse(
         fusion: ``"first_k"``, ``"last_k"`` or ``"original"`` (targets ``j``, ``C - k + j``, ``idx``).
         activation: ``"relu"`` or ``"none"``.
         inplace: write into ``x`` (touching only the k target channels) and return it; only for
-            inputs autograd does not need.
+            inputs autograd does not need, and an ``x`` that is dense (not an expanded or
+            overlapping view) and not an inference tensor outside inference mode.
 
     Returns:
         ``[B, C, H, W]`` in ``x``'s dtype and memory format.
@@ -283,14 +284,16 @@ def fused_block_forward(
         x: ``[B, C, H, W]`` float32/float16/bfloat16, NCHW or channels_last (any strides).
         kind: ``"bottleneck"`` (1x1 k->hidden, ReLU, 3x3, ReLU, 1x1 ->k), ``"basic"`` (3x3 k->k, ReLU,
             3x3) or ``"inverted"`` (1x1 k->hidden, ReLU6, 3x3 depthwise, ReLU6, 1x1 ->k).
-        params: :func:`pack_params` of the reduced block's folded convolutions.
+        params: :func:`pack_params` of the reduced block's folded convolutions (float32, float16 or
+            bfloat16; the kernels compute in fp32 either way).
         k: channels per sample; hidden: the inner width (bottleneck width, expanded width, or k).
         dilation: of the 3x3 convolutions (ResNet blocks).
         fusion: ``"first_k"``, ``"last_k"`` or ``"original"``; activation: ``"relu"`` or ``"none"``.
         fc1_weight, fc2_weight: the learned router (``[C_h, C]``, ``[C, C_h]``), or
         scores: ``[B, C]`` fp32 keys of the random router (``w`` is then all ones).
         inplace: write the targets into ``x`` and return it (affine fusions; ``"original"`` fusion
-            always returns a new tensor).
+            always returns a new tensor); ``x`` must then be dense (not an expanded or overlapping
+            view) and not an inference tensor outside inference mode (a ``ValueError`` otherwise).
         has_expand: the inverted residual has its expansion layer (``expand_ratio != 1``).
 
     Returns:
@@ -301,7 +304,9 @@ def fused_block_forward(
     check_device_supported(x.device)
     check_plain_autograd("fused_block_forward", x, fc1_weight, fc2_weight, scores)
     _check_activation_and_mode(activation, inplace)
-    check_fused_block_inputs(x, kind, params, k, hidden, dilation, fusion, fc1_weight, fc2_weight, scores, has_expand)
+    check_fused_block_inputs(
+        x, kind, params, k, hidden, dilation, fusion, fc1_weight, fc2_weight, scores, has_expand, inplace
+    )
     if _needs_autograd(x, params, fc1_weight, fc2_weight, scores):
         raise ValueError(
             "fused_block_forward is inference only, but an input requires grad; run under torch.no_grad() / "

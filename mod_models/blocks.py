@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
+from . import folded
 from . import functional as MF
 from .backend import check_backend, default_backend, resolve_backend, resolve_deployed_backend
 
@@ -114,9 +115,9 @@ class MoDBlock(nn.Module):
         self.last_selection: Optional[Tensor] = None
         self.last_scores: Optional[Tensor] = None
         self._forced_selection: Optional[Tensor] = None
-        # Set by mod_models.optimize_for_inference: batch norms folded, inference only.
+        # Set by mod_models.optimize_for_inference: batch norms folded, inference only (and, where
+        # f_k is folded convolutions, their weights packed into one parameter: mod_models.folded).
         self.deployed = False
-        self._packed_params: Optional[tuple[tuple, tuple]] = None
 
     @property
     def backend(self) -> str:
@@ -230,33 +231,6 @@ class MoDBlock(nn.Module):
             return mod_kernels.FusedBlockPlan(False, "f_k is not folded convolutions (a norm that does not fold?)")
         return mod_kernels.fused_block_plan(self.fused_kind, self.channels, self.k, self.reduced_width)
 
-    def _fused_operands(self) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """``(packed folded convolutions, fc1 [C_h, C], fc2 [C, C_h])`` for the fused kernel, all
-        fp32 (the kernels accumulate in fp32 anyway; fp32 router tiles keep their ``tl.dot`` in the
-        registers ptxas reports for the fp32 models), repacked in eager mode when a weight changes.
-        :func:`mod_models.optimize_for_inference` packs them once, so a compiled forward reads the
-        packed tensors like any other attribute. The router entries are None for the random router."""
-        import mod_kernels
-
-        if torch.compiler.is_compiling() and self._packed_params is not None:
-            return self._packed_params[1]
-        convs = self.folded_convs()
-        router = [] if self.router is None else [self.router.fc1.weight, self.router.fc2.weight]
-        tensors = [t for conv in convs for t in (conv.weight, conv.bias) if t is not None] + router
-        if any(t.is_inference() for t in tensors):
-            raise ValueError(
-                f"{type(self).__name__}: a weight of the deployed block is an inference tensor (assigned inside "
-                "torch.inference_mode after optimize_for_inference); it has no version counter, so the fused "
-                "kernel's packed copy could go stale: assign ordinary tensors, or call optimize_for_inference again"
-            )
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if self._packed_params is None or self._packed_params[0] != key:
-            with torch.no_grad():
-                packed = mod_kernels.pack_params([(conv.weight, conv.bias) for conv in convs])
-                fc1, fc2 = (w.float().contiguous() for w in router) if router else (None, None)
-            self._packed_params = (key, (packed, fc1, fc2))
-        return self._packed_params[1]
-
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: this block becomes one graph node
             return trace_as_leaf(self, x)
@@ -298,15 +272,16 @@ class MoDBlock(nn.Module):
             return self._forward_fused(x)
         import mod_kernels
 
-        params, fc1, fc2 = self._fused_operands()
+        # The kernel reads the block's own tensors (one copy of the weights, never a cache).
+        params = folded.packed_weights(self)
         if self.router is None:
             router = dict(scores=MF.random_scores(x))
         else:
-            router = dict(fc1_weight=fc1, fc2_weight=fc2)
+            router = dict(fc1_weight=self.router.fc1.weight, fc2_weight=self.router.fc2.weight)
         out, idx, _, scores = mod_kernels.fused_block_forward(
             x, self.fused_kind, params, self.k, self.reduced_width, dilation=self.dilation,
-            fusion=self.fusion, activation=self.activation, inplace=self._inplace and MF.may_write_in_place(x),
-            has_expand=self.fused_has_expand, **router,
+            fusion=self.fusion, activation=self.activation,
+            inplace=self._writes_in_place() and MF.may_write_in_place(x), has_expand=self.fused_has_expand, **router,
         )
         self._record(idx)
         self._record_scores(scores)
@@ -340,7 +315,7 @@ class MoDBlock(nn.Module):
         out, idx, _, scores = native_block.native_block_dispatch(
             x, self.fused_kind, [conv.weight for conv in convs], [conv.bias for conv in convs], self.k,
             self.reduced_width, self.dilation, self.fusion, self.activation == "relu", fc1, fc2, scores,
-            self._inplace and MF.may_write_in_place(x), self.fused_has_expand,
+            self._writes_in_place() and MF.may_write_in_place(x), self.fused_has_expand,
         )
         self._record(idx)
         self._record_scores(scores)
@@ -367,7 +342,7 @@ class MoDBlock(nn.Module):
     def _forward_fused(self, x: Tensor) -> Tensor:
         import mod_kernels
 
-        inplace = self._inplace and MF.may_write_in_place(x) and not MF.autograd_needs(x, *self.parameters())
+        inplace = self._writes_in_place() and MF.may_write_in_place(x) and not MF.autograd_needs(x, *self.parameters())
         if self.router is None:
             router = dict(scores=MF.random_scores(x))
         else:
@@ -385,9 +360,20 @@ class MoDBlock(nn.Module):
         not need the input, ``x`` owns its memory densely (an expanded or overlapping view cannot
         be written element by element), and ``x`` is not an inference tensor outside inference
         mode (PyTorch forbids updating those)."""
-        if not self._inplace:
+        if not self._writes_in_place():
             return False
         return MF.may_write_in_place(x) and not MF.autograd_needs(x, y, w)
+
+    def _writes_in_place(self) -> bool:
+        """``inplace=True``, except for a deployed block with ``"original"`` fusion, which returns a
+        new tensor on every backend (the fused kernel cannot write the selected channels while other
+        programs still read them; the other backends do as it does)."""
+        return self._inplace and not (self.deployed and self.fusion == "original")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if folded.is_packed(self):  # a deploy-form state dict with per-convolution keys still loads
+            folded.per_conv_keys_to_packed(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _record(self, idx: Tensor) -> None:
         if self.record_selection:

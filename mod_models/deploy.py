@@ -9,21 +9,25 @@ ecosystem do (``torch.jit.freeze``, TensorRT's builder, timm's ``reparameterize`
    downsample branches and the MoD blocks' reduced blocks alike. The same utility folds torchvision's
    own ResNets and MobileNetV2, so benchmarks compare deploy form with deploy form;
 2. every MoD block is switched to in-place fusion (it writes only its ``k`` target channels into its
-   input tensor; not a block that a ``torch.fx`` graph, e.g. a feature extractor, calls on a tensor
-   other nodes read or return) and marked deployed, which on the ``"triton"`` backend runs the whole block as three
-   kernel launches (:mod:`mod_kernels.fused_block`); the ``"reference"`` backend runs the same folded
-   convolutions in plain PyTorch and stays the source of truth;
+   input tensor; ``"original"`` fusion returns a new tensor; no block that a ``torch.fx`` graph, e.g. a
+   feature extractor, calls on a tensor other nodes read or return) and marked deployed, which on the
+   ``"triton"`` backend runs the whole block as three kernel launches (:mod:`mod_kernels.fused_block`);
+   the ``"reference"`` backend runs the same folded convolutions in plain PyTorch and stays the source
+   of truth;
 3. the model is frozen for inference: parameters stop requiring grad, and a forward in training mode
    or with an input that requires grad raises instead of computing something that cannot be trained.
 
 The model is changed in place and returned. Its ``state_dict`` changes too (no batch-norm entries,
-convolution biases), so keep the trained checkpoint; the deploy form is made from it in milliseconds.
+convolution biases, MoD routers' weights in fp32, and each MoD block's folded reduced block packed
+into one parameter, ``packed_weights``: :mod:`mod_models.folded`, which also says how to change a
+deployed model's weights), so keep the trained checkpoint; the deploy form is made from it in
+milliseconds.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, fx, nn
@@ -32,6 +36,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .blocks import MoDBasicBlock, MoDBlock, MoDBottleneck
+from .folded import pack_reduced_block
 
 FOLDABLE_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
@@ -78,15 +83,9 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> None:
         ValueError: the norm has no running statistics (it would normalise by batch statistics) or
             its width differs from the convolution's.
     """
-    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
-        raise ValueError(
-            f"cannot fold {type(norm).__name__} without running statistics (track_running_stats=False "
-            "normalises by batch statistics even in eval mode)"
-        )
-    if conv.out_channels != norm.running_mean.numel():
-        raise ValueError(
-            f"cannot fold a {norm.running_mean.numel()}-channel norm into a conv with {conv.out_channels} outputs"
-        )
+    problem = _fold_problem(conv, norm)
+    if problem is not None:
+        raise ValueError(f"cannot fold {type(norm).__name__} {problem}")
     with torch.no_grad():
         mean = norm.running_mean.double()
         var = norm.running_var.double()
@@ -139,6 +138,18 @@ def _plan_folds(model: nn.Module) -> dict[int, tuple[nn.Conv2d, nn.Module, nn.Mo
     return plan
 
 
+def _fold_problem(conv: nn.Conv2d, norm: nn.Module) -> Optional[str]:
+    """Why ``norm`` cannot be folded into ``conv`` (the end of a sentence), or None when it can."""
+    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
+        return (
+            "without running statistics (track_running_stats=False normalises by batch statistics even in "
+            "eval mode)"
+        )
+    if conv.out_channels != norm.running_mean.numel():
+        return f"with {norm.running_mean.numel()} channels into a convolution with {conv.out_channels} outputs"
+    return None
+
+
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """Fold every batch norm that directly follows a convolution into it (in place; returns ``model``).
 
@@ -150,7 +161,9 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     ResNet blocks and of the types added by :func:`register_conv_norm_pairs`; and in a ``torch.fx``
     ``GraphModule`` (a feature extractor), a norm called on the output of a convolution that
     nothing else reads. A batch norm left anywhere else cannot be folded safely and raises
-    ``ValueError`` naming it (nothing is changed then).
+    ``ValueError`` naming it. Every norm is checked before any is folded: one without running
+    statistics (``track_running_stats=False``) or whose width differs from its convolution's raises
+    ``ValueError`` naming it too (e.g. ``layer2.0.bn2``); nothing is changed then.
 
     Args:
         model: in eval mode (the running statistics are what gets folded).
@@ -159,13 +172,20 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     plan = _plan_folds(model)
     for name, module in model.named_modules():
         for norm_name, norm in module.named_children():
-            if isinstance(norm, FOLDABLE_NORMS) and id(norm) not in plan:
-                path = f"{name}.{norm_name}" if name else norm_name
+            if not isinstance(norm, FOLDABLE_NORMS):
+                continue
+            path = f"{name}.{norm_name}" if name else norm_name
+            if id(norm) not in plan:
                 raise ValueError(
                     f"fold_batch_norms: {path} ({type(norm).__name__}) does not directly follow a convolution "
                     f"that this utility can fold it into: it does not know in which order a {type(module).__name__} "
                     "runs its children (mod_models.deploy.register_conv_norm_pairs or register_sequential_container "
                     "tell it); nothing was changed"
+                )
+            problem = _fold_problem(plan[id(norm)][0], norm)
+            if problem is not None:
+                raise ValueError(
+                    f"fold_batch_norms: cannot fold {path} ({type(norm).__name__}) {problem}; nothing was changed"
                 )
     for conv, norm, parent, attribute in plan.values():
         fold_conv_bn(conv, norm)
@@ -235,14 +255,16 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     """
     _check_eval(model, "optimize_for_inference")
     fold_batch_norms(model)
-    _make_ordinary(model)
     safe = _writes_in_place_safely(model)
     for module in model.modules():
         if isinstance(module, MoDBlock):
             module.inplace = safe.get(id(module), True)
             module.deployed = True
-            if module.folded_convs() is not None and _triton_imports():
-                module._fused_operands()
+            convs = module.folded_convs()
+            if convs is not None:  # one parameter holds f_k's folded weights (mod_models.folded)
+                pack_reduced_block(module, convs)
+            _router_in_fp32(module)
+    _make_ordinary(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if getattr(model, _DEPLOY_HOOK_ATTR, None) is None:
@@ -250,10 +272,21 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     return model
 
 
+def _router_in_fp32(block: MoDBlock) -> None:
+    """Keep a deployed block's router weights in fp32: the router computes in fp32 on every backend
+    (the same scores from the same values), and the fused router kernel's tiles need fp32 weights to
+    stay in registers (16-bit ones make ptxas spill: 190-255 registers)."""
+    if block.router is None:
+        return
+    for linear in (block.router.fc1, block.router.fc2):
+        if linear.weight.dtype != torch.float32:
+            linear.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+
+
 def _make_ordinary(model: nn.Module) -> None:
     """Replace parameters and buffers that are inference tensors (a model built or loaded inside
-    ``torch.inference_mode``) by ordinary copies, so the deployed model runs both in inference mode
-    and under ``no_grad``, and the fused operands' cache can see in-place weight updates."""
+    ``torch.inference_mode``, or packed there) by ordinary copies, so the deployed model runs both in
+    inference mode and under ``no_grad``, and its weights can still be changed in place afterwards."""
     with torch.inference_mode(False), torch.no_grad():
         for module in model.modules():
             for name, parameter in module._parameters.items():
@@ -262,13 +295,6 @@ def _make_ordinary(model: nn.Module) -> None:
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.is_inference():
                     module._buffers[name] = buffer.clone()
-
-
-def _triton_imports() -> bool:
-    """True where the Triton kernels import (the native CPU kernel needs no packed operands)."""
-    import mod_kernels
-
-    return mod_kernels.TRITON_IMPORT_ERROR is None
 
 
 def is_deployed(model: nn.Module) -> bool:

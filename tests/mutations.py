@@ -36,6 +36,7 @@ class Mutant:
     mutated: str
     tests: tuple[str, ...]  # pytest arguments that must fail with the bug
     what: str
+    more: tuple[tuple[str, str, str], ...] = ()  # further (path, original, mutated) edits of the same bug
 
 
 MUTANTS = (
@@ -144,6 +145,55 @@ MUTANTS = (
         "the atomic checkpoint write renames the temporary file without flushing it to disk first",
     ),
     Mutant(
+        "deploy-router-batch-tile-offset", "mod_kernels/fused_block.py",
+        "    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)\n",
+        "    b = tl.program_id(0) * (BLOCK_B // 2) + tl.arange(0, BLOCK_B)\n",
+        ("tests/test_deploy.py", "-k", "several_router_tiles"),
+        "the deployed router's batch tiles start BLOCK_B / 2 samples apart: the last samples get no scores",
+    ),
+    Mutant(
+        "deploy-pool-batch-tile-offset", "mod_kernels/fused_block.py",
+        "    first = b_block * BLOCK_B\n",
+        "    first = b_block * (BLOCK_B // 2)\n",
+        ("tests/test_deploy.py", "-k", "several_router_tiles"),
+        "the deployed pooling kernel's batch tiles start BLOCK_B / 2 samples apart: the last samples are never pooled",
+    ),
+    Mutant(
+        "fused-plan-rejects-4096-channels", "mod_kernels/fused_block.py",
+        "    if channels > MAX_FUSED_CHANNELS:\n",
+        "    if channels >= MAX_FUSED_CHANNELS:\n",
+        ("tests/test_deploy.py", "-k", "channel_limit or 4096"),
+        "the dispatch rule sends a C = 4096 block (inside the documented rule) to the fallback",
+    ),
+    Mutant(
+        "folded-bias-kept-in-fp32", "mod_models/deploy.py",
+        "        conv.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)\n",
+        "        conv.bias = nn.Parameter(bias.to(device=device, dtype=torch.float32), requires_grad=False)\n",
+        ("tests/test_deploy.py", "-k", "reference_deploy"),
+        "folding keeps the new bias in fp32 in an fp16/bf16 model",
+    ),
+    *(Mutant(
+        f"deployed-kernel-reads-a-stale-copy-{case}", "mod_models/blocks.py",
+        "        params = folded.packed_weights(self)\n",
+        "        params = self._packed_copy\n",
+        ("tests/test_deploy.py", "-k", test),
+        f"the fused kernel reads a copy of the packed weights made by the deploy step ({what})",
+        (("mod_models/deploy.py", "                pack_reduced_block(module, convs)\n",
+          "                pack_reduced_block(module, convs)\n"
+          "                module._packed_copy = module.packed_weights.detach().clone()\n"),),
+    ) for case, test, what in (
+        ("data-edit", "changed_in_place_after_a_forward and triton", "weights changed through .data"),
+        ("reused-address", "old_weights_address and triton", "a new weight at the old one's address"),
+        ("compiled-load", "load_state_dict_into_a_compiled and triton", "load_state_dict after torch.compile"),
+    )),
+    Mutant(
+        "input-gradient-drops-the-pooled-term", "mod_kernels/fused_route_pack.py",
+        "        grad += tl.load(grad_pool_ptr + b * C + c, mask=c_mask, other=0.0)[:, None]\n",
+        "        grad += 0.0 * tl.load(grad_pool_ptr + b * C + c, mask=c_mask, other=0.0)[:, None]\n",
+        ("tests/test_kernel_sweep.py", "-k", "test_every_block_path and bfloat16"),
+        "the block input's gradient misses the router's pooling term (caught by the derived bf16 bound alone)",
+    ),
+    Mutant(
         "ties-go-to-the-higher-channel", "mod_kernels/fused_route_pack.py",
         "    keys = (ordered.to(tl.int64) << 32) | (C - 1 - c).to(tl.int64)\n",
         "    keys = (ordered.to(tl.int64) << 32) | c.to(tl.int64)\n",
@@ -215,12 +265,13 @@ def run_mutant(mutant: Mutant, files: list[str]) -> tuple[bool, float, str]:
             target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target)
-        source = Path(tmp) / mutant.path
-        text = source.read_text()
-        if text.count(mutant.original) != 1:
-            raise SystemExit(f"{mutant.name}: the original text occurs {text.count(mutant.original)} times in "
-                             f"{mutant.path}; update the mutant to the current code")
-        source.write_text(text.replace(mutant.original, mutant.mutated))
+        for path, original, mutated in ((mutant.path, mutant.original, mutant.mutated), *mutant.more):
+            source = Path(tmp) / path
+            text = source.read_text()
+            if text.count(original) != 1:
+                raise SystemExit(f"{mutant.name}: the original text occurs {text.count(original)} times in "
+                                 f"{path}; update the mutant to the current code")
+            source.write_text(text.replace(original, mutated))
         env = dict(os.environ, PYTHONPATH=tmp)
         start = time.perf_counter()
         result = subprocess.run(

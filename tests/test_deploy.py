@@ -181,6 +181,26 @@ def test_folding_refuses_what_it_cannot_fold():
         mod_models.optimize_for_inference("resnet50")
 
 
+@pytest.mark.parametrize("fold", [mod_models.fold_batch_norms, mod_models.optimize_for_inference],
+                         ids=["fold_batch_norms", "optimize_for_inference"])
+def test_a_norm_that_cannot_fold_mid_model_names_itself_and_changes_nothing(fold):
+    """A batch norm without running statistics in the middle of a model: the error names it, and
+    no norm before it (in module order) has been folded."""
+    model = randomise(mod_models.resnet18_mod(num_classes=10, backend="reference"))
+    model.layer2[0].bn2 = nn.BatchNorm2d(128, track_running_stats=False)
+    model.eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    kinds = [(name, type(module)) for name, module in model.named_modules()]
+    with pytest.raises(ValueError, match=r"layer2\.0\.bn2 \(BatchNorm2d\).*running statistics"):
+        fold(model)
+    assert [(name, type(module)) for name, module in model.named_modules()] == kinds, "modules were replaced"
+    after = model.state_dict()
+    assert list(after) == list(before), "state_dict keys changed"
+    assert all(torch.equal(after[name], before[name]) for name in before), "a tensor changed"
+    assert not mod_models.is_deployed(model)
+    assert not any(m.deployed or m.inplace for m in model.modules() if isinstance(m, mod_models.MoDBlock))
+
+
 # ----------------------------------------------------------------------------------------------
 # The deploy form's contract
 # ----------------------------------------------------------------------------------------------
@@ -234,15 +254,132 @@ def test_deployed_block_writes_only_the_targets_of_its_input(backend):
     assert_close(copied, expected, atol=1e-5, rtol=1e-5, name="inference tensor, out of place")
 
 
-def test_original_fusion_returns_a_new_tensor_and_keeps_its_input():
-    reference, deployed = deployed_pair(randomise(mod_models.MoDBasicBlock(24, capacity=4, fusion="original")))
-    x = torch.randn(2, 24, 4, 5)
+@pytest.mark.parametrize("backend, channels, capacity", [
+    ("triton", 24, 4), ("reference", 24, 4),
+    ("triton", 40, 2),  # k = 20 > 16: outside the fused kernel (routing kernels, convolutions, fusion kernel)
+], ids=["triton-fused", "reference", "triton-fallback"])
+def test_original_fusion_returns_a_new_tensor_and_keeps_its_input(backend, channels, capacity):
+    """The documented behaviour of a deployed block with "original" fusion, on every path."""
+    block = randomise(mod_models.MoDBasicBlock(channels, capacity=capacity, fusion="original"))
+    reference, deployed = deployed_pair(block)
+    mod_models.set_backend(deployed, backend)
+    assert deployed.deploy_plan().fused == (capacity == 4)
+    x = torch.randn(2, channels, 4, 5)
     kept = x.clone()
     with torch.no_grad():
         out = deployed(x)
         expected = reference(kept.clone())
-    assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr()
-    assert_close(out, expected, atol=1e-5, rtol=1e-5, name="original fusion")
+    assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr(), f"{backend}: the input was written"
+    assert_close(out, expected, atol=1e-5, rtol=1e-5, name=f"original fusion, {backend}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Changing a deployed model's weights: one copy, which both backends compute from
+# ----------------------------------------------------------------------------------------------
+
+# A folded convolution of f_k and the norm folded into it: scaling the folded weight equals scaling
+# the unfolded convolution's weight, and adding to the folded bias equals adding to the norm's bias.
+EDITED = {"bottleneck": ("conv2", "bn2"), "basic": ("conv1", "bn1"), "inverted": ("conv.1.0", "conv.1.1")}
+
+
+def _edit_unfolded(reference: nn.Module, kind: str) -> None:
+    conv_name, norm_name = EDITED[kind]
+    with torch.no_grad():
+        reference.get_submodule(conv_name).weight.mul_(2)
+        reference.get_submodule(norm_name).bias.add_(0.25)
+        reference.router.fc2.weight.mul_(-1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_weights_changed_in_place_after_a_forward_are_used(kind, backend):
+    """``.data`` edits of the folded weights and of the router after the deployed block has run: the
+    deployed block equals the unfolded block with the same edits, on both backends."""
+    channels, capacity = MID_SHAPES[kind]
+    reference, deployed = deployed_pair(randomise(BLOCKS[kind](channels, capacity=capacity)))
+    mod_models.set_backend(deployed, backend)
+    x = torch.randn(2, channels, 4, 5)
+    assert_deploy_matches(reference, deployed, x, f"{kind} {backend} before the edit")
+    conv = deployed.get_submodule(EDITED[kind][0])
+    conv.weight.data.mul_(2)
+    conv.bias.data.add_(0.25)
+    deployed.router.fc2.weight.data.mul_(-1)
+    _edit_unfolded(reference, kind)
+    assert_deploy_matches(reference, deployed, x, f"{kind} {backend} after the edit")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_new_weight_at_an_old_weights_address_is_used(backend):
+    """A new tensor where the old weight was (its address reused; here deterministically: the same
+    memory, a tensor with a fresh version counter), written without a version bump and assigned."""
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4)))
+    mod_models.set_backend(deployed, backend)
+    x = torch.randn(2, 48, 4, 5)
+    assert_deploy_matches(reference, deployed, x, f"{backend} before")
+    old = deployed.conv2.weight
+    new = torch.from_numpy(old.detach().numpy())
+    assert new.data_ptr() == old.data_ptr() and new._version == 0
+    new.numpy()[...] *= 2
+    deployed.conv2.weight = nn.Parameter(new, requires_grad=False)
+    with torch.no_grad():
+        reference.conv2.weight.mul_(2)
+    assert_deploy_matches(reference, deployed, x, f"{backend} after")
+    # Assignment copies into the block's one copy of the weights (any tensor of the right shape).
+    deployed.conv2.weight = reference.conv2.weight.detach() * 0  # a zero folded weight: f_k's 3x3 output is its bias
+    with torch.no_grad():
+        reference.conv2.weight.zero_()
+    assert_deploy_matches(reference, deployed, x, f"{backend} after assigning zeros")
+    with pytest.raises(ValueError, match=r"has shape \(3, 3, 3, 3\); got a tensor of shape \(2, 3, 3, 3\)"):
+        deployed.conv2.weight = torch.zeros(2, 3, 3, 3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_load_state_dict_into_a_compiled_deployed_block_is_used(backend):
+    """``load_state_dict`` into a deployed block that ``torch.compile`` has already run: the compiled
+    forward computes with the loaded weights. (The reference backend's graph is traced by Dynamo and
+    AOTAutograd, where a captured copy would go stale, but not compiled by Inductor, to keep the CPU
+    suite short.)"""
+    _, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4), seed=1))
+    other_reference, other = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4), seed=2))
+    mod_models.set_backend(deployed, backend)
+    compiled = torch.compile(deployed, fullgraph=True, backend="inductor" if backend == "triton" else "aot_eager")
+    x = torch.randn(2, 48, 4, 4)
+    with torch.no_grad():
+        compiled(x.clone())
+        deployed.load_state_dict(other.state_dict())
+        got = compiled(x.clone())
+        expected = other_reference(x.clone())
+    assert_close(got, expected, atol=1e-5, rtol=1e-5, name="compiled deployed block after load_state_dict")
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_deploy_form_state_dict_keys_and_loading(kind):
+    """A packed block's state dict: ``packed_weights`` in place of f_k's folded convolutions. It loads
+    into a deployed block of the same variant, as does the per-convolution form; a trained (unfolded)
+    state dict does not (keep the trained checkpoint and deploy again)."""
+    channels, capacity = MID_SHAPES[kind]
+    reference, deployed = deployed_pair(randomise(BLOCKS[kind](channels, capacity=capacity), seed=3))
+    keys = list(deployed.state_dict())
+    assert sorted(keys) == ["packed_weights", "router.fc1.weight", "router.fc2.weight"], keys
+    assert [name for name, _ in deployed.named_parameters()] == keys
+    packed = deployed.packed_weights
+    convs = deployed.folded_convs()
+    assert packed.numel() == sum(c.weight.numel() + c.out_channels for c in convs)
+    assert all(c.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr() for c in convs)
+    x = torch.randn(2, channels, 4, 5)
+    expected, _ = run_block(reference, x)
+    fresh = BLOCKS[kind](channels, capacity=capacity).eval()
+    with pytest.raises(RuntimeError, match="packed_weights"):
+        mod_models.optimize_for_inference(copy.deepcopy(fresh)).load_state_dict(reference.state_dict())
+    per_conv = {f"{name}.{part}": getattr(module, part).clone() for name, module in deployed.named_modules()
+                if module in convs for part in ("weight", "bias")}
+    per_conv.update({k: v for k, v in deployed.state_dict().items() if k.startswith("router.")})
+    for state in (deployed.state_dict(), per_conv):
+        for backend in ("triton", "reference"):
+            loaded = mod_models.set_backend(mod_models.optimize_for_inference(copy.deepcopy(fresh)), backend)
+            loaded.load_state_dict(state)
+            out, _ = run_block(loaded, x)
+            assert_close(out, expected, atol=1e-5, rtol=1e-5, name=f"loaded {kind}, {backend}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +473,51 @@ def test_fused_block_on_a_strided_view():
     assert_close(out, ref_out, atol=1e-5, rtol=1e-5, name="strided view")
 
 
+@pytest.mark.parametrize("fusion", ["first_k", "original"])  # in place (snapshot programs) and a new tensor
+def test_fused_block_at_a_batch_of_several_router_tiles(fusion):
+    """B = 40: the pooling and router kernels tile the batch by ROUTER_BLOCK_B = 16 samples (three
+    tiles, the last one partial); every sample must get its own scores, selection and output."""
+    assert FB.ROUTER_BLOCK_B == 16
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(32, capacity=4, fusion=fusion)))
+    x = torch.randn(40, 32, 2, 3)
+    assert_deploy_matches(reference, deployed, x, f"batch 40, {fusion}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_reference_deploy_in_low_precision(kind, dtype):
+    """The deploy form on the reference backend in fp16/bf16: every tensor stays in the model's dtype,
+    and the error against float64 (same selection) is at most twice the unfolded block's own."""
+    channels, capacity = MID_SHAPES[kind]
+    block = randomise(BLOCKS[kind](channels, capacity=capacity, fusion="last_k")).to(dtype)
+    reference, deployed = deployed_pair(block)
+    mod_models.set_backend(deployed, "reference")
+    dtypes = {name: t.dtype for name, t in [*deployed.named_parameters(), *deployed.named_buffers()]}
+    assert dtypes.pop("router.fc1.weight") == dtypes.pop("router.fc2.weight") == torch.float32
+    assert set(dtypes.values()) == {dtype}, dtypes
+    x = torch.randn(2, channels, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert_deploy_matches(reference, deployed, x, f"reference deploy {kind} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["resnet18_mod", "mobilenet_v2_mod"])
+def test_reference_deploy_of_a_whole_model_in_low_precision(name, dtype):
+    """Every folded layer of a whole model (stem, standard blocks, downsample branches, MoD blocks) in
+    fp16/bf16 on the reference backend: all tensors in the model's dtype (but the MoD routers' weights:
+    fp32, as the router computes), and the logits under the deployed model's own selections agree with
+    the unfolded model's."""
+    model = randomise(mod_models.build_model(name, num_classes=10, backend="reference")).eval().to(dtype)
+    reference = copy.deepcopy(model)
+    deployed = mod_models.optimize_for_inference(model)
+    tensors = [*deployed.named_parameters(), *deployed.named_buffers()]
+    dtypes = {n: t.dtype for n, t in tensors if t.is_floating_point() and ".router." not in n}
+    assert set(dtypes.values()) == {dtype}, {n: d for n, d in dtypes.items() if d != dtype}
+    assert {t.dtype for n, t in tensors if ".router." in n} == {torch.float32}
+    x = torch.randn(2, 3, 32, 32).to(dtype)
+    assert_teacher_forced_agreement(deployed, x, f"{name} {dtype} reference deploy", reference=reference,
+                                    backend="reference")
+
+
 def test_fused_block_is_bitwise_deterministic_and_batch_invariant():
     _, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(256, capacity=64)))  # C_h = 16: the tl.dot path
     x = torch.randn(3, 256, 9, 9)
@@ -349,6 +531,35 @@ def test_fused_block_is_bitwise_deterministic_and_batch_invariant():
 # ----------------------------------------------------------------------------------------------
 # Dispatch rule and launch budget
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, k, hidden", [("bottleneck", 32, 8), ("basic", 16, 16), ("inverted", 32, 192)])
+def test_dispatch_rule_at_the_channel_limit(kind, k, hidden):
+    """The fused kernel takes C = 4096 (with k and the inner width at their limits too) and nothing wider."""
+    assert FB.MAX_FUSED_CHANNELS == 4096
+    plan = mod_kernels.fused_block_plan(kind, 4096, k, hidden)
+    assert plan.fused, plan.reason
+    for channels in (4097, 4104, 8192):
+        plan = mod_kernels.fused_block_plan(kind, channels, k, hidden)
+        assert not plan.fused and f"C = {channels} > 4096" in plan.reason, plan
+    assert not mod_kernels.fused_block_plan(kind, 4096, k + 1, hidden).fused
+    if kind == "inverted":
+        assert not mod_kernels.fused_block_plan(kind, 4096, k, hidden + 1).fused
+
+
+def test_fused_block_at_4096_channels(unpoisoned):
+    """A deployed block at the widest C the fused kernel takes: three launches (one top-k over 4096
+    keys per program), equal to the unfolded reference; one channel more runs the fallback."""
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(4096, capacity=128)))
+    assert deployed.k == 32 and deployed.deploy_plan().fused
+    x = torch.randn(1, 4096, 1, 2)
+    assert_deploy_matches(reference, deployed, x, "C = 4096")
+    with torch.no_grad():
+        inputs = x.clone()
+        counter = count_launches(lambda: deployed(inputs))
+    assert counter.total == 3 and counter.triton == 3, dict(counter.by_name)
+    wider = mod_models.optimize_for_inference(mod_models.MoDBottleneck(4160, capacity=130).eval())
+    assert wider.k == 32 and not wider.deploy_plan().fused
 
 
 def test_wide_reduced_blocks_run_the_routing_kernels_and_folded_convolutions(unpoisoned):
@@ -391,6 +602,26 @@ def test_at_most_three_launches_per_deployed_block(kind, channels, capacity, fus
     assert counter.total <= 3, f"{counter.total} launches: {dict(counter.by_name)}"
 
 
+def test_deployed_router_stays_fp32_and_a_16_bit_one_still_computes(unpoisoned):
+    """The deploy form keeps a bf16 block's router in fp32 (the router computes in fp32; 16-bit weight
+    tiles make the router kernel spill its registers) and its folded weights in bf16: the same
+    selection and output as the unfolded bf16 block, in three launches. A router made 16-bit again
+    afterwards is converted by the launcher: still the same."""
+    channels, capacity = MID_SHAPES["bottleneck"]
+    block = randomise(mod_models.MoDBottleneck(channels, capacity=capacity)).to(torch.bfloat16)
+    reference, deployed = deployed_pair(block)
+    assert deployed.router.fc1.weight.dtype == deployed.router.fc2.weight.dtype == torch.float32
+    assert deployed.packed_weights.dtype == torch.bfloat16
+    x = torch.randn(2, channels, 4, 5).to(torch.bfloat16)
+    assert_deploy_matches(reference, deployed, x, "bf16 block, fp32 router")
+    with torch.no_grad():
+        inputs = x.clone()
+        counter = count_launches(lambda: deployed(inputs))
+    assert counter.total == 3, dict(counter.by_name)
+    deployed.router.to(torch.bfloat16)
+    assert_deploy_matches(reference, deployed, x, "bf16 router after deploying")
+
+
 def test_launch_counter_counts_kernels_not_views():
     x = torch.randn(4, 4)
     with LaunchCounter() as counter:
@@ -428,7 +659,6 @@ def test_deployed_models_equal_the_unfolded_reference(name, unpoisoned):
         per_block.append(counter.total - module._launches_before)
 
     for block in blocks:
-        block._fused_operands()  # pack outside the count
         block.register_forward_pre_hook(before)
         block.register_forward_hook(after)
     with counter:
@@ -474,8 +704,15 @@ def test_deploying_under_inference_mode_gives_an_ordinary_model():
                 out_no_grad = model(x.clone())
             assert_close(out_inference, expected, atol=1e-4, rtol=1e-4, name="deployed in inference mode")
             assert torch.equal(out_inference, out_no_grad)
-    block = deployed
+    # A weight assigned inside inference mode (an inference tensor) is copied into the block's one
+    # copy of its weights, which stays ordinary: used in inference mode and under no_grad alike.
+    block, unfolded = deployed, reference
     with torch.inference_mode():
-        block.conv1.weight = nn.Parameter(block.conv1.weight.clone(), requires_grad=False)  # an inference tensor
-        with pytest.raises(ValueError, match="inference tensor"):
-            block(torch.randn(1, 32, 4, 4))
+        block.conv1.weight = block.conv1.weight * 2
+    assert not block.packed_weights.is_inference()
+    with torch.no_grad():
+        unfolded.conv1.weight.mul_(2)
+        expected = unfolded(x.clone())
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            assert_close(block(x.clone()), expected, atol=1e-5, rtol=1e-5, name=f"assigned weight, {mode.__name__}")

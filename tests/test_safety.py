@@ -219,6 +219,59 @@ def test_scale_fuse_in_place_on_inputs_autograd_needs_is_an_error(needs_grad):
         mod_kernels.scale_fuse(tensors["x"], tensors["y"], tensors["w"], idx, slot, inplace=True)
 
 
+def _bottleneck_params(k: int = 2) -> torch.Tensor:
+    """Packed folded convolutions of a bottleneck f_k with k = 2 (width 1)."""
+    generator = torch.Generator().manual_seed(4)
+    shapes = [((1, k, 1, 1), 1), ((1, 1, 3, 3), 1), ((k, 1, 1, 1), k)]
+    return mod_kernels.pack_params([(torch.randn(w, generator=generator), torch.randn(b, generator=generator))
+                                    for w, b in shapes])
+
+
+@pytest.mark.parametrize("fusion", ["first_k", "last_k", "original"])
+def test_fused_block_in_place_refuses_inputs_it_cannot_write(fusion):
+    """``fused_block_forward(inplace=True)`` (affine fusions write their targets into ``x``): an input
+    whose channels overlap in memory, or an inference tensor outside inference mode, is a
+    ValueError and stays unwritten. ``"original"`` fusion never writes ``x``, so it takes both; out
+    of place every input is fine and equals the dense copy's result."""
+    params, scores = _bottleneck_params(), torch.rand(2, 8)
+
+    def call(x, inplace):
+        return mod_kernels.fused_block_forward(x, "bottleneck", params, 2, 1, fusion=fusion, scores=scores,
+                                               inplace=inplace)[0]
+
+    overlapping = torch.randn(2, 1, 4, 4).expand(2, 8, 4, 4)
+    with torch.inference_mode():
+        frozen = torch.randn(2, 8, 4, 4)
+    cases = ((overlapping, "needs x contiguous.*expanded"), (frozen, "inference tensor.*inference mode is off"))
+    for x, problem in cases:
+        kept = x.clone()
+        with torch.no_grad():
+            expected = call(x.contiguous().clone(), inplace=False)
+            assert torch.equal(call(x, inplace=False), expected)
+            if fusion == "original":
+                assert torch.equal(call(x, inplace=True), expected)
+            else:
+                with pytest.raises(ValueError, match=problem):
+                    call(x, inplace=True)
+        assert torch.equal(x, kept)
+    with torch.inference_mode():  # where PyTorch allows the write, it happens
+        written = frozen.clone()
+        out = call(written, inplace=True)
+        assert torch.equal(out, call(frozen, inplace=False))
+        assert (out.data_ptr() == written.data_ptr()) == (fusion != "original")
+
+
+def test_scale_fuse_in_place_refuses_an_inference_tensor_outside_inference_mode():
+    x, y, w, idx, slot = _fuse_inputs()
+    with torch.inference_mode():
+        frozen = x.clone()
+    with pytest.raises(ValueError, match="inference tensor"):
+        mod_kernels.scale_fuse(frozen, y, w, idx, slot, inplace=True)
+    assert torch.equal(frozen, x)
+    with pytest.raises(ValueError, match="needs x contiguous"):
+        mod_kernels.scale_fuse(x[:, :1].expand(x.shape), y, w, idx, slot, inplace=True)
+
+
 def test_fuse_routed_in_place_on_inputs_autograd_needs_is_an_error():
     x = torch.randn(2, 16, 3, 3, requires_grad=True)
     fc1, fc2 = torch.randn(1, 16), torch.randn(16, 1)

@@ -134,17 +134,20 @@ def exercise_block_kernels(shape: tuple, dtype: torch.dtype, channels_last: bool
         launch_input_backward(x, target, y, slot, pooled, shape, dtype, channels_last, fusion)  # learned
         launch_input_backward(x, target, y, slot, None, shape, dtype, channels_last, fusion)  # random router
     launch_input_backward(None, None, y, slot, pooled, shape, dtype, channels_last, "first_k")  # route_pack alone
-    # The deployed block (folded batch norms): every fusion, both routers, in place and not.
-    params = torch.zeros(fused_block.params_numel(kind, k, reduced_width, has_expand))
-    # The deployed block hands the kernels its router weights in fp32 (packed once, as its convolutions).
-    routers = [dict(fc1_weight=fc1.float(), fc2_weight=fc2.float(), scores=None),
-               dict(fc1_weight=None, fc2_weight=None, scores=pooled)]
-    for fusion in ("first_k", "last_k", "original"):
-        for inplace in (True, False):
-            for router in routers:
-                fused_block.fused_block_unchecked(
-                    x, kind, params, k, reduced_width, 1, fusion, relu, inplace=inplace, has_expand=has_expand, **router
-                )
+    # The deployed block (folded batch norms): every fusion, both routers, in place and not. It hands
+    # the kernels its own parameters: the packed folded weights in the model's dtype (`dtype`, or fp32
+    # for an fp32 model under autocast) and the router, which the deploy form keeps in fp32.
+    for weight_dtype in router_dtypes:
+        params = torch.zeros(fused_block.params_numel(kind, k, reduced_width, has_expand), dtype=weight_dtype)
+        routers = [dict(fc1_weight=fc1.float(), fc2_weight=fc2.float(), scores=None),
+                   dict(fc1_weight=None, fc2_weight=None, scores=pooled)]
+        for fusion in ("first_k", "last_k", "original"):
+            for inplace in (True, False):
+                for router in routers:
+                    fused_block.fused_block_unchecked(
+                        x, kind, params, k, reduced_width, 1, fusion, relu, inplace=inplace, has_expand=has_expand,
+                        **router,
+                    )
 
 
 def record_model_launches(
