@@ -255,15 +255,18 @@ def test_deployed_block_writes_only_the_targets_of_its_input(backend):
 
 
 @pytest.mark.parametrize("backend, channels, capacity", [
-    ("triton", 24, 4), ("reference", 24, 4),
+    ("triton", 24, 4), ("reference", 24, 4), ("native", 24, 4),
     ("triton", 40, 2),  # k = 20 > 16: outside the fused kernel (routing kernels, convolutions, fusion kernel)
-], ids=["triton-fused", "reference", "triton-fallback"])
+], ids=["triton-fused", "reference", "native", "triton-fallback"])
 def test_original_fusion_returns_a_new_tensor_and_keeps_its_input(backend, channels, capacity):
     """The documented behaviour of a deployed block with "original" fusion, on every path."""
     block = randomise(mod_models.MoDBasicBlock(channels, capacity=capacity, fusion="original"))
     reference, deployed = deployed_pair(block)
     mod_models.set_backend(deployed, backend)
-    assert deployed.deploy_plan().fused == (capacity == 4)
+    if backend == "triton":
+        assert deployed.deploy_plan().fused == (capacity == 4)
+    if backend == "native":
+        assert deployed.deploy_plan().native, deployed.deploy_plan().reason
     x = torch.randn(2, channels, 4, 5)
     kept = x.clone()
     with torch.no_grad():
@@ -551,7 +554,7 @@ def test_fused_block_at_4096_channels(unpoisoned):
     """A deployed block at the widest C the fused kernel takes: three launches (one top-k over 4096
     keys per program), equal to the unfolded reference; one channel more runs the fallback."""
     reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(4096, capacity=128)))
-    assert deployed.k == 32 and deployed.deploy_plan().fused
+    assert deployed.k == 32 and deployed.deploy_plan("cuda").fused
     x = torch.randn(1, 4096, 1, 2)
     assert_deploy_matches(reference, deployed, x, "C = 4096")
     with torch.no_grad():
@@ -559,7 +562,7 @@ def test_fused_block_at_4096_channels(unpoisoned):
         counter = count_launches(lambda: deployed(inputs))
     assert counter.total == 3 and counter.triton == 3, dict(counter.by_name)
     wider = mod_models.optimize_for_inference(mod_models.MoDBottleneck(4160, capacity=130).eval())
-    assert wider.k == 32 and not wider.deploy_plan().fused
+    assert wider.k == 32 and not wider.deploy_plan("cuda").fused
 
 
 def test_wide_reduced_blocks_run_the_routing_kernels_and_folded_convolutions(unpoisoned):
