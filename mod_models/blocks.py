@@ -170,14 +170,20 @@ class MoDBlock(nn.Module):
         """The first convolution of ``f_k``: its weight's dtype is the dtype the block computes in."""
         raise NotImplementedError
 
+    def _weight_dtype(self) -> torch.dtype:
+        """The dtype of ``f_k``'s weights (the dtype the block computes in): of ``packed_weights`` in a
+        deployed block, read without taking a view."""
+        packed = self._parameters.get(folded.PACKED)
+        return packed.dtype if packed is not None else self.first_conv().weight.dtype
+
     def _check_input_dtype(self, x: Tensor) -> None:
-        weight = self.first_conv().weight
-        if x.dtype != weight.dtype and not (
+        dtype = self._weight_dtype()
+        if x.dtype != dtype and not (
             torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
         ):
             raise TypeError(
                 f"{type(self).__name__}: the input has dtype {x.dtype} but the block's parameters are "
-                f"{weight.dtype}; convert the model (e.g. model.to({x.dtype})) or run under torch.autocast"
+                f"{dtype}; convert the model (e.g. model.to({x.dtype})) or run under torch.autocast"
             )
 
     # The fused deploy kernel's name for this block's reduced block (see mod_kernels.fused_block),
@@ -222,7 +228,7 @@ class MoDBlock(nn.Module):
             return native_block.NativeBlockPlan(False, f"backend 'native' runs on CPU tensors only, not on {device}")
         if on_cpu and self.backend != "triton":
             return native_block.native_block_plan(
-                self.fused_kind, self.channels, self.k, self.reduced_width, self.first_conv().weight.dtype,
+                self.fused_kind, self.channels, self.k, self.reduced_width, self._weight_dtype(),
                 folded=self.folded_convs() is not None, has_expand=self.fused_has_expand,
             )
         import mod_kernels
@@ -294,7 +300,7 @@ class MoDBlock(nn.Module):
 
         convs = self.folded_convs()
         plan = native_block.native_block_plan(
-            self.fused_kind, self.channels, self.k, self.reduced_width, self.first_conv().weight.dtype,
+            self.fused_kind, self.channels, self.k, self.reduced_width, self._weight_dtype(),
             folded=convs is not None, has_expand=self.fused_has_expand,
         )
         if not plan.native:
@@ -313,7 +319,7 @@ class MoDBlock(nn.Module):
         else:
             fc1, fc2, scores = self.router.fc1.weight, self.router.fc2.weight, None
         out, idx, _, scores = native_block.native_block_dispatch(
-            x, self.fused_kind, [conv.weight for conv in convs], [conv.bias for conv in convs], self.k,
+            x, self.fused_kind, *folded.folded_weights(self), self.k,
             self.reduced_width, self.dilation, self.fusion, self.activation == "relu", fc1, fc2, scores,
             self._writes_in_place() and MF.may_write_in_place(x), self.fused_has_expand,
         )

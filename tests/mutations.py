@@ -187,6 +187,13 @@ MUTANTS = (
         ("compiled-load", "load_state_dict_into_a_compiled and triton", "load_state_dict after torch.compile"),
     )),
     Mutant(
+        "native-views-keyed-by-the-parameter-object", "mod_models/folded.py",
+        "    key = None if packed is None else (packed.data_ptr(), packed.dtype, packed.device, packed.shape)\n",
+        "    key = None if packed is None else (id(packed),)\n",
+        ("tests/test_deploy.py", "-k", "packed_weights_replaced and native"),
+        "the native path keeps views of packed_weights while the parameter object is the same, missing a rebound .data",
+    ),
+    Mutant(
         "input-gradient-drops-the-pooled-term", "mod_kernels/fused_route_pack.py",
         "        grad += tl.load(grad_pool_ptr + b * C + c, mask=c_mask, other=0.0)[:, None]\n",
         "        grad += 0.0 * tl.load(grad_pool_ptr + b * C + c, mask=c_mask, other=0.0)[:, None]\n",

@@ -293,7 +293,7 @@ def _edit_unfolded(reference: nn.Module, kind: str) -> None:
         reference.router.fc2.weight.mul_(-1)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "native"])
 @pytest.mark.parametrize("kind", list(BLOCKS))
 def test_weights_changed_in_place_after_a_forward_are_used(kind, backend):
     """``.data`` edits of the folded weights and of the router after the deployed block has run: the
@@ -311,7 +311,7 @@ def test_weights_changed_in_place_after_a_forward_are_used(kind, backend):
     assert_deploy_matches(reference, deployed, x, f"{kind} {backend} after the edit")
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "native"])
 def test_a_new_weight_at_an_old_weights_address_is_used(backend):
     """A new tensor where the old weight was (its address reused; here deterministically: the same
     memory, a tensor with a fresh version counter), written without a version bump and assigned."""
@@ -336,7 +336,7 @@ def test_a_new_weight_at_an_old_weights_address_is_used(backend):
         deployed.conv2.weight = torch.zeros(2, 3, 3, 3)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "native"])
 def test_load_state_dict_into_a_compiled_deployed_block_is_used(backend):
     """``load_state_dict`` into a deployed block that ``torch.compile`` has already run: the compiled
     forward computes with the loaded weights. (The reference backend's graph is traced by Dynamo and
@@ -353,6 +353,33 @@ def test_load_state_dict_into_a_compiled_deployed_block_is_used(backend):
         got = compiled(x.clone())
         expected = other_reference(x.clone())
     assert_close(got, expected, atol=1e-5, rtol=1e-5, name="compiled deployed block after load_state_dict")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_packed_weights_replaced_after_a_forward_are_used(backend):
+    """The native path keeps its views of ``packed_weights`` between calls; a new packed tensor
+    (``.data`` rebound, a new parameter, the same memory written in place) must reach it."""
+    reference, deployed = deployed_pair(randomise(mod_models.MoDBottleneck(48, capacity=4)))
+    mod_models.set_backend(deployed, backend)
+    x = torch.randn(2, 48, 4, 5)
+    assert_deploy_matches(reference, deployed, x, f"{backend} before")
+    with torch.no_grad():
+        reference.conv2.weight.mul_(2)
+    conv2 = deployed.conv2
+    doubled = deployed.packed_weights.detach().clone()
+    doubled[conv2.offset:conv2.offset + conv2.weight_numel] *= 2
+    deployed.packed_weights.data = doubled
+    assert_deploy_matches(reference, deployed, x, f"{backend} after rebinding .data")
+    with torch.no_grad():
+        reference.conv2.weight.mul_(2)
+    doubled = deployed.packed_weights.detach().clone()
+    doubled[conv2.offset:conv2.offset + conv2.weight_numel] *= 2
+    deployed.packed_weights = nn.Parameter(doubled, requires_grad=False)
+    assert_deploy_matches(reference, deployed, x, f"{backend} after a new parameter")
+    with torch.no_grad():
+        reference.conv2.weight.mul_(-1)
+        deployed.packed_weights[conv2.offset:conv2.offset + conv2.weight_numel].mul_(-1)
+    assert_deploy_matches(reference, deployed, x, f"{backend} after an in-place edit")
 
 
 @pytest.mark.parametrize("kind", list(BLOCKS))
