@@ -67,6 +67,7 @@ from .. import mobilenetv2 as _mobilenetv2
 from .. import resnet as _resnet
 from ..blocks import MoDBlock, init_conv_and_norm
 from ..deploy import NAMED_CONV_NORM_PAIRS, register_conv_norm_pairs, register_sequential_container
+from ..folded import PACKED
 from ..zoo import BASELINE_OF, EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MOD_BUILDERS
 from .torchvision import WeightLoadReport, check_not_deployed, check_state_dict, load_torchvision_weights
 
@@ -276,9 +277,9 @@ def _shape_mismatches(model_state: Mapping[str, Tensor], state_dict: Mapping[str
 
 def _looks_deployed(model: nn.Module, state_dict: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> list[str]:
     """Convolution biases the checkpoint has and the model's bias-free convolutions lack (batch norms
-    folded into them by optimize_for_inference)."""
+    folded into them by optimize_for_inference), and MoD blocks' ``packed_weights``."""
     modules = dict(model.named_modules())
-    return [
+    return [key for key in state_dict if key.rpartition(".")[2] == PACKED] + [
         key for key in state_dict
         if key.endswith(".bias") and key not in model_state
         and isinstance(modules.get(key[: -len(".bias")]), nn.Conv2d) and modules[key[: -len(".bias")]].bias is None

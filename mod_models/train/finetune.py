@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import MoDBlock
+from ..folded import PACKED
 from ..integrations.torchvision import load_torchvision_weights
 from ..zoo import MOD_BUILDERS
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, validate_checkpoint
@@ -150,7 +151,9 @@ def _head_name(model: nn.Module) -> Optional[str]:
 
 def _looks_deployed(state: dict[str, Tensor], target: dict[str, Tensor]) -> bool:
     """A state dict of ``optimize_for_inference``: no batch-norm statistics, and biases on
-    convolutions that have none in the trained form."""
+    convolutions that have none in the trained form, or a MoD block's ``packed_weights``."""
+    if any(key.rpartition(".")[2] == PACKED for key in state):
+        return True
     if not any(key.endswith(".running_mean") for key in target):
         return False
     if any(key.endswith(".running_mean") for key in state):
