@@ -640,8 +640,7 @@ def closing_lines(mode: str, meta: dict, out_dir: Path, *, n_models: int, format
     if mode == "short":
         estimate = meta.get("full_estimate_s")
         about = f", about {format_duration(estimate)} here at this run's speed" if estimate else ""
-        lines.append(f"This was the short table ({len(SHORT_MODELS)} of {n_models} MoD variants"
-                     f"{', 1 thread' if meta.get('env', {}).get('device_type') == 'cpu' else ''}). "
+        lines.append(f"This was the short table ({len(SHORT_MODELS)} of {n_models} MoD variants). "
                      f"The whole table: python -m bench --full{about}.")
     if out_dir.resolve() != PUBLISHED_DIR.resolve() and PUBLISHED_DIR.is_dir() and mode in ("short", "full"):
         lines.append(f"Results stay in {out_dir}/ (not tracked by git). To publish a run as the project's results: "
