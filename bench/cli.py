@@ -38,8 +38,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mod_models.train.cli_args import path_component
-
 from .env import enable_triton_interpreter_without_cuda
 
 DEFAULT_OUT_DIR = Path("runs", "bench")  # relative: under the directory the command runs in
@@ -50,6 +48,18 @@ SHORT_MODELS = ("resnet18_mod", "resnet50_mod", "mobilenet_v2_mod")  # the defau
 # one core, so the short table would take minutes more; 64 px is 1/12 of the work (the last stage
 # is 2x2). --train-resolution 224 measures the full size.
 CPU_TRAIN_RESOLUTION = 64
+
+
+def path_component(value: str) -> str:
+    """``--name`` / ``--part``: one safe file-name component (:func:`mod_models.train.cli_args.path_component`).
+
+    Imported when the argument is parsed, not with this module: importing :mod:`mod_models` imports
+    ``torch._dynamo``, which imports Triton, and Triton's interpreter must be switched on before that
+    (:func:`bench.env.enable_triton_interpreter_without_cuda`, called first thing in :func:`main`).
+    """
+    from mod_models.train.cli_args import path_component as check
+
+    return check(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,14 +186,15 @@ def _threads(values: list[str], default_all: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
+    # Before anything imports Triton (parsing --name imports mod_models, which imports it through
+    # torch._dynamo): its own @jit helpers (tl.sort, reductions) must be created in interpreter
+    # mode too, or interpreted kernels cannot call them.
+    enable_triton_interpreter_without_cuda()
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = out_dir_problem(args.out_dir)
     if problem:  # one line, before anything is measured
         parser.exit(2, f"{parser.prog}: error: {problem}\n")
-    # Before anything imports Triton: its own @jit helpers (tl.sort, reductions) must be created
-    # in interpreter mode too, or interpreted kernels cannot call them.
-    enable_triton_interpreter_without_cuda()
 
     import torch
 

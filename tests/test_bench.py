@@ -627,3 +627,23 @@ def test_plot_draws_only_providers_with_ratios_and_keeps_the_legend_off_the_bars
     labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
     assert labels == {"reference", "paper", "no ratio"}  # resnet34_mod's outputs differed: marked, not drawn
     plt.close(fig)
+
+
+def test_a_fresh_process_without_cuda_runs_the_triton_kernels_under_the_interpreter(tmp_path):
+    """``python -m bench`` switches Triton's interpreter on before anything imports Triton (parsing
+    ``--name`` imports mod_models, which imports Triton through torch._dynamo): the triton rows of a
+    kernel dry run are measured, not 'unavailable', in a process that did not set TRITON_INTERPRET."""
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the kernels run on the GPU; this checks the CPU's interpreter switch")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out_dir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--kernels", "--dry-run", "--device", "cpu", "--kernel-ops", "route_pack.fwd",
+         "--no-plot", "--name", "interpreter-check", "--out-dir", str(out_dir)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = json.loads((out_dir / "interpreter-check.json").read_text())["records"]
+    triton = [r for r in records if r["section"] == "kernel" and r["provider"] == "triton"]
+    assert triton and all(r["status"] == "ok" for r in triton), [(r["status"], r.get("reason")) for r in triton]
