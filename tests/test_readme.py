@@ -221,9 +221,12 @@ def test_project_modules_answer_help():
                       if m and m.split(".")[0] in PROJECT_PACKAGES})
     assert "bench" in modules and any(m.startswith("mod_models.") for m in modules), modules
     script = textwrap.dedent("""\
-        import contextlib, io, runpy, sys
+        import contextlib, io, os, runpy, sys
         failed = []
+        environment = dict(os.environ)
         for module in sys.argv[1:]:
+            os.environ.clear()  # each module sees the environment a fresh process would
+            os.environ.update(environment)
             sys.argv = [module, "--help"]
             out = io.StringIO()
             try:
